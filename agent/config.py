@@ -1,0 +1,107 @@
+"""The device's configuration: one TOML file, one pydantic model.
+
+Order of sources: environment (`EDGE_AGENT_<KEY>`) over the TOML file over the
+defaults below. An unknown key in either source is an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
+
+
+class AgentConfig(BaseModel):
+    """Every key of `agent.toml`. The field descriptions are the reference documentation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                           description="unique id of this device; also the MQTT client id")
+    fleet: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                       description="MQTT topic prefix edgefleet/<fleet>")
+    channel: str = Field(default="stable", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                         description="the release channel this device follows")
+    repo_url: str = Field(description="base URL of the TUF repository (serves metadata/ and targets/)")
+    state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="the device store")
+    disk_cap_bytes: int = Field(default=8 * 1024**3, gt=0, description="most bytes the store may use")
+    api_bind: str = Field(default="127.0.0.1:8080", description="host:port or unix:/path of the local API")
+    api_token: str | None = Field(default=None, description="bearer token the local API requires, if set")
+    broker_url: str | None = Field(default=None, description="mqtt://host:port or mqtts://host:port")
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_ca_file: Path | None = None
+    broker_cert_file: Path | None = None
+    broker_key_file: Path | None = None
+    mqtt_protocol: str = Field(default="3.1.1", pattern=r"^(3\.1\.1|5)$")
+    telemetry_interval_s: float = Field(default=30.0, gt=0)
+    poll_interval_s: float = Field(default=900.0, gt=0)
+    download_rate_limit_bytes_per_s: int | None = Field(default=None, gt=0)
+    intra_op_num_threads: int | None = Field(default=None, gt=0,
+                                             description="ORT threads per model; default: the CPU count")
+
+    @field_validator("repo_url")
+    @classmethod
+    def _repo_url_is_http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_is_mqtt(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("mqtt://", "mqtts://")):
+            raise ValueError("must start with mqtt:// or mqtts://")
+        return value
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.state_dir / "trust"
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    known = set(AgentConfig.model_fields)
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in known:
+            raise ConfigError(f"unknown environment variable {name}: no config key {key!r}")
+        overrides[key] = value
+    return overrides
+
+
+def load_config(path: Path | None, environ: dict[str, str] | None = None) -> AgentConfig:
+    """Read `path` (if given), apply `EDGE_AGENT_*` overrides and validate.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a key is unknown or invalid.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist: create it or pass --config") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    data.update(_env_overrides(environ))
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(config)"
+        where = f"config file {path}" if path else "configuration"
+        reason = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"{where}: key {key!r}: {reason} ({len(e.errors())} error(s) in all)") from e

@@ -1,0 +1,1 @@
+"""edgefleet operator host: build, evaluate, package, sign, publish, roll out."""

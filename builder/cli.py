@@ -1,0 +1,21 @@
+"""`edge-builder`: the operator host side."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from agent.clikit import run_cli
+
+# Each module defines register(subparsers); one subcommand (or group) per module.
+COMMAND_MODULES: list[str] = [
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("edge-builder", "edgefleet operator tool: build, sign, publish and roll out edge models.",
+                   COMMAND_MODULES, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
