@@ -37,47 +37,76 @@ MAX_STORE_COUNT = 30
 
 
 class Phase(str, enum.Enum):
-    """The states of design section 5. Each docstring says what a restart does from there."""
+    """The states of design section 5. Each member's `__doc__` says what a restart does from there."""
 
-    IDLE = "IDLE"
-    """No update has run yet. Restart: serve `current` if there is one, wait for a check."""
+    def __new__(cls, value: str, doc: str) -> "Phase":
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.__doc__ = doc
+        return member
 
-    CHECKING = "CHECKING"
-    """Reading the signed channel file and checking the hardware. Restart: check again (read-only, idempotent)."""
+    IDLE = (
+        "IDLE",
+        "No update has run yet. Restart: serve `current` if there is one, wait for a check.",
+    )
 
-    UP_TO_DATE = "UP_TO_DATE"
-    """The channel's version is the active one. Restart: serve `current`, wait for the next check."""
+    CHECKING = (
+        "CHECKING",
+        "Reading the signed channel file and checking the hardware. Restart: check again (read-only, "
+        "idempotent).",
+    )
 
-    INCOMPATIBLE = "INCOMPATIBLE"
-    """This device cannot run the channel's model (reason says why); nothing was downloaded.
-    Restart: serve `current`, wait for the next check."""
+    UP_TO_DATE = (
+        "UP_TO_DATE",
+        "The channel's version is the active one. Restart: serve `current`, wait for the next check.",
+    )
 
-    DOWNLOADING = "DOWNLOADING"
-    """Fetching the target's files into `staging/`. Restart: download again; partial files resume."""
+    INCOMPATIBLE = (
+        "INCOMPATIBLE",
+        "This device cannot run the channel's model (reason says why); nothing was downloaded. Restart: serve "
+        "`current`, wait for the next check.",
+    )
 
-    VERIFYING = "VERIFYING"
-    """Checking staged files against their TUF lengths and hashes and adopting them as blobs.
-    Restart: verify again (adopted blobs are already verified; the rest is re-checked)."""
+    DOWNLOADING = (
+        "DOWNLOADING",
+        "Fetching the target's files into `staging/`. Restart: download again; partial files resume.",
+    )
 
-    INSTALLING = "INSTALLING"
-    """Assembling `models/<name>/<version>/` from blobs. Restart: leftover `.tmp-*` dirs are
-    removed by store recovery, then the assembly runs again (it is a no-op if the dir is complete)."""
+    VERIFYING = (
+        "VERIFYING",
+        "Checking staged files against their TUF lengths and hashes and adopting them as blobs. Restart: "
+        "verify again (adopted blobs are already verified; the rest is re-checked).",
+    )
 
-    ACTIVATING = "ACTIVATING"
-    """Loading the new model and running its canary; `current` has not moved. Restart: activate again
-    (bounded by the store count), the old `current` serving meanwhile."""
+    INSTALLING = (
+        "INSTALLING",
+        "Assembling `models/<name>/<version>/` from blobs. Restart: leftover `.tmp-*` dirs are removed by "
+        "store recovery, then the assembly runs again (it is a no-op if the dir is complete).",
+    )
 
-    ACTIVE = "ACTIVE"
-    """The target passed its canary and `current` points at it (`previous` at the old model).
-    Restart: switch `current` to the target again if the crash came before the switch (idempotent), serve it."""
+    ACTIVATING = (
+        "ACTIVATING",
+        "Loading the new model and running its canary; `current` has not moved. Restart: activate again "
+        "(bounded by the store count), the old `current` serving meanwhile.",
+    )
 
-    ROLLING_BACK = "ROLLING_BACK"
-    """Abandoning the update: `current` goes back to `previous` if it had moved, staging is discarded.
-    Restart: roll back again (idempotent); a rollback that loops past the store count ends in FAILED."""
+    ACTIVE = (
+        "ACTIVE",
+        "The target passed its canary and `current` points at it (`previous` at the old model). Restart: "
+        "switch `current` to the target again if the crash came before the switch (idempotent), serve it.",
+    )
 
-    FAILED = "FAILED"
-    """The update failed (reason says why); the previous model serves. Restart: serve `current`,
-    wait for the next check."""
+    ROLLING_BACK = (
+        "ROLLING_BACK",
+        "Abandoning the update: `current` goes back to `previous` if it had moved, staging is discarded. "
+        "Restart: roll back again (idempotent); a rollback that loops past the store count ends in FAILED.",
+    )
+
+    FAILED = (
+        "FAILED",
+        "The update failed (reason says why); the previous model serves. Restart: serve `current`, wait for "
+        "the next check.",
+    )
 
 
 # Phases in which an update is under way; everything else is a resting phase.
