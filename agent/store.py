@@ -285,6 +285,8 @@ class Store:
         process works in this store.
         """
         removed: list[str] = []
+        if not self.root.is_dir():
+            return removed
         candidates: list[Path] = []
         for d in (self.root, self.blobs_dir, self.models_dir, self.staging_dir):
             if d.is_dir():
