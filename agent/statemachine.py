@@ -93,7 +93,8 @@ class Phase(str, enum.Enum):
     ACTIVE = (
         "ACTIVE",
         "The target passed its canary and `current` points at it (`previous` at the old model). Restart: "
-        "switch `current` to the target again if the crash came before the switch (idempotent), serve it.",
+        "switch `current` to the target again and clean up its staging if the crash came before (both "
+        "idempotent), serve it.",
     )
 
     ROLLING_BACK = (
@@ -289,7 +290,7 @@ def step(state: UpdateState, event: Event) -> Result:
 
     if phase is Phase.CHECKING:
         if kind is K.NO_UPDATE:
-            return _advance(state, Phase.UP_TO_DATE, [], target=None)
+            return _advance(state, Phase.UP_TO_DATE, [], target=None, reason=event.reason)
         if kind is K.INCOMPATIBLE:
             return _advance(state, Phase.INCOMPATIBLE, [], target=None,
                             reason=event.reason or "incompatible (no reason given)")
@@ -331,7 +332,8 @@ def _on_restart(state: UpdateState) -> Result:
             return _past_bound(state)
         return state.model_copy(update={"store_count": state.store_count + 1}), list(_RESTART_ACTIONS[state.phase])
     if state.phase is Phase.ACTIVE:
-        # The crash may have come after journaling ACTIVE and before the switch.
-        return state, [Action.SWITCH_CURRENT, Action.SERVE_CURRENT]
+        # The crash may have come after journaling ACTIVE and before the switch or the cleanup;
+        # both are idempotent.
+        return state, [Action.SWITCH_CURRENT, Action.COLLECT_GARBAGE, Action.SERVE_CURRENT]
     return state, [Action.SERVE_CURRENT]
 

@@ -41,7 +41,9 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from agent.channel import ChannelFile, is_in_cohort
 from agent.errors import EdgefleetError, ManifestError, StoreError, VerificationError
+from agent.hardware import HardwareReport, check_manifest, format_shortfalls
 from agent.journal import Journal
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.statemachine import Action, Event, EventKind, ModelRef, Phase, UpdateState, step
@@ -137,6 +139,37 @@ class EventSink(Protocol):
     def publish(self, transition: Transition) -> None:
         """Best effort: the journal is the record; a failed publish never stops an update."""
         ...
+
+
+def decide_check(channel: ChannelFile, active: ModelRef | None, device_id: str,
+                 load_manifest: Callable[[ModelRef], Manifest], report: HardwareReport,
+                 disk_cap_bytes: int | None = None) -> CheckResult:
+    """What a Checker concludes from a TUF-verified channel file (pure but for `load_manifest`,
+    which the caller backs with a TUF-verified fetch; it is only called when an update is due).
+
+    Order: the rollout cohort, then "is it what runs already", then the downgrade rule
+    (design section 2: a lower version only with the signed `allow_downgrade`), then the
+    hardware and disk-cap check of the manifest, so an incompatible model is never downloaded.
+    """
+    offered = ModelRef(name=channel.model, version=channel.version)
+    if not is_in_cohort(channel.rollout, device_id):
+        return CheckResult(outcome="up_to_date", reason=f"{offered} is rolling out to {channel.rollout.percent}%"
+                                                        " of the fleet and this device is not in that cohort yet")
+    if offered == active:
+        return CheckResult(outcome="up_to_date")
+    if (active is not None and active.name == offered.name and offered.version < active.version
+            and not channel.allow_downgrade):
+        return CheckResult(outcome="up_to_date", reason=f"channel {channel.channel} names {offered}, older than the"
+                                                        f" active v{active.version}, without allow_downgrade")
+    manifest = load_manifest(offered)
+    if (manifest.name, manifest.version) != (offered.name, offered.version):
+        raise VerificationError(f"channel {channel.channel} names {offered} but its manifest says {manifest.name}"
+                                f" v{manifest.version}: republish the channel")
+    shortfalls = check_manifest(manifest, report, disk_cap_bytes)
+    if shortfalls:
+        return CheckResult(outcome="incompatible", target=offered,
+                           reason=format_shortfalls(manifest.name, manifest.version, shortfalls))
+    return CheckResult(outcome="update_available", target=offered)
 
 
 class StoreInstaller:
@@ -298,7 +331,7 @@ class Updater:
     def _check(self) -> Event:
         result = self.checker.check(self.current_ref())
         if result.outcome == "up_to_date":
-            return Event(kind=EventKind.NO_UPDATE)
+            return Event(kind=EventKind.NO_UPDATE, reason=result.reason)
         if result.outcome == "incompatible":
             return Event(kind=EventKind.INCOMPATIBLE, reason=result.reason)
         return Event(kind=EventKind.UPDATE_AVAILABLE, target=result.target)
