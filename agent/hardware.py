@@ -251,10 +251,39 @@ def check_disk_cap(manifest: Manifest, disk_cap_bytes: int) -> list[Shortfall]:
                " or move the device to another channel")]
 
 
-def check_manifest(manifest: Manifest, report: HardwareReport, disk_cap_bytes: int | None = None) -> list[Shortfall]:
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", _GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def check_store_room(disk_cap_bytes: int, protected_bytes: int, missing_bytes: int) -> list[Shortfall]:
+    """Whether the new files fit under the cap next to what GC may not remove (current, previous, staging)."""
+    if protected_bytes + missing_bytes <= disk_cap_bytes:
+        return []
+    return [Shortfall(
+        kind="disk_cap", required=str(protected_bytes + missing_bytes), available=str(disk_cap_bytes),
+        short_by_bytes=protected_bytes + missing_bytes - disk_cap_bytes,
+        detail=(f"needs {human_bytes(missing_bytes)} more in the store, which keeps {human_bytes(protected_bytes)}"
+                f" for the current and previous models under its cap of {human_bytes(disk_cap_bytes)}"),
+        remedy="raise disk_cap_bytes (EDGE_AGENT_DISK_CAP_BYTES), publish a smaller build"
+               " or move the device to another channel")]
+
+
+def check_manifest(manifest: Manifest, report: HardwareReport, disk_cap_bytes: int | None = None,
+                   *, protected_bytes: int = 0, missing_bytes: int | None = None) -> list[Shortfall]:
+    """All shortfalls: the requirements, and with a cap, whether the model fits the store.
+
+    `protected_bytes` is what GC may not remove, `missing_bytes` what the update adds
+    (files whose blob is not in the store yet); without them only the model's own size is checked.
+    """
     out = check_requirements(manifest.requirements, report)
     if disk_cap_bytes is not None:
-        out += check_disk_cap(manifest, disk_cap_bytes)
+        too_big = check_disk_cap(manifest, disk_cap_bytes)
+        out += too_big
+        if not too_big and missing_bytes is not None:
+            out += check_store_room(disk_cap_bytes, protected_bytes, missing_bytes)
     return out
 
 

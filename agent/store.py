@@ -189,6 +189,25 @@ class Store:
         """Bytes of every file under the store root, a hard-linked file counted once."""
         return _usage(self.root)[0]
 
+    def protected_usage_bytes(self, keep: set[Path] | frozenset[Path] = frozenset()) -> int:
+        """Bytes GC may not remove: `current`, `previous`, `staging/` and `keep`, a hard-linked file once."""
+        roots = [p for p in (self.current(), self.previous(), self.staging_dir, *keep) if p is not None]
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for root in roots:
+            files = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            for f in files:
+                st = f.stat()
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
+        return total
+
+    def missing_bytes(self, manifest: Manifest) -> int:
+        """Bytes installing `manifest` adds: files whose blob is not here yet, plus the manifest itself."""
+        missing = sum(f.size for f in manifest.files if not self.has_blob(f.sha256))
+        return missing + len(manifest.model_dump_json(indent=1))
+
     def model_dirs(self) -> list[Path]:
         """Complete model dirs (`models/<name>/<version>/` with a manifest)."""
         out = []

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.channel import ChannelFile, is_in_cohort
 from agent.errors import EdgefleetError, ManifestError, StoreError, VerificationError
-from agent.hardware import HardwareReport, check_manifest, format_shortfalls
+from agent.hardware import HardwareReport, check_manifest, format_shortfalls, human_bytes
 from agent.journal import Journal
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.statemachine import Action, Event, EventKind, ModelRef, Phase, UpdateState, step
@@ -65,6 +65,7 @@ class CheckResult(_Strict):
     outcome: Literal["up_to_date", "incompatible", "update_available"]
     target: ModelRef | None = None
     reason: str | None = None
+    manifest: Manifest | None = None  # the target's TUF-verified manifest: plans disk room before the download
 
 
 class Transition(_Strict):
@@ -143,13 +144,15 @@ class EventSink(Protocol):
 
 def decide_check(channel: ChannelFile, active: ModelRef | None, device_id: str,
                  load_manifest: Callable[[ModelRef], Manifest], report: HardwareReport,
-                 disk_cap_bytes: int | None = None) -> CheckResult:
+                 disk_cap_bytes: int | None = None, store: Store | None = None) -> CheckResult:
     """What a Checker concludes from a TUF-verified channel file (pure but for `load_manifest`,
     which the caller backs with a TUF-verified fetch; it is only called when an update is due).
 
     Order: the rollout cohort, then "is it what runs already", then the downgrade rule
     (design section 2: a lower version only with the signed `allow_downgrade`), then the
     hardware and disk-cap check of the manifest, so an incompatible model is never downloaded.
+    With `store` and a cap, the new files must also fit next to what GC may not remove
+    (`current`, `previous`, staging), so that disk use stays within the cap.
     """
     offered = ModelRef(name=channel.model, version=channel.version)
     if not is_in_cohort(channel.rollout, device_id):
@@ -165,11 +168,14 @@ def decide_check(channel: ChannelFile, active: ModelRef | None, device_id: str,
     if (manifest.name, manifest.version) != (offered.name, offered.version):
         raise VerificationError(f"channel {channel.channel} names {offered} but its manifest says {manifest.name}"
                                 f" v{manifest.version}: republish the channel")
-    shortfalls = check_manifest(manifest, report, disk_cap_bytes)
+    room: dict[str, int] = {}
+    if store is not None and disk_cap_bytes is not None:
+        room = {"protected_bytes": store.protected_usage_bytes(), "missing_bytes": store.missing_bytes(manifest)}
+    shortfalls = check_manifest(manifest, report, disk_cap_bytes, **room)
     if shortfalls:
         return CheckResult(outcome="incompatible", target=offered,
                            reason=format_shortfalls(manifest.name, manifest.version, shortfalls))
-    return CheckResult(outcome="update_available", target=offered)
+    return CheckResult(outcome="update_available", target=offered, manifest=manifest)
 
 
 class StoreInstaller:
@@ -334,10 +340,22 @@ class Updater:
             return Event(kind=EventKind.NO_UPDATE, reason=result.reason)
         if result.outcome == "incompatible":
             return Event(kind=EventKind.INCOMPATIBLE, reason=result.reason)
+        if result.target is not None and result.manifest is not None:
+            # Staged before DOWNLOADING is journaled: the download plans disk room with it.
+            atomic_write_bytes(self._plan(result.target), result.manifest.model_dump_json().encode())
         return Event(kind=EventKind.UPDATE_AVAILABLE, target=result.target)
 
     def _staged_manifest(self, target: ModelRef) -> Path:
         return self.store.staging_file(f"{target.name}-{target.version}.{MANIFEST_FILENAME}")
+
+    def _plan(self, target: ModelRef) -> Path:
+        return self.store.staging_file(f"{target.name}-{target.version}.plan.json")
+
+    def _read_plan(self, target: ModelRef) -> Manifest | None:
+        try:
+            return Manifest.model_validate_json(self._plan(target).read_bytes())
+        except (FileNotFoundError, ValidationError):
+            return None
 
     def _verify(self, target: ModelRef) -> None:
         manifest_bytes = self.downloader.verify(target)
@@ -348,6 +366,10 @@ class Updater:
         if (manifest.name, manifest.version) != (target.name, target.version):
             raise VerificationError(f"the channel names {target} but its manifest says {manifest.name}"
                                     f" v{manifest.version}: refusing to mix versions; republish the channel")
+        plan = self._read_plan(target)
+        if plan is not None and plan != manifest:
+            raise VerificationError(f"the manifest of {target} changed between the check and the download:"
+                                    " refusing to mix two builds; the next check starts over")
         missing = [f.path for f in manifest.files if not self.store.has_blob(f.sha256)]
         if missing:
             raise VerificationError(f"{target}: verify returned but blobs are missing for {missing}")
@@ -369,6 +391,7 @@ class Updater:
     def _discard_work(self, target: ModelRef) -> None:
         self.downloader.discard(target)
         self._staged_manifest(target).unlink(missing_ok=True)
+        self._plan(target).unlink(missing_ok=True)
 
     def _work_in_progress(self, target: ModelRef) -> set[Path]:
         keep = {self.store.staging_dir, self.store.model_dir(target.name, target.version)}
@@ -382,8 +405,21 @@ class Updater:
         return keep
 
     def _make_room(self, target: ModelRef) -> None:
-        if self.disk_cap_bytes is not None:
-            self.store.gc(self.disk_cap_bytes, keep=self._work_in_progress(target))
+        """GC so that the target's new files fit under the cap next to everything else.
+
+        Raises:
+            StoreError: even without every removable model they would not fit.
+        """
+        if self.disk_cap_bytes is None:
+            return
+        plan = self._read_plan(target)
+        missing = self.store.missing_bytes(plan) if plan is not None else 0
+        report = self.store.gc(max(0, self.disk_cap_bytes - missing), keep=self._work_in_progress(target))
+        if not report.is_within_cap:
+            raise StoreError(
+                f"{target} needs {human_bytes(missing)} more in the store, which uses {human_bytes(report.after_bytes)}"
+                f" for current, previous and work in progress under its cap of {human_bytes(self.disk_cap_bytes)}:"
+                " raise disk_cap_bytes (EDGE_AGENT_DISK_CAP_BYTES) or publish a smaller build")
 
     def _collect_garbage(self, target: ModelRef | None) -> None:
         try:

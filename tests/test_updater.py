@@ -40,8 +40,8 @@ P = Phase
 class LocalDirChecker:
     """TEST DOUBLE for the TUF checker: reads channels/ and models/ of a local artifact tree."""
 
-    def __init__(self, repo: Path, store: Store, channel: str = "stable") -> None:
-        self.repo, self.store, self.channel = repo, store, channel
+    def __init__(self, repo: Path, store: Store, channel: str = "stable", disk_cap_bytes: int | None = None) -> None:
+        self.repo, self.store, self.channel, self.disk_cap_bytes = repo, store, channel, disk_cap_bytes
 
     def check(self, active: ModelRef | None) -> CheckResult:
         channel = ChannelFile.model_validate_json((self.repo / "channels" / f"{self.channel}.json").read_bytes())
@@ -50,7 +50,7 @@ class LocalDirChecker:
             return Manifest.model_validate_json(
                 (self.repo / "models" / ref.name / str(ref.version) / MANIFEST_FILENAME).read_bytes())
 
-        return decide_check(channel, active, DEVICE_ID, load, probe(self.store.root))
+        return decide_check(channel, active, DEVICE_ID, load, probe(self.store.root), self.disk_cap_bytes, self.store)
 
 
 class LocalDirDownloader:
@@ -114,11 +114,14 @@ class ConfigParsingActivator:
 
 
 class ListSink:
-    def __init__(self) -> None:
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.transitions: list[Transition] = []
+        self.usage_bytes: list[int] = []  # store usage at each transition
 
     def publish(self, transition: Transition) -> None:
         self.transitions.append(transition)
+        self.usage_bytes.append(self.store.disk_usage_bytes())
 
     def phases(self) -> list[Phase]:
         return [t.to_phase for t in self.transitions]
@@ -126,8 +129,9 @@ class ListSink:
 
 def make_updater(repo: Path, state_dir: Path, disk_cap_bytes: int | None = None) -> Updater:
     store = Store(state_dir)
-    return Updater(store, checker=LocalDirChecker(repo, store), downloader=LocalDirDownloader(repo, store),
-                   activator=ConfigParsingActivator(store), sink=ListSink(), disk_cap_bytes=disk_cap_bytes)
+    return Updater(store, checker=LocalDirChecker(repo, store, disk_cap_bytes=disk_cap_bytes),
+                   downloader=LocalDirDownloader(repo, store), activator=ConfigParsingActivator(store),
+                   sink=ListSink(store), disk_cap_bytes=disk_cap_bytes)
 
 
 def publish(repo: Path, version: int, *, broken_config: bool = False, **req: object) -> Manifest:
@@ -283,14 +287,48 @@ def test_downgrade_needs_the_signed_flag(updater: Updater, repo: Path) -> None:
     assert state.phase is P.ACTIVE and state.active == ModelRef(name="m", version=1)
 
 
-def test_disk_cap_keeps_current_and_previous_only(repo: Path, tmp_path: Path) -> None:
-    u = make_updater(repo, tmp_path / "state", disk_cap_bytes=14_000)  # room for ~2 small models, not 3
+def test_disk_cap_holds_at_every_transition_and_gc_keeps_the_newest(repo: Path, tmp_path: Path) -> None:
+    cap = 24_000  # room for three of these small models at once (current, previous, new), not four
+    u = make_updater(repo, tmp_path / "state", disk_cap_bytes=cap)
     u.start()
     for v in range(1, 5):
         publish(repo, v)
+        assert u.check_now().phase is P.ACTIVE, u.state.reason
+    assert [v for v in range(1, 5) if u.store.has_model("m", v)] == [2, 3, 4]
+    assert max(_sink(u).usage_bytes) <= cap and u.store.disk_usage_bytes() <= cap
+    assert u.store.check_invariants() == []
+
+
+def test_model_that_cannot_fit_next_to_current_and_previous_is_incompatible(repo: Path, tmp_path: Path) -> None:
+    cap = 16_000  # two models fit, a third next to them does not
+    u = make_updater(repo, tmp_path / "state", disk_cap_bytes=cap)
+    u.start()
+    for v in (1, 2):
+        publish(repo, v)
         assert u.check_now().phase is P.ACTIVE
-    assert [v for v in range(1, 5) if u.store.has_model("m", v)] == [3, 4]
-    assert u.store.disk_usage_bytes() <= 14_000 and u.store.check_invariants() == []
+    publish(repo, 3)
+    state = u.check_now()
+    assert state.phase is P.INCOMPATIBLE
+    assert (state.reason or "").startswith("model m v3 needs ") and "under its cap of 15.6 KiB" in (state.reason or "")
+    downloader = u.downloader
+    assert isinstance(downloader, LocalDirDownloader) and not any(p.startswith("m/3/") for p in downloader.fetched)
+    assert u.store.current() == u.store.model_dir("m", 2).resolve() and max(_sink(u).usage_bytes) <= cap
+
+
+def test_download_refuses_to_break_the_cap_even_if_the_checker_did_not_look(repo: Path, tmp_path: Path) -> None:
+    cap = 16_000
+    u = make_updater(repo, tmp_path / "state", disk_cap_bytes=cap)
+    assert isinstance(u.checker, LocalDirChecker)
+    u.checker.disk_cap_bytes = None  # a checker that only checks the hardware
+    u.start()
+    for v in (1, 2, 3):
+        publish(repo, v)
+        state = u.check_now()
+    assert state.phase is P.FAILED and "DOWNLOADING m v3 failed: m v3 needs" in (state.reason or "")
+    assert state.refused == ()  # a full disk is no reason to refuse the version
+    downloader = u.downloader
+    assert isinstance(downloader, LocalDirDownloader) and not any(p.startswith("m/3/") for p in downloader.fetched)
+    assert max(_sink(u).usage_bytes) <= cap and u.store.check_invariants() == []
 
 
 def test_restart_loop_past_the_store_count_abandons_the_update(updater: Updater, repo: Path) -> None:
