@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import platform
 import re
@@ -45,6 +46,8 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 _GIB = 1024**3
 
+log = logging.getLogger(__name__)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,7 +66,7 @@ class HardwareReport(_Strict):
     cpu_features: list[str] = Field(description="the notable features present (see NOTABLE_FEATURES)")
     cpu_flags: list[str] = Field(description="every CPU flag the OS shows, with aliases added")
     onnxruntime_genai_version: str | None
-    execution_providers: list[str]
+    execution_providers: list[str] = Field(description="built into the installed onnxruntime-genai (cpu always)")
     os: str
 
 
@@ -109,7 +112,10 @@ def add_aliases(flags: set[str]) -> set[str]:
 
 
 def probe_onnxruntime_genai() -> tuple[str | None, list[str]]:
-    """The installed onnxruntime-genai version and its execution providers, without importing it."""
+    """The installed onnxruntime-genai version (package metadata) and the execution providers
+    built into it. A provider listed here may still find no GPU: that shows at load, and a
+    failed load rolls the update back.
+    """
     version: str | None = None
     providers: set[str] = set()
     for dist, provider in _ORT_GENAI_DISTS.items():
@@ -121,14 +127,16 @@ def probe_onnxruntime_genai() -> tuple[str | None, list[str]]:
         providers.add("cpu")
         if provider:
             providers.add(provider)
-    spec = importlib.util.find_spec("onnxruntime_genai")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            names = os.listdir(location) if os.path.isdir(location) else []
-            if any("providers_cuda" in n for n in names):
-                providers.add("cuda")
-            if any("webgpu" in n.lower() for n in names):
-                providers.add("webgpu")
+    if version is not None and importlib.util.find_spec("onnxruntime_genai") is not None:
+        try:
+            # A light import (tens of ms; no model is loaded); the is_*_available() answers are exact.
+            import onnxruntime_genai as og
+
+            for name in ("cuda", "dml", "webgpu"):
+                if getattr(og, f"is_{name}_available", lambda: False)():
+                    providers.add(name)
+        except (ImportError, OSError) as e:  # a broken install: the version check will still tell
+            log.warning("event=ort_genai_import_failed error=%r", str(e))
     return version, sorted(providers)
 
 

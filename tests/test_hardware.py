@@ -44,6 +44,10 @@ def test_probe_is_sane_on_this_machine(report: HardwareReport) -> None:
     assert report.arch == platform.machine()
     assert report.onnxruntime_genai_version == importlib.metadata.version("onnxruntime-genai")
     assert "cpu" in report.execution_providers
+    import onnxruntime_genai as og
+
+    assert ("cuda" in report.execution_providers) == og.is_cuda_available()
+    assert ("webgpu" in report.execution_providers) == og.is_webgpu_available()
     assert set(report.cpu_features) <= set(report.cpu_flags)
     if report.arch == "x86_64":
         assert {"sse2", "fpu"} <= set(report.cpu_flags)
