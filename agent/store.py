@@ -275,12 +275,11 @@ class Store:
                 break
             if is_kept(model):
                 continue
-            manifest_bytes = (model / MANIFEST_FILENAME).stat().st_size
             doomed = model.parent / f"{_TMP_PREFIX}del-{model.name}.{os.getpid()}"
             os.replace(model, doomed)
             fsync_dir(model.parent)
             shutil.rmtree(doomed)
-            used -= manifest_bytes  # its other files are links: the blobs go below
+            used = self.disk_usage_bytes()  # its files were mostly links: measure what it really freed
             removed.append(str(model.relative_to(self.root)))
             drop_orphan_blobs()
             if not any(model.parent.iterdir()):

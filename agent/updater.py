@@ -112,7 +112,8 @@ class Downloader(Protocol):
         ...
 
     def discard(self, target: ModelRef) -> None:
-        """Remove what staging holds for `target` (the update finished or was abandoned)."""
+        """Remove what staging holds for `target` (the update finished or was abandoned).
+        Local only: it runs during a rollback, when the network may be what failed."""
         ...
 
 
@@ -242,7 +243,12 @@ class Updater:
         return self.handle(Event(kind=EventKind.CHECK_REQUESTED))
 
     def handle(self, event: Event) -> UpdateState:
-        """Feed `event` and every event the actions produce, until nothing follows."""
+        """Feed `event` and every event the actions produce, until nothing follows.
+
+        Raises:
+            JournalError: state.json could not be written; nothing past the last saved state ran.
+            InvalidTransition: `event` does not fit the current state (a caller bug).
+        """
         pending: Event | None = event
         while pending is not None:
             pending = self._transition(pending)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,34 @@ def test_sigkill_during_a_failing_update_keeps_the_old_model(repo: Path, tmp_pat
     state = make_updater(repo, state_dir).start()
     assert state.phase is P.FAILED and store.current() == v1
     assert store.check_invariants() == [] and list(store.staging_dir.iterdir()) == []
+
+
+def test_stop_hook_can_freeze_the_agent_for_inspection(repo: Path, tmp_path: Path) -> None:
+    import psutil
+
+    from agent.updater import TEST_STOP_SIGNAL_ENV
+
+    state_dir = tmp_path / "state"
+    publish(repo, 1)
+    assert _run_agent(repo, state_dir, None).stdout.strip() == "ACTIVE"
+    publish(repo, 2)
+    env = subprocess_env(**{TEST_STOP_AT_ENV: "ACTIVATING", TEST_STOP_SIGNAL_ENV: "STOP"})
+    proc = subprocess.Popen([sys.executable, "-c", _AGENT, str(repo), str(state_dir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        status = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while status.status() != psutil.STATUS_STOPPED:
+            assert proc.poll() is None and time.monotonic() < deadline, "the agent never stopped at ACTIVATING"
+            time.sleep(0.01)
+        store = Store(state_dir)
+        assert Journal(store.journal_path).load().phase is P.ACTIVATING
+        assert store.current() == store.model_dir("m", 1).resolve()  # canary not run: current has not moved
+        assert store.has_model("m", 2)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert make_updater(repo, state_dir).start().phase is P.ACTIVE
