@@ -34,6 +34,8 @@ from agent.manifest import ModelName
 
 # Mender uses 30. A normal update stores 7 transitions; the rest is headroom for restarts.
 MAX_STORE_COUNT = 30
+# Refused versions remembered at most (across all model names).
+MAX_REFUSED = 16
 
 
 class Phase(str, enum.Enum):
@@ -225,7 +227,8 @@ def _past_bound(state: UpdateState) -> Result:
 def _refuse(state: UpdateState, ref: ModelRef | None) -> tuple[ModelRef, ...]:
     if ref is None or ref in state.refused:
         return state.refused
-    return (*state.refused, ref)
+    # Bounded so that a journal never grows without end; the oldest refusal lapses first.
+    return (*state.refused, ref)[-MAX_REFUSED:]
 
 
 def _start_check(state: UpdateState) -> Result:

@@ -9,6 +9,7 @@ import pytest
 from agent.errors import InvalidTransition
 from agent.statemachine import (
     IN_PROGRESS,
+    MAX_REFUSED,
     MAX_STORE_COUNT,
     Action,
     Event,
@@ -190,3 +191,12 @@ def test_restart_loop_is_bounded_by_the_store_count() -> None:
 def test_state_round_trips_through_json() -> None:
     s = STATES[P.ACTIVE].model_copy(update={"refused": (OLD,)})
     assert UpdateState.model_validate_json(s.model_dump_json()) == s
+
+
+def test_refused_set_is_bounded() -> None:
+    s = STATES[P.ACTIVATING]
+    for v in range(2, MAX_REFUSED + 5):
+        s = s.model_copy(update={"phase": P.ACTIVATING, "target": ModelRef(name=f"m{v}", version=v), "store_count": 1})
+        s, _ = step(s, EVENTS[K.STEP_FAILED])
+    newest = ModelRef(name=f"m{MAX_REFUSED + 4}", version=MAX_REFUSED + 4)
+    assert len(s.refused) == MAX_REFUSED and s.refused[-1] == newest
