@@ -46,7 +46,7 @@ from agent.errors import EdgefleetError, ManifestError, StoreError, Verification
 from agent.hardware import HardwareReport, check_manifest, format_shortfalls, human_bytes
 from agent.journal import Journal
 from agent.manifest import MANIFEST_FILENAME, Manifest
-from agent.statemachine import Action, Event, EventKind, ModelRef, Phase, UpdateState, step
+from agent.statemachine import IN_PROGRESS, Action, Event, EventKind, ModelRef, Phase, UpdateState, step
 from agent.store import Store, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -398,6 +398,12 @@ class Updater:
         self.downloader.discard(target)
         self._staged_manifest(target).unlink(missing_ok=True)
         self._plan(target).unlink(missing_ok=True)
+
+    def work_in_progress(self) -> set[Path]:
+        """What a GC run from elsewhere (a periodic sweep) must keep while an update is under way."""
+        if self.state.phase in IN_PROGRESS and self.state.target is not None:
+            return self._work_in_progress(self.state.target)
+        return {self.store.staging_dir} if self.state.phase in IN_PROGRESS else set()
 
     def _work_in_progress(self, target: ModelRef) -> set[Path]:
         keep = {self.store.staging_dir, self.store.model_dir(target.name, target.version)}

@@ -433,6 +433,11 @@ def test_stop_hook_can_freeze_the_agent_for_inspection(repo: Path, tmp_path: Pat
         assert Journal(store.journal_path).load().phase is P.ACTIVATING
         assert store.current() == store.model_dir("m", 1).resolve()  # canary not run: current has not moved
         assert store.has_model("m", 2)
+        # A GC sweep from elsewhere, with the driver's view of the frozen update, keeps the model under test.
+        observer = make_updater(repo, state_dir)
+        observer.state = Journal(store.journal_path).load()
+        report = store.gc(1, keep=observer.work_in_progress())
+        assert store.has_model("m", 2) and store.has_model("m", 1) and not report.is_within_cap
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
     finally:
