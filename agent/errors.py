@@ -16,6 +16,7 @@
   x JournalError             state.json cannot be read or written
   x ActivationError          a new model failed to load or failed its canary
   x RuntimeModelError        generation failed inside onnxruntime-genai
+  x InvalidTransition        the update state machine got an event its state does not handle
 ```
 
 Code catches by type, never by message text. Every message says what failed,
@@ -105,4 +106,10 @@ class ActivationError(EdgefleetError):
 
 
 class RuntimeModelError(EdgefleetError):
+    exit_code = ExitCode.FAILED
+
+
+class InvalidTransition(EdgefleetError):
+    """The update state machine got an event its current state does not handle (a bug in the caller)."""
+
     exit_code = ExitCode.FAILED
