@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,20 +89,54 @@ class _Retry(Exception):
 
 
 class _Hashers:
-    """The running hashes of the partial file, kept across attempts in one process."""
+    """The running hashes of the partial file, kept across attempts in one process.
+
+    Hashing runs on a worker thread (hashlib releases the GIL), overlapping
+    with the socket reads and file writes of the main thread; the queue is
+    bounded so at most `_QUEUE_CHUNKS` chunks wait in memory.
+    """
+
+    _QUEUE_CHUNKS = 8
 
     def __init__(self, algorithms: list[str]) -> None:
         self._algorithms = algorithms
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self._QUEUE_CHUNKS)
+        self._thread: threading.Thread | None = None
         self.reset()
 
     def reset(self) -> None:
+        self.drain()
         self.objects = {a: hashlib.new(a) for a in self._algorithms}
         self.offset = 0
 
-    def update(self, data: bytes | memoryview) -> None:
-        for h in self.objects.values():
-            h.update(data)
+    def _work(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                if chunk is None:
+                    return
+                for h in self.objects.values():
+                    h.update(chunk)
+            finally:
+                self._queue.task_done()
+
+    def update(self, data: bytes) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="download-hash", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
         self.offset += len(data)
+
+    def drain(self) -> None:
+        """Wait until every queued chunk is hashed and stop the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def digests(self) -> dict[str, str]:
+        self.drain()
+        return {a: h.hexdigest() for a, h in self.objects.items()}
 
     def catch_up(self, path: Path, offset: int) -> None:
         """Hash the first `offset` bytes of a partial file left by an earlier run."""
@@ -143,38 +179,41 @@ class Downloader:
         store.staging_dir.mkdir(parents=True, exist_ok=True)
         partial = self.partial_path(store, expected)
         hashers = _Hashers(sorted(expected.hashes))
-        failures = 0
-        while True:
-            offset = partial.stat().st_size if partial.exists() else 0
-            if offset > expected.length:
-                partial.unlink()  # cannot be ours: start again
-                offset = 0
-            if offset == expected.length:
-                break
-            try:
-                progressed = self._attempt(expected, partial, offset, hashers)
-            except _Retry as e:
-                progressed = (partial.stat().st_size if partial.exists() else 0) > offset
-                if progressed:
-                    failures = 0  # bounded anyway: every retry that counts as progress adds bytes
-                failures += 1
-                if failures >= self.policy.max_attempts:
-                    raise DownloadError(
-                        f"download of {expected.url} failed {failures} times in a row ({e}); "
-                        f"{partial.stat().st_size if partial.exists() else 0} of {expected.length} bytes kept in "
-                        f"{partial} for the next try: check repo_url and the network"
-                    ) from e
-                delay = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (failures - 1))
-                delay *= 0.5 + random.random() / 2  # jitter: a fleet does not retry in lockstep
-                self.stats.retries += 1
-                log.warning("event=download_retry url=%s attempt=%d delay_s=%.2f reason=%s", expected.url,
-                            failures, delay, e)
-                self._sleep(delay)
-                continue
-            if not progressed:
-                failures += 1
-        hashers.catch_up(partial, expected.length)
-        self._verify(expected, partial, hashers)
+        try:
+            failures = 0
+            while True:
+                offset = partial.stat().st_size if partial.exists() else 0
+                if offset > expected.length:
+                    partial.unlink()  # cannot be ours: start again
+                    offset = 0
+                if offset == expected.length:
+                    break
+                try:
+                    progressed = self._attempt(expected, partial, offset, hashers)
+                except _Retry as e:
+                    progressed = (partial.stat().st_size if partial.exists() else 0) > offset
+                    if progressed:
+                        failures = 0  # bounded anyway: every retry that counts as progress adds bytes
+                    failures += 1
+                    if failures >= self.policy.max_attempts:
+                        raise DownloadError(
+                            f"download of {expected.url} failed {failures} times in a row ({e}); "
+                            f"{partial.stat().st_size if partial.exists() else 0} of {expected.length} bytes kept in "
+                            f"{partial} for the next try: check repo_url and the network"
+                        ) from e
+                    delay = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (failures - 1))
+                    delay *= 0.5 + random.random() / 2  # jitter: a fleet does not retry in lockstep
+                    self.stats.retries += 1
+                    log.warning("event=download_retry url=%s attempt=%d delay_s=%.2f reason=%s", expected.url,
+                                failures, delay, e)
+                    self._sleep(delay)
+                    continue
+                if not progressed:
+                    failures += 1
+            hashers.catch_up(partial, expected.length)
+            self._verify(expected, partial, hashers)
+        finally:
+            hashers.drain()  # never leave the worker thread behind, also on errors
         blob = store.adopt_blob(partial, expected.sha256)
         self.stats.files_downloaded += 1
         log.info("event=blob_verified sha256=%s bytes=%d", expected.sha256[:12], expected.length)
@@ -268,8 +307,9 @@ class Downloader:
     @staticmethod
     def _verify(expected: ExpectedFile, partial: Path, hashers: _Hashers) -> None:
         size = partial.stat().st_size
+        digests = hashers.digests()
         for algorithm, want in expected.hashes.items():
-            got = hashers.objects[algorithm].hexdigest()
+            got = digests[algorithm]
             if size != expected.length or got != want:
                 partial.unlink(missing_ok=True)
                 raise VerificationError(
