@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import random
 import threading
@@ -189,7 +188,7 @@ class Downloader:
                 if offset == expected.length:
                     break
                 try:
-                    progressed = self._attempt(expected, partial, offset, hashers)
+                    self._attempt(expected, partial, offset, hashers)
                 except _Retry as e:
                     progressed = (partial.stat().st_size if partial.exists() else 0) > offset
                     if progressed:
@@ -207,9 +206,6 @@ class Downloader:
                     log.warning("event=download_retry url=%s attempt=%d delay_s=%.2f reason=%s", expected.url,
                                 failures, delay, e)
                     self._sleep(delay)
-                    continue
-                if not progressed:
-                    failures += 1
             hashers.catch_up(partial, expected.length)
             self._verify(expected, partial, hashers)
         finally:
@@ -219,7 +215,7 @@ class Downloader:
         log.info("event=blob_verified sha256=%s bytes=%d", expected.sha256[:12], expected.length)
         return blob
 
-    def _attempt(self, expected: ExpectedFile, partial: Path, offset: int, hashers: _Hashers) -> bool:
+    def _attempt(self, expected: ExpectedFile, partial: Path, offset: int, hashers: _Hashers) -> None:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         self.stats.requests += 1
         if offset:
@@ -252,10 +248,10 @@ class Downloader:
                     f"{expected.url}: server declares {offset + int(declared)} bytes but the signed length is "
                     f"{expected.length}: refused (endless data attack or wrong file)"
                 )
-            return self._stream(response, expected, partial, offset, hashers)
+            self._stream(response, expected, partial, offset, hashers)
 
     def _stream(self, response: requests.Response, expected: ExpectedFile, partial: Path, offset: int,
-                hashers: _Hashers) -> bool:
+                hashers: _Hashers) -> None:
         if offset == 0:
             hashers.reset()
         else:
@@ -302,7 +298,7 @@ class Downloader:
             raise _Retry(f"connection lost after {received} bytes: {type(network_error).__name__}") from network_error
         if offset + received < expected.length:
             raise _Retry(f"stream ended after {offset + received} of {expected.length} bytes")
-        return received > 0
+
 
     @staticmethod
     def _verify(expected: ExpectedFile, partial: Path, hashers: _Hashers) -> None:

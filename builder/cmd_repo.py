@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -11,8 +10,6 @@ from agent.channel import ChannelFile, Rollout
 from agent.clikit import HelpFormatter, print_json
 from agent.errors import ExitCode, UsageError
 from builder.repo import DEFAULT_EXPIRY_S, ROLES, RepoSettings, TufRepo, parse_duration_s
-
-log = logging.getLogger(__name__)
 
 
 def _parse_role_value(items: list[str], what: str) -> dict[str, str]:
