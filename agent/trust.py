@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import urllib3
 from pydantic import ValidationError
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile
@@ -27,7 +28,7 @@ from tuf.ngclient import Updater
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from agent.channel import ChannelFile, channel_target_path
-from agent.errors import ConfigError, DownloadError, ManifestError, VerificationError
+from agent.errors import ConfigError, DownloadError, ManifestError, StoreError, VerificationError
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.paths import check_relative_path
 
@@ -36,18 +37,24 @@ log = logging.getLogger(__name__)
 ROOT_FILENAME = "root.json"
 
 
+# What ngclient raises for a bad repository (RepositoryError) or network (DownloadError,
+# its fetcher wraps connection errors into it, but not urllib3 errors raised while
+# streaming a body, e.g. a connection dropped mid-file); OSError: writing trust/ failed.
+_TUF_ERRORS = (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, urllib3.exceptions.HTTPError, OSError)
+
+
 def _translate(e: Exception, what: str) -> Exception:
     """Map a python-tuf exception onto our tree, keeping ngclient's reason."""
     if isinstance(e, tuf_exceptions.DownloadLengthMismatchError):
         return VerificationError(f"{what}: the server sent more bytes than the signed length allows ({e}): "
                                  "refused (endless data attack or broken server)")
-    if isinstance(e, tuf_exceptions.DownloadError):
+    if isinstance(e, (tuf_exceptions.DownloadError, urllib3.exceptions.HTTPError)):
         cause = f"{type(e).__name__}: {e}" + (f" ({e.__cause__})" if e.__cause__ else "")
         return DownloadError(f"{what}: repository unreachable or incomplete: {cause}: "
                              "check repo_url and the network; the next poll retries")
     if isinstance(e, tuf_exceptions.RepositoryError):
         return VerificationError(f"{what} refused by TUF: {type(e).__name__}: {e}")
-    return e
+    return StoreError(f"{what}: cannot write the trust dir: {e}: check free disk and permissions of state_dir")
 
 
 class TrustedRepository:
@@ -80,7 +87,7 @@ class TrustedRepository:
         """
         try:
             self._updater.refresh()
-        except Exception as e:  # noqa: BLE001 - translated below, unknown ones re-raised unchanged
+        except _TUF_ERRORS as e:
             raise _translate(e, "metadata refresh") from e
         # The trusted root (ngclient just verified and stored it) says whether
         # targets carry hash-prefixed names.
@@ -100,7 +107,7 @@ class TrustedRepository:
             raise VerificationError(f"refusing target path {path!r}: {e}") from e
         try:
             info = self._updater.get_targetinfo(path)
-        except Exception as e:  # noqa: BLE001
+        except _TUF_ERRORS as e:
             raise _translate(e, f"lookup of {path}") from e
         if info is None:
             raise VerificationError(f"target {path} is not in the signed targets metadata of {self.repo_url}")
@@ -124,7 +131,7 @@ class TrustedRepository:
         try:
             data = self._fetcher.download_bytes(self.target_url(info), info.length)
             info.verify_length_and_hashes(data)
-        except Exception as e:  # noqa: BLE001
+        except _TUF_ERRORS as e:
             raise _translate(e, f"target {info.path}") from e
         return data
 

@@ -168,3 +168,16 @@ def test_manifest_and_channel_reads_are_check_steps(tmp_path: Path) -> None:
         assert set(check.release.targets) == {"model.onnx", "genai_config.json", "tokenizer/tokenizer.json"}
         assert not any("model.onnx" in p for p, _ in faults.requests)
         shutil.rmtree(store.staging_dir)
+
+
+def test_connection_dropped_during_metadata_is_a_download_error_then_recovers(tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo")
+    _publish(repo, tmp_path, 1)
+    repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
+    with serving(repo.www_dir) as (url, faults):
+        config, store = provision_device(tmp_path / "dev", repo, url)
+        faults.drop_after_bytes, faults.drop_times, faults.drop_path = 20, 1, "timestamp.json"
+        with pytest.raises(DownloadError, match="repository unreachable or incomplete"):
+            run_update_once(config, store)
+        assert faults.drop_times == 0 and store.current() is None
+        assert run_update_once(config, store).status == "installed"
