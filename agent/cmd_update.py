@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent.clikit import HelpFormatter, print_json
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
+from agent.download import DownloadPolicy, Downloader
 from agent.errors import EdgefleetError, ExitCode, UsageError
 from agent.fetch import CheckStatus, fetch_release
 from agent.store import Store
@@ -39,14 +40,30 @@ class UpdateOutcome(BaseModel):
     blobs_reused: int = 0
 
 
-def run_update_once(config: AgentConfig, store: Store) -> UpdateOutcome:
+class _TtyProgress:
+    """A one-line progress display on stderr (only used when stderr is a TTY)."""
+
+    def __init__(self) -> None:
+        self.bytes_done = 0
+        self._last_mib = -1
+
+    def __call__(self, n: int) -> None:
+        self.bytes_done += n
+        mib = self.bytes_done >> 20
+        if mib != self._last_mib:
+            self._last_mib = mib
+            sys.stderr.write(f"\rdownloading: {mib} MiB")
+            sys.stderr.flush()
+
+
+def run_update_once(config: AgentConfig, store: Store, downloader: Downloader | None = None) -> UpdateOutcome:
     """Fetch (verified) and, when there is a release, assemble it and switch `current`.
 
     Raises:
         EdgefleetError: any refusal; nothing is installed and `current` is untouched.
     """
     try:
-        result = fetch_release(config, store)
+        result = fetch_release(config, store, downloader=downloader)
         check = result.check
         if check.release is None:
             log.info("event=update_done status=%s channel=%s", check.status.value, check.channel.channel)
@@ -71,7 +88,15 @@ def _cmd_update(args: argparse.Namespace) -> int:
     if not args.once:
         raise UsageError("update runs one pass only: pass --once (the daemon is `edge-agent run`)")
     config = load_config(Path(args.config))
-    outcome = run_update_once(config, Store(config.state_dir))
+    downloader = None
+    if sys.stderr.isatty() and not args.json:
+        downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=config.download_rate_limit_bytes_per_s),
+                                progress=_TtyProgress())
+    try:
+        outcome = run_update_once(config, Store(config.state_dir), downloader)
+    finally:
+        if downloader is not None and downloader.stats.bytes_transferred:
+            sys.stderr.write("\n")
     if args.json:
         print_json(outcome)
     else:

@@ -154,11 +154,14 @@ class Downloader:
     """Fetch verified files into a `Store`. One instance may serve many files."""
 
     def __init__(self, policy: DownloadPolicy | None = None, session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """`progress(n)` is called with each chunk's byte count (a TTY progress bar)."""
         self.policy = policy or DownloadPolicy()
         self.session = session or requests.Session()
         self.stats = DownloadStats()
         self._sleep = sleep
+        self._progress = progress
 
     def partial_path(self, store: Store, expected: ExpectedFile) -> Path:
         return partial_path(store, expected.sha256)
@@ -287,6 +290,8 @@ class Downloader:
                     hashers.update(chunk)
                     received += len(chunk)
                     self.stats.bytes_transferred += len(chunk)
+                    if self._progress is not None:
+                        self._progress(len(chunk))
                     if rate is not None:
                         ahead_s = received / rate - (time.monotonic() - started)
                         if ahead_s > 0:

@@ -46,8 +46,10 @@ def test_connection_dropped_mid_file_resumes_with_range(tmp_path: Path) -> None:
     with serving(www) as (url, faults):
         faults.drop_after_bytes, faults.drop_times, faults.drop_path = 70_000, 2, "blob.bin"
         sleeps: list[float] = []
-        downloader = Downloader(DownloadPolicy(backoff_initial_s=0.01), sleep=sleeps.append)
+        progress: list[int] = []
+        downloader = Downloader(DownloadPolicy(backoff_initial_s=0.01), sleep=sleeps.append, progress=progress.append)
         blob = downloader.fetch_blob(_expected(url, data), store)
+        assert sum(progress) == SIZE
         assert blob.read_bytes() == data
         assert faults.range_requests("blob.bin") == 2
         ranges = [r for p, r in faults.requests if r]
