@@ -219,7 +219,10 @@ class Downloader:
         return blob
 
     def _attempt(self, expected: ExpectedFile, partial: Path, offset: int, hashers: _Hashers) -> None:
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # identity: the hash is over the stored bytes, so no transparent gzip from a proxy/CDN.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         self.stats.requests += 1
         if offset:
             self.stats.range_requests += 1
