@@ -158,7 +158,6 @@ class TufRepo(Repository):
         os.chmod(repo.keys_dir, 0o700)
         for d in (repo.state_dir, repo.metadata_dir, repo.targets_dir):
             d.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(root_dir / "repo.json", settings.model_dump_json(indent=2).encode())
         root_md = _new_metadata("root")
         root = root_md.signed
         assert isinstance(root, Root)
@@ -172,6 +171,8 @@ class TufRepo(Repository):
         for role in ("targets", "snapshot", "timestamp"):
             with repo.edit(role):
                 pass
+        # Written last: its presence marks a complete repository (a crashed init can be rerun).
+        atomic_write_bytes(root_dir / "repo.json", settings.model_dump_json(indent=2).encode())
         log.info("event=repo_init repo=%s", root_dir)
         return repo
 
@@ -198,7 +199,6 @@ class TufRepo(Repository):
             f.flush()
             os.fsync(f.fileno())
         return signer
-
 
     # -- Repository interface ---------------------------------------------------
     def open(self, role: str) -> Metadata:
