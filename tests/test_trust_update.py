@@ -181,3 +181,19 @@ def test_connection_dropped_during_metadata_is_a_download_error_then_recovers(tm
             run_update_once(config, store)
         assert faults.drop_times == 0 and store.current() is None
         assert run_update_once(config, store).status == "installed"
+
+
+def test_update_cli_without_once_or_with_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    toml = tmp_path / "agent.toml"
+    toml.write_text('device_id = "d"\nrepo_url = "http://127.0.0.1:9"\nbogus_key = 1\n')
+    for args, reason in ((["update", "--config", str(toml)], "pass --once"),
+                         (["update", "--once", "--config", str(toml)], "'bogus_key': unknown key")):
+        done = subprocess.run([sys.executable, "-m", "agent.cli", *args], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.strip().count("\n") == 0 and reason in done.stderr
