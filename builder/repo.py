@@ -60,7 +60,7 @@ ROLES: tuple[RoleName, ...] = ("root", "targets", "snapshot", "timestamp")
 DEFAULT_EXPIRY_S: dict[str, int] = {
     "root": 365 * 86400, "targets": 90 * 86400, "snapshot": 7 * 86400, "timestamp": 86400,
 }
-_DURATION_RE = re.compile(r"^(-?\d+)([smhd])$")
+_DURATION_RE = re.compile(r"^(\d+)([smhd])$")
 _DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _COPY_CHUNK_BYTES = 1 << 20
 

@@ -118,6 +118,8 @@ def test_parse_duration() -> None:
     assert [parse_duration_s(x) for x in ("1s", "30m", "12h", "90d")] == [1, 1800, 43200, 90 * 86400]
     with pytest.raises(Exception, match="whole number followed by s, m, h or d"):
         parse_duration_s("1w")
+    with pytest.raises(Exception, match="whole number"):
+        parse_duration_s("-1h")
 
 
 @pytest.mark.parametrize(("header", "size", "want"), [
