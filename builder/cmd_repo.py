@@ -25,7 +25,10 @@ def _parse_role_value(items: list[str], what: str) -> dict[str, str]:
 def _cmd_init(args: argparse.Namespace) -> int:
     settings = RepoSettings()
     for role, value in _parse_role_value(args.expires, "expires").items():
-        settings.expiry_s[role] = parse_duration_s(value)  # type: ignore[index]
+        seconds = parse_duration_s(value)
+        if seconds <= 0:
+            raise UsageError(f"--expires {role}={value}: the validity must be longer than 0")
+        settings.expiry_s[role] = seconds  # type: ignore[index]
     for role, value in _parse_role_value(args.threshold, "threshold").items():
         if not value.isdigit() or int(value) < 1:
             raise UsageError(f"--threshold {role}={value}: the threshold must be a whole number >= 1")
