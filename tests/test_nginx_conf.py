@@ -41,7 +41,8 @@ def nginx(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     # Workers read the repository under pytest's private tmp dir: same user as the test.
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
     main.write_text(
-        f"{user}pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\nevents {{}}\nhttp {{\n"
+        # One process (no master/workers): killing it in teardown leaves nothing behind.
+        f"{user}master_process off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\nevents {{}}\nhttp {{\n"
         f"access_log {prefix}/access.log;\nclient_body_temp_path {prefix};\nproxy_temp_path {prefix};\n"
         f"fastcgi_temp_path {prefix};\nuwsgi_temp_path {prefix};\nscgi_temp_path {prefix};\n{server}\n}}\n")
     proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(main), "-g", "daemon off;"],
@@ -58,8 +59,12 @@ def nginx(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}", repo.dir
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_device_installs_through_nginx_with_the_cache_rules(nginx: tuple[str, Path], tmp_path: Path) -> None:
