@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Real parts for the tests: a Mosquitto broker and systemd-analyze for the unit file.
+# Real parts for the tests: a Mosquitto broker, systemd-analyze for the unit file, nginx for deploy/nginx.conf.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients)
 	@command -v systemd-analyze >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light)
 
 test: venv system-deps
 	$(PY) -m pytest -q tests

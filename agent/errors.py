@@ -11,6 +11,7 @@
   x RepositoryError          the host-side TUF repository refused an operation
   x DownloadError            the network failed after bounded retries
   x VerificationError        TUF or hash verification refused what was fetched
+    x DowngradeRefusedError  a channel points below the active version without allow_downgrade
   x IncompatibleModelError   this device cannot run the model (RAM, disk, arch, ...)
   x StoreError               the on-device content store refused or failed an operation
   x JournalError             state.json cannot be read or written
@@ -113,3 +114,7 @@ class InvalidTransition(EdgefleetError):
     """The update state machine got an event its current state does not handle (a bug in the caller)."""
 
     exit_code = ExitCode.FAILED
+
+
+class DowngradeRefusedError(VerificationError):
+    """A channel points below the active version without a signed `allow_downgrade`."""
