@@ -106,3 +106,17 @@ class ActivationError(EdgefleetError):
 
 class RuntimeModelError(EdgefleetError):
     exit_code = ExitCode.FAILED
+
+
+class PayloadError(EdgefleetError):
+    """An MQTT payload that is oversized, not JSON, of an unknown schema or invalid.
+
+    `reason` is one of those four words, so counters can key on it.
+    """
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"payload dropped ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
