@@ -120,3 +120,9 @@ class PayloadError(EdgefleetError):
         super().__init__(f"payload dropped ({reason}): {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class BrokerError(EdgefleetError):
+    """The MQTT broker cannot be reached, refused the credentials or timed out."""
+
+    exit_code = ExitCode.FAILED
