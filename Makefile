@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Real parts for the tests: a Mosquitto broker and systemd-analyze for the unit file.
+# Real parts for the tests: a Mosquitto broker (+ mosquitto_passwd), openssl for
+# the test certificates of the deploy/ ACL test, and systemd-analyze for the unit file.
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	@(command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto) && command -v mosquitto_passwd >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients)
+	@command -v openssl >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl)
 	@command -v systemd-analyze >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
 
