@@ -13,7 +13,7 @@ socket and a wake-up pipe, then paho's `loop_read` / `loop_write` /
 `loop_misc`). Every call into paho's publish/subscribe happens on that thread,
 outside paho callbacks: paho calls `on_publish` holding its message mutex,
 so publishing from other threads while holding our own locks could deadlock.
-The public methods (`set_status`, `publish_telemetry`, `publish_event`)
+The public methods (`publish_status`, `publish_telemetry`, `publish_event`)
 only record work and wake the thread.
 
 Session: the client id is the device id and the session is persistent
@@ -85,6 +85,7 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 # Events handed to paho at once; more wait in the outbox. Bounds paho's memory.
 OUTBOX_WINDOW = 64
 _OFFLINE_ACK_WAIT_S = 2.0
+STATUS_REFRESH_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class MqttLink:
                  keepalive_s: int = DEFAULT_KEEPALIVE_S,
                  backoff: Backoff | None = None,
                  inbox_size: int = 64,
+                 status_refresh_s: float = STATUS_REFRESH_S,
                  on_incoming: Callable[[], None] | None = None) -> None:
         if config.broker_url is None:
             raise ConfigError("broker_url is not set: set it in agent.toml or EDGE_AGENT_BROKER_URL")
@@ -220,6 +222,7 @@ class MqttLink:
         self._on_incoming = on_incoming
         self._backoff = backoff or Backoff()
         self._is_v5 = config.mqtt_protocol == "5"
+        self._status_refresh_s = status_refresh_s
 
         self.topic_releases = releases_topic(self.fleet)
         self.topic_status = device_topic(self.fleet, self.device_id, "status")
@@ -303,9 +306,14 @@ class MqttLink:
         with self._lock:
             return self._status
 
-    def set_status(self, **changes: object) -> DeviceStatus:
-        """Update fields of the retained status (state, model, version, last_error, ...)
-        and publish it when connected (or on the next connect)."""
+    def publish_status(self, **changes: object) -> DeviceStatus:
+        """Update fields of the retained status (state, model, version, channel,
+        last_error, tokens_per_s) and publish it (QoS 1, retained) now if
+        connected, else on the next connect. Returns the new status.
+
+        Raises:
+            ValueError: a field name that DeviceStatus does not have (a bug).
+        """
         allowed = set(DeviceStatus.model_fields) - {"schema_version", "device_id", "online", "timestamp"}
         unknown = set(changes) - allowed
         if unknown:
@@ -332,8 +340,14 @@ class MqttLink:
                 "events_dropped_total": self.outbox.dropped_total,
                 "incoming_dropped_total": self._counters.dropped_total,
             })
+            # The retained status carries the last tokens/s for `fleet status`, but
+            # is republished for it at most every `status_refresh_s`, not per sample.
             if telemetry.tokens_per_s is not None:
-                self._status = self._status.model_copy(update={"tokens_per_s": telemetry.tokens_per_s})
+                now = utc_now()
+                is_stale = (now - self._status.timestamp).total_seconds() >= self._status_refresh_s
+                self._status = self._status.model_copy(
+                    update={"tokens_per_s": telemetry.tokens_per_s, **({"timestamp": now} if is_stale else {})})
+                self._status_dirty = self._status_dirty or is_stale
         self._wake()
         return True
 

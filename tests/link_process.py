@@ -43,7 +43,7 @@ def main() -> int:
                          broker_username=args.device)
     outbox = Outbox(args.state_dir / "outbox", max_events=args.max_events)
     link = MqttLink(config, outbox, keepalive_s=5, backoff=Backoff(initial_s=0.05, max_s=0.5))
-    link.set_status(state=args.state, model=args.model, version=args.version)
+    link.publish_status(state=args.state, model=args.model, version=args.version)
     link.start()
     print(json.dumps({"ready": True, "next_seq": outbox.next_seq}), flush=True)
     for line in sys.stdin:
@@ -55,7 +55,7 @@ def main() -> int:
                     for _ in range(int(words[1]))]
             print(json.dumps({"seqs": seqs}), flush=True)
         elif words[0] == "status":
-            link.set_status(state=words[1])
+            link.publish_status(state=words[1])
             print(json.dumps({"state": words[1]}), flush=True)
         elif words[0] == "counters":
             print(link.counters().model_dump_json(), flush=True)

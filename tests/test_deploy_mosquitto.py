@@ -283,7 +283,7 @@ def test_the_agent_link_works_with_the_deploy_config(deployed: DeployedBroker, c
                          broker_password=PASSWORDS["dev-a"], broker_ca_file=Path(deployed.ca_file),
                          mqtt_protocol="5")
     link = MqttLink(config, Outbox(tmp_path / "outbox"), backoff=Backoff(0.05, 0.5))
-    link.set_status(state="ACTIVE", model="smollm2", version=2)
+    link.publish_status(state="ACTIVE", model="smollm2", version=2)
     link.start()
     try:
         assert link.wait_connected(10)

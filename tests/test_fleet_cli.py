@@ -31,7 +31,7 @@ def test_fleet_status_table_json_and_filters(mosquitto: Mosquitto, tmp_path: Pat
     # One real agent link, two statuses as other devices left them (one offline
     # through its will), one garbage retained message, one device of another fleet.
     link = make_link(mosquitto, tmp_path, device="dev-live")
-    link.set_status(state="ACTIVE", model="smollm2", version=3, channel="stable")
+    link.publish_status(state="ACTIVE", model="smollm2", version=3, channel="stable")
     link.start()
     try:
         assert link.wait_connected(10)

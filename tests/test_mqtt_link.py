@@ -99,12 +99,14 @@ def test_backoff_doubles_to_cap_with_jitter_and_resets() -> None:
     assert b.next_delay_s() <= 1
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_will_on_sigkill_and_online_again_after_restart(mosquitto: Mosquitto, tmp_path: Path,
-                                                        link_processes: list[LinkProcess]) -> None:
+                                                        link_processes: list[LinkProcess], protocol: str) -> None:
     topic = device_topic(FLEET, "dev-k", "status")
     rec = Recorder(mosquitto.port, [topic])
     try:
-        first = LinkProcess(mosquitto.url, "dev-k", tmp_path / "dev-k", state="ACTIVE", model="smollm2", version=3)
+        first = LinkProcess(mosquitto.url, "dev-k", tmp_path / "dev-k", state="ACTIVE", model="smollm2", version=3,
+                            protocol=protocol)
         link_processes.append(first)
         rec.wait_for(lambda ms: any(json.loads(m.payload)["online"] for m in ms), 10, "online status")
 
@@ -122,7 +124,8 @@ def test_will_on_sigkill_and_online_again_after_restart(mosquitto: Mosquitto, tm
         late.wait_for(lambda ms: len(ms) >= 1, 5, "retained status")
         assert late.messages[0].retain and json.loads(late.messages[0].payload)["online"] is False
 
-        second = LinkProcess(mosquitto.url, "dev-k", tmp_path / "dev-k", state="ACTIVE", model="smollm2", version=4)
+        second = LinkProcess(mosquitto.url, "dev-k", tmp_path / "dev-k", state="ACTIVE", model="smollm2", version=4,
+                             protocol=protocol)
         link_processes.append(second)
         late.wait_for(lambda ms: json.loads(ms[-1].payload)["online"], 10, "online again")
         assert json.loads(late.messages[-1].payload)["version"] == 4
@@ -264,6 +267,34 @@ def test_events_before_first_connect_wait_in_outbox(persistent_mosquitto: Mosqui
         rec.wait_for(lambda ms: len(ms) == 5, 10, "5 events")
         assert [e["seq"] for e in rec.payloads()] == seqs
         assert link.counters().events_acked == 5
+    finally:
+        link.stop()
+        rec.close()
+
+
+def test_telemetry_carries_link_counters_and_refreshes_status(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    from agent.messages import Telemetry
+
+    sample = Telemetry(device_id="dev-t", cpu_percent=5, ram_used_bytes=1, ram_total_bytes=2, disk_used_bytes=1,
+                       disk_total_bytes=2, tokens_per_s=33.0)
+    link = make_link(mosquitto, tmp_path, device="dev-t", status_refresh_s=0)
+    assert link.publish_telemetry(sample) is False  # not started: skipped, not stored
+    assert link.counters().telemetry_skipped == 1
+    rec = Recorder(mosquitto.port, [device_topic(FLEET, "dev-t", "telemetry"), device_topic(FLEET, "dev-t", "status")])
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        rec.wait_for(lambda ms: any(m.topic.endswith("/status") for m in ms), 10, "first status")
+        publish_and_wait(mosquitto.port, releases_topic(FLEET), b"garbage")
+        wait_until(lambda: link.counters().dropped_total == 1, 10, "garbage dropped")
+        assert link.publish_telemetry(sample)
+        rec.wait_for(lambda ms: any(m.topic.endswith("/telemetry") for m in ms), 10, "telemetry")
+        telemetry = rec.payloads("/telemetry")[-1]
+        assert telemetry["incoming_dropped_total"] == 1 and telemetry["tokens_per_s"] == 33.0
+        assert telemetry["outbox_pending"] == 0 and telemetry["events_dropped_total"] == 0
+        rec.wait_for(lambda ms: any(json.loads(m.payload).get("tokens_per_s") == 33.0
+                                    for m in ms if m.topic.endswith("/status")), 10, "status with tokens/s")
+        assert link.counters().telemetry_published == 1
     finally:
         link.stop()
         rec.close()
