@@ -3,7 +3,7 @@
 Layout:
 
 ```
-outbox/state.json              OutboxState: next sequence number, events dropped ever
+outbox/state.json              OutboxState: next sequence number, events dropped ever (and up to which seq)
 outbox/events/<seq:016d>.json  one DeviceEvent per file, oldest = smallest seq
 ```
 
@@ -11,9 +11,16 @@ Crash safety (what survives `kill -9` or power loss at any instant):
 - An event file appears through one rename(2) after its bytes were fsynced,
   so a reader finds a complete event or no file; leftover `.tmp-*` files of
   an interrupted write are deleted at open.
-- `append` writes the event file before it advances `next_seq` in
-  `state.json`; `open` takes `max(next_seq, highest file seq + 1)`, so a
-  crash between the two writes never reuses a sequence number.
+- A sequence number is never reused: every seq ever issued is either still
+  a file or below the `next_seq` saved in `state.json`, because `remove`
+  saves `next_seq` before it unlinks a file at or above the saved value, and
+  `open` takes `max(saved next_seq, highest file seq + 1)`. So `append`
+  (the caller's path) costs one file write with two fsyncs; `state.json` is
+  rewritten by `remove` on the network thread, at most once per batch of
+  acknowledgements.
+- The bound saves `dropped_total` and `dropped_up_to` before it unlinks, and
+  `open` deletes files at or below `dropped_up_to` uncounted: an interrupted
+  trim is finished, never counted twice.
 - An event leaves the outbox only after the broker acknowledged it (the link
   calls `remove` on PUBACK). A crash after the PUBACK but before the unlink
   reached the disk delivers that event again: delivery is at-least-once and
@@ -56,6 +63,9 @@ class OutboxState(BaseModel):
     schema_version: Literal[1] = 1
     next_seq: int = Field(default=1, ge=1)
     dropped_total: int = Field(default=0, ge=0)
+    # Highest seq the bound ever dropped: files at or below it left by a trim
+    # that a crash interrupted are deleted at open without being counted twice.
+    dropped_up_to: int = Field(default=0, ge=0)
 
 
 class Outbox:
@@ -71,7 +81,10 @@ class Outbox:
         self._lock = threading.Lock()
         self.events_dir.mkdir(parents=True, exist_ok=True)
         self._state = self._load_state()
+        self._saved_next_seq = self._state.next_seq
         self._pending: list[int] = self._scan()
+        while self._pending and self._pending[0] <= self._state.dropped_up_to:
+            self._unlink(self._pending.pop(0))
         if self._pending and self._pending[-1] >= self._state.next_seq:
             self._state = self._state.model_copy(update={"next_seq": self._pending[-1] + 1})
         self._trim_locked()
@@ -124,26 +137,28 @@ class Outbox:
                 self._pending.append(seq)
                 self._state = self._state.model_copy(update={"next_seq": seq + 1})
                 self._trim_locked()
-                self._save_state_locked()
             except OSError as e:
                 raise StoreError(f"cannot write event {seq} to outbox {self.events_dir}: {e}; "
                                  "check free disk space and permissions of the state dir") from e
             return event
 
     def _trim_locked(self) -> None:
-        dropped = 0
-        while len(self._pending) > self.max_events:
-            seq = self._pending.pop(0)
+        excess = len(self._pending) - self.max_events
+        if excess <= 0:
+            return
+        dropped, self._pending = self._pending[:excess], self._pending[excess:]
+        # Saved first: the count (and next_seq) must be on disk before the files go.
+        self._state = self._state.model_copy(update={"dropped_total": self._state.dropped_total + excess,
+                                                     "dropped_up_to": dropped[-1]})
+        self._save_state_locked()
+        for seq in dropped:
             self._unlink(seq)
-            dropped += 1
-        if dropped:
-            self._state = self._state.model_copy(update={"dropped_total": self._state.dropped_total + dropped})
-            self._save_state_locked()
-            log.warning("event=outbox_full dropped=%d dropped_total=%d max_events=%d",
-                        dropped, self._state.dropped_total, self.max_events)
+        log.warning("event=outbox_full dropped=%d dropped_total=%d max_events=%d",
+                    excess, self._state.dropped_total, self.max_events)
 
     def _save_state_locked(self) -> None:
         atomic_write_bytes(self.state_path, self._state.model_dump_json().encode())
+        self._saved_next_seq = self._state.next_seq
 
     def _unlink(self, seq: int) -> None:
         # No fsync of the directory: if the unlink is lost to a crash the event
@@ -160,6 +175,8 @@ class Outbox:
                 self._pending.remove(seq)
             except ValueError:
                 return
+            if seq >= self._saved_next_seq:
+                self._save_state_locked()  # see the module docstring: no seq is ever reused
             self._unlink(seq)
 
     # -- read ------------------------------------------------------------------

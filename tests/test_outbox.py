@@ -56,15 +56,29 @@ def test_event_must_carry_the_assigned_seq(tmp_path: Path) -> None:
     assert box.pending() == []
 
 
-def test_state_file_lost_seq_continues_from_files_and_tmp_leftovers_removed(tmp_path: Path) -> None:
+def test_seq_continues_from_files_when_state_is_behind_or_lost_and_tmp_leftovers_removed(tmp_path: Path) -> None:
     box = Outbox(tmp_path)
     for _ in range(4):
         box.append(_event)
-    (tmp_path / "state.json").unlink()
-    (tmp_path / "events" / ".tmp-0000000000000005.json.123").write_bytes(b'{"half')
-    reopened = Outbox(tmp_path)
-    assert reopened.next_seq == 5
+    box.remove(1)  # saves next_seq=5 before the unlink
+    assert json.loads((tmp_path / "state.json").read_text())["next_seq"] == 5
+    box.append(_event)
+    box.append(_event)  # files 2..6, state.json still says 5: appends do not rewrite it
+    (tmp_path / "events" / ".tmp-0000000000000007.json.123").write_bytes(b'{"half')
+    assert Outbox(tmp_path).next_seq == 7
     assert not list((tmp_path / "events").glob(".tmp-*"))
+    (tmp_path / "state.json").unlink()
+    assert Outbox(tmp_path).next_seq == 7
+
+
+def test_removing_everything_never_lets_a_seq_be_reused(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    for _ in range(3):
+        box.append(_event)
+    for seq in (3, 1, 2):  # PUBACKs in any order
+        box.remove(seq)
+    assert not list((tmp_path / "events").iterdir())
+    assert Outbox(tmp_path).append(_event).seq == 4
 
 
 def test_corrupt_event_file_set_aside_and_counted(tmp_path: Path) -> None:
@@ -86,35 +100,51 @@ from agent.messages import DeviceEvent
 from agent.outbox import Outbox
 box = Outbox(Path(sys.argv[1]), max_events=50)
 print("ready", flush=True)
+i = 0
 while True:
     box.append(lambda seq: DeviceEvent(device_id="d", seq=seq, kind="info", reason="x" * 300))
-    pending = box.pending(limit=3)
-    if len(pending) > 40:
-        box.remove(pending[0].seq)
+    i += 1
+    if i % 3 == 0:  # a PUBACK now and then; the bound trims the rest
+        box.remove(box.pending(limit=1)[0].seq)
 """
 
 
-@pytest.mark.parametrize("run_s", [0.05, 0.2, 0.4])
-def test_kill_9_during_appends_never_corrupts(tmp_path: Path, run_s: float) -> None:
-    """A real process appending, trimming and removing in a loop, SIGKILLed at
-    an arbitrary instant: the reopened outbox parses, is in order, and never
-    reuses a sequence number."""
+def _dropped_total(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text())["dropped_total"])
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.parametrize(("is_trimming", "extra_s"), [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_kill_9_during_appends_never_corrupts(tmp_path: Path, is_trimming: bool, extra_s: float) -> None:
+    """A real process appending, removing and trimming in a loop, SIGKILLed at
+    an arbitrary instant: the reopened outbox parses, is in order, never
+    reuses a sequence number and counts every dropped event exactly once."""
     proc = subprocess.Popen([sys.executable, "-c", _APPENDER, str(tmp_path)], stdout=subprocess.PIPE,
                             env=subprocess_env(), text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        wait_until(lambda: len(list((tmp_path / "events").iterdir())) >= 5, 20, "some appends")
-        time.sleep(run_s)  # the point is an arbitrary instant, not a condition
+        wait_until(lambda: (tmp_path / "state.json").exists(), 20, "the first remove")
+        if is_trimming:
+            wait_until(lambda: _dropped_total(tmp_path / "state.json") > 0, 60, "the bound trimming")
+        time.sleep(extra_s)  # the point is an arbitrary instant, not a condition
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    on_disk = sorted(p.name for p in (tmp_path / "events").iterdir() if not p.name.startswith(".tmp-"))
+    before = {int(p.name[:-5]) for p in (tmp_path / "events").iterdir() if not p.name.startswith(".tmp-")}
+    state_before = json.loads((tmp_path / "state.json").read_text())
     box = Outbox(tmp_path, max_events=50)
     events = box.pending()
-    assert len(events) == len(on_disk) and box.dropped_total >= 0
     seqs = [e.seq for e in events]
+    after = sorted(int(p.name[:-5]) for p in (tmp_path / "events").iterdir())
+    assert seqs == after and set(seqs) <= before and len(seqs) <= 50
+    # Opening completes an interrupted trim without counting it twice, and
+    # applies the bound to an append that the kill cut off before its trim.
+    live = {s for s in before if s > state_before["dropped_up_to"]}
+    assert box.dropped_total == state_before["dropped_total"] + max(0, len(live) - 50)
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert all(json.loads((tmp_path / "events" / f"{s:016d}.json").read_text())["seq"] == s for s in seqs)
     assert box.next_seq > seqs[-1]
