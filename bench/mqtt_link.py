@@ -3,6 +3,9 @@ MqttLink.publish_event, which fsyncs the event into the outbox first and
 removes it on PUBACK (candidate). Both against the same local Mosquitto, the
 latency from the publish call until a subscriber has the message.
 
+Then the footprint of an idle, connected link process (tests/link_process.py)
+against a bare Python interpreter: RSS and CPU seconds over an idle window.
+
     python bench/mqtt_link.py [-n 200]
 """
 
@@ -96,6 +99,7 @@ def main() -> int:
         finally:
             broker.kill()
         fs_type = subprocess.run(["stat", "-f", "-c", "%T", tmp], capture_output=True, text=True).stdout.strip()
+        footprint = idle_footprint(Path(tmp))
     version = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     b, c = stats(baseline), stats(candidate)
     print(f"n={args.n}  python {platform.python_version()}  paho-mqtt {paho.mqtt.__version__}  {version}")
@@ -103,7 +107,52 @@ def main() -> int:
     print("metric (ms, publish -> subscriber has it) | paho QoS1 direct | link+outbox (fsync) | candidate/baseline")
     print(f"median                                    | {b[0]:16.3f} | {c[0]:19.3f} | {c[0] / b[0]:.2f}")
     print(f"p90                                       | {b[1]:16.3f} | {c[1]:19.3f} | {c[1] / b[1]:.2f}")
+    print()
+    print(f"idle footprint over {IDLE_S:.0f} s | bare python | connected link process | link/bare")
+    (b_rss, b_cpu), (l_rss, l_cpu) = footprint
+    print(f"RSS MiB                  | {b_rss:11.1f} | {l_rss:22.1f} | {l_rss / b_rss:.2f}")
+    print(f"CPU s                    | {b_cpu:11.3f} | {l_cpu:22.3f} | -")
     return 0
+
+
+IDLE_S = 10.0
+
+
+def _footprint(cmd: list[str], ready: str) -> tuple[float, float]:
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if ready not in line:
+            raise SystemExit(f"{cmd[:3]} did not start: {line!r}")
+        p = psutil.Process(proc.pid)
+        time.sleep(1.0)  # settle after the connect
+        cpu0 = sum(p.cpu_times()[:2])
+        time.sleep(IDLE_S)
+        cpu = sum(p.cpu_times()[:2]) - cpu0
+        return p.memory_info().rss / 2**20, cpu
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def idle_footprint(tmp: Path) -> tuple[tuple[float, float], tuple[float, float]]:
+    broker = Mosquitto(tmp / "broker2")
+    broker.start()
+    try:
+        env_root = str(Path(__file__).resolve().parent.parent)
+        bare = _footprint([sys.executable, "-c", "import sys, time; print('ready', flush=True); time.sleep(3600)"],
+                          "ready")
+        link = _footprint([sys.executable, "-c", f"import sys; sys.path.insert(0, {env_root!r}); "
+                           "sys.argv[0] = 'link_process'; import runpy; "
+                           f"runpy.run_path({env_root + '/tests/link_process.py'!r}, run_name='__main__')",
+                           "--broker", broker.url, "--device", "bench-idle", "--state-dir", str(tmp / "idle")],
+                          "ready")
+        return bare, link
+    finally:
+        broker.kill()
 
 
 if __name__ == "__main__":
