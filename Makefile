@@ -21,14 +21,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Real parts for the tests: a Mosquitto broker, systemd-analyze for the unit file, nginx for deploy/nginx.conf.
+# Real parts for the tests: Mosquitto (+ mosquitto_passwd), openssl for the test
+# certificates of the deploy/ ACL test, systemd-analyze for the unit file, nginx
+# for deploy/nginx.conf. One apt-get run installs whatever is missing.
+SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_passwd:mosquitto-clients openssl:openssl \
+	systemd-analyze:systemd nginx:nginx-light
+
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients)
-	@command -v systemd-analyze >/dev/null 2>&1 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light)
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		tool=$${pair%%:*}; pkg=$${pair##*:}; \
+		PATH="$$PATH:/usr/sbin:/sbin" command -v $$tool >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 test: venv system-deps
 	$(PY) -m pytest -q tests

@@ -17,6 +17,8 @@
   x JournalError             state.json cannot be read or written
   x ActivationError          a new model failed to load or failed its canary
   x RuntimeModelError        generation failed inside onnxruntime-genai
+  x PayloadError             an MQTT payload was oversized, not JSON, of unknown schema or invalid
+  x BrokerError              the MQTT broker cannot be reached or refused us
   x InvalidTransition        the update state machine got an event its state does not handle
 ```
 
@@ -118,3 +120,23 @@ class InvalidTransition(EdgefleetError):
 
 class DowngradeRefusedError(VerificationError):
     """A channel points below the active version without a signed `allow_downgrade`."""
+
+
+class PayloadError(EdgefleetError):
+    """An MQTT payload that is oversized, not JSON, of an unknown schema or invalid.
+
+    `reason` is one of those four words, so counters can key on it.
+    """
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"payload dropped ({reason}): {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class BrokerError(EdgefleetError):
+    """The MQTT broker cannot be reached, refused the credentials or timed out."""
+
+    exit_code = ExitCode.FAILED
