@@ -9,6 +9,7 @@ from agent.clikit import run_cli
 
 # Each module defines register(subparsers); one subcommand (or group) per module.
 COMMAND_MODULES: list[str] = [
+    "builder.cmd_build",
 ]
 
 
