@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from agent.clikit import HelpFormatter, print_json
-from agent.errors import ExitCode
+from pydantic import ValidationError
+
+from agent.errors import ExitCode, UsageError
 from builder.build import DEFAULT_MAX_PPL_RATIO, STAGES, BuildRequest, build_artifact, default_cache_dir
 from builder.options import ACCURACY_LEVELS, ALGOS, BLOCK_SIZES, parse_extra_options
 from builder.progress import NullProgress, StderrProgress
@@ -77,14 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = BuildRequest(
-        source=args.source, out_dir=args.out, name=args.name, version=args.version, label=args.label,
-        precision=args.precision, execution_provider=args.execution_provider, profile=args.profile,
-        block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
-        extra_options=parse_extra_options(args.extra_option),
-        cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
-        context_length=args.context_length,
-    )
+    try:
+        request = _request(args)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from e
     progress = NullProgress() if args.json else StderrProgress(STAGES)
     result = build_artifact(request, progress)
     if args.json:
@@ -97,3 +96,15 @@ def run(args: argparse.Namespace) -> int:
               f"{result.decode_tokens_per_s:.0f} tok/s decode, min RAM {result.min_ram_bytes / 2**20:.0f} MiB",
               file=sys.stderr)
     return int(ExitCode.OK)
+
+
+def _request(args: argparse.Namespace) -> BuildRequest:
+    return BuildRequest(
+        source=args.source, out_dir=args.out, name=args.name, version=args.version, label=args.label,
+        precision=args.precision, execution_provider=args.execution_provider, profile=args.profile,
+        block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
+        extra_options=parse_extra_options(args.extra_option),
+        cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
+        context_length=args.context_length,
+    )
+
