@@ -27,7 +27,7 @@ from agent.manifest import (
     Requirements, SourceInfo,
 )
 from builder import evaluate, footprint, modelinfo, package, sources
-from builder.options import BuildOptions, parse_extra_options, resolve_build_options
+from builder.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, parse_extra_options, resolve_build_options
 from builder.ortbuild import run_ort_builder, set_context_length
 from builder.progress import NullProgress, Progress
 
@@ -287,8 +287,12 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
         with timed(f"build {opts.precision} onnx"):
             run_ort_builder(hf_dir, artifact, precision=opts.precision, execution_provider=opts.execution_provider,
                             cache_dir=cache_dir / "ort", extra_options=opts.ort_extra_options, log_path=log_path)
-            if request.context_length is not None:
-                set_context_length(artifact, request.context_length)
+            context_length = request.context_length
+            if context_length is None and opts.profile == "mobile":
+                native = modelinfo.model_info(hf_dir, artifact).context_length
+                context_length = min(native, MOBILE_MAX_CONTEXT_LENGTH)
+            if context_length is not None:
+                set_context_length(artifact, context_length)
             info = modelinfo.model_info(hf_dir, artifact)
         window = min(evaluate.PPL_WINDOW_TOKENS, info.context_length)
         with timed("evaluate fp32 reference"):

@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="execution provider the artifact targets")
     p.add_argument("--profile", choices=["cpu", "mobile"], default=None,
                    help="cpu: the -e default recipe; mobile: INT4, int8 compute (accuracy level 4), "
-                        "block size 32, for phones and small ARM boards (default: the execution provider's)")
+                        "block size 32, context capped at 2048 tokens, for phones and small ARM boards "
+                        "(default: the execution provider's)")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help="INT4/INT8 quantization block size (default: 32)")
     p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=None,
@@ -68,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="any other ORT model builder extra option, repeatable (e.g. shared_embeddings=true)")
     p.add_argument("--context-length", type=int, default=None,
                    help="declare a shorter context than the model's own (tokens); the footprint is measured at it "
-                        "(default: the model's)")
+                        "(default: the model's; 2048 at most with --profile mobile)")
     p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
                    help="quality gate: fail when perplexity / fp32 reference perplexity exceeds this")
     p.add_argument("-c", "--cache-dir", type=Path, default=None,

@@ -30,9 +30,13 @@ WEIGHT_ONLY_PRECISIONS: frozenset[str] = frozenset({"int4", "int8"})
 # MatMulNBits fast on CPUs with int8 dot-product instructions.
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_ACCURACY_LEVEL = 4
-# The mobile recipe (README "Builder" explains each choice).
+# The mobile recipe (README "Builder" explains each choice): block 32 decoded
+# fastest and kept quality best in bench/build.py, and is the block width of
+# the int8-compute (accuracy_level 4) kernels on ARM64; the context is capped
+# because the KV cache is what grows RAM on small boards.
 MOBILE_BLOCK_SIZE = 32
 MOBILE_ACCURACY_LEVEL = 4
+MOBILE_MAX_CONTEXT_LENGTH = 2048
 
 # Keys the dedicated flags own: passing them through --extra-option too would
 # leave two answers to one question.

@@ -100,3 +100,20 @@ def test_out_holding_a_different_build_is_refused_and_kept(smollm2_artifact: Pat
     assert len(lines) == 1 and "already holds a different build (smollm2-135m v1" in lines[0], proc.stderr
     assert (smollm2_artifact / "manifest.json").read_bytes() == manifest_before
     assert not list(smollm2_artifact.parent.glob(f".{smollm2_artifact.name}.partial-*"))
+
+
+def test_mobile_profile_build_caps_context_and_needs_less_ram(smollm2_artifact: Path, builder_cache_dir: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "mobile"
+    proc = _cli("build", "smollm2-135m", "-o", str(out), "-c", str(builder_cache_dir), "--profile", "mobile",
+                "--name", "smollm2-mobile")
+    assert proc.returncode == 0, proc.stderr
+    # Without --json: stage-by-stage progress, then a one-line summary, all on stderr.
+    assert "[1/10] check options and output: done" in proc.stderr and "built smollm2-mobile v1" in proc.stderr
+    assert proc.stdout == ""
+    mobile, cpu = _manifest(out), _manifest(smollm2_artifact)
+    assert (mobile.build.profile, mobile.build.builder_options) == ("mobile", {"block_size": "32",
+                                                                              "accuracy_level": "4"})
+    assert mobile.model_info.context_length == 2048
+    assert json.loads((out / "genai_config.json").read_text())["search"]["max_length"] == 2048
+    assert mobile.requirements.min_ram_bytes < cpu.requirements.min_ram_bytes
