@@ -285,8 +285,15 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
         artifact = work / "artifact"
         log_path = work / "ortbuild.log"
         with timed(f"build {opts.precision} onnx"):
-            run_ort_builder(hf_dir, artifact, precision=opts.precision, execution_provider=opts.execution_provider,
-                            cache_dir=cache_dir / "ort", extra_options=opts.ort_extra_options, log_path=log_path)
+            try:
+                run_ort_builder(hf_dir, artifact, precision=opts.precision,
+                                execution_provider=opts.execution_provider, cache_dir=cache_dir / "ort",
+                                extra_options=opts.ort_extra_options, log_path=log_path)
+            except BuildError as e:
+                # The temp dir goes away; the full log must not.
+                kept = _keep_log(log_path, cache_dir)
+                first, _, tail = str(e).partition("\n")
+                raise BuildError(f"{first.rstrip(':')} (full log: {kept}):\n{tail}") from e
             context_length = request.context_length
             if context_length is None and opts.profile == "mobile":
                 native = modelinfo.model_info(hf_dir, artifact).context_length
@@ -348,20 +355,18 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
             _fsync_dir(out_dir.parent)
         log.info("event=build_done name=%s version=%s out=%s ratio=%.3f", name, request.version, out_dir, ratio)
         return _result(out_dir, manifest, False, round(time.monotonic() - t_start, 2), stages)
-    except BuildError as e:
-        _keep_log(work / "ortbuild.log", cache_dir)
-        raise e
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _keep_log(log_path: Path, cache_dir: Path) -> None:
+def _keep_log(log_path: Path, cache_dir: Path) -> Path:
     """Copy the ORT builder log out of the temp dir before it is removed."""
+    dest = cache_dir / "logs" / f"ortbuild-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%f}.log"
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if log_path.is_file():
-        dest = cache_dir / "logs" / f"ortbuild-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log"
-        dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(log_path, dest)
-        log.error("event=build_failed ort_log=%s", dest)
+    log.info("event=ort_builder_failed log=%s", dest)
+    return dest
 
 
 def _fsync_dir(path: Path) -> None:

@@ -56,10 +56,9 @@ def run_ort_builder(
         with log.open("w") as out:
             proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
         if proc.returncode != 0:
-            where = f" (full log: {log_path})" if log_path is not None else ""
             raise BuildError(
                 f"onnxruntime-genai model builder failed (exit {proc.returncode}) on {hf_dir} "
-                f"for {precision}/{execution_provider}{where}:\n{_tail(log.read_text(errors='replace'))}"
+                f"for {precision}/{execution_provider}:\n{_tail(log.read_text(errors='replace'))}"
             )
     finally:
         if log_path is None:

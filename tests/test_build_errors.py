@@ -136,3 +136,18 @@ def test_bad_numbers_are_usage_errors(tmp_path: Path, flag: str) -> None:
     proc = _build("smollm2-135m", tmp_path / "out", flag, "0")
     assert proc.returncode == ExitCode.USAGE
     assert "greater than 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ort_builder_failure_shows_its_log_tail_and_keeps_the_log(tmp_path: Path, smollm2_hf_dir: Path) -> None:
+    from tiny_models import make_tiny_model
+
+    src = make_tiny_model("llama", tmp_path / "tiny", tokenizer_dir=smollm2_hf_dir)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = _build(str(src), out, "-c", str(cache), "--extra-option", "kv_cache_quant_scheme=bogus")
+    assert proc.returncode == ExitCode.FAILED
+    first, *tail = proc.stderr.strip().splitlines()
+    assert first.startswith("edge-builder: error: onnxruntime-genai model builder failed (exit 1)")
+    assert any("bogus" in line for line in tail), proc.stderr  # the builder's own complaint, from its log
+    assert "Traceback" not in first and len(tail) <= 8
+    assert len(list((cache / "logs").glob("ortbuild-*.log"))) == 1  # the full log outlives the temp dir
+    _assert_nothing_written(out)
