@@ -17,6 +17,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -240,19 +242,16 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
     out_dir = request.out_dir.expanduser().absolute()
     cache_dir = request.cache_dir.expanduser().absolute()
 
-    def timed(name: str):
-        class _T:
-            def __enter__(self_inner):
-                self_inner.cm = progress.stage(name)
-                self_inner.cm.__enter__()
-                self_inner.t0 = time.monotonic()
-
-            def __exit__(self_inner, *exc):
-                stages[name] = round(time.monotonic() - self_inner.t0, 2)
-                log.info("event=build_stage stage=%s duration_s=%.2f ok=%s", name.replace(" ", "_"),
-                         stages[name], exc[0] is None)
-                return self_inner.cm.__exit__(*exc)
-        return _T()
+    @contextmanager
+    def timed(name: str) -> Iterator[None]:
+        t0, ok = time.monotonic(), False
+        with progress.stage(name):
+            try:
+                yield
+                ok = True
+            finally:
+                stages[name] = round(time.monotonic() - t0, 2)
+                log.info("event=build_stage stage=%s duration_s=%.2f ok=%s", name.replace(" ", "_"), stages[name], ok)
 
     with timed("check options and output"):
         opts = resolve_build_options(
