@@ -23,13 +23,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.errors import BuildError, QualityGateError, SourceError, UsageError
+from agent.errors import BuildError, QualityGateError, UsageError
 from agent.manifest import (
     BuildInfo, Canary, Evaluation, ExecutionProvider, Manifest, MANIFEST_FILENAME, ModelName, Precision,
     Requirements, SourceInfo,
 )
 from builder import evaluate, footprint, modelinfo, package, sources
-from builder.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, parse_extra_options, resolve_build_options
+from builder.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, resolve_build_options
 from builder.ortbuild import run_ort_builder, set_context_length
 from builder.progress import NullProgress, Progress
 
@@ -280,7 +280,7 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
                 return _result(out_dir, manifest, True, round(time.monotonic() - t_start, 2), stages)
         with timed("convert source"):
             hf_dir = _hf_dir_for(resolved, source_sha256, cache_dir)
-            architecture = sources.check_architecture(hf_dir)
+            sources.check_architecture(hf_dir)  # before minutes in the ORT builder
         artifact = work / "artifact"
         log_path = work / "ortbuild.log"
         with timed(f"build {opts.precision} onnx"):
@@ -375,6 +375,3 @@ def _fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-__all__ = ["BuildRequest", "BuildResult", "build_artifact", "DEFAULT_MAX_PPL_RATIO", "parse_extra_options",
-           "SourceError"]
