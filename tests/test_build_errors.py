@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,21 +88,23 @@ def test_truncated_gguf(tmp_path: Path) -> None:
 
 
 def test_unwritable_output_dir(tmp_path: Path) -> None:
-    parent = tmp_path / "readonly"
-    parent.mkdir()
-    parent.chmod(0o555)
     prefix: list[str] = []
     if os.geteuid() == 0:
         # root ignores directory permissions: run the CLI as nobody so the kernel enforces them.
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv (util-linux): cannot drop to an unprivileged user")
         prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        for p in (tmp_path, tmp_path.parent, tmp_path.parent.parent):
-            p.chmod(0o755)  # let nobody reach the read-only folder
-    out = parent / "out"
-    proc = _build("smollm2-135m", out, "-c", str(tmp_path / "cache"), cwd="/", prefix=prefix)
-    _assert_one_line_error(proc, ExitCode.USAGE, f"cannot write the output next to {out}", "Permission denied")
-    assert list(parent.iterdir()) == []
+    # Directly under the system temp dir (world-traversable), not pytest's private 0700 tree.
+    parent = Path(tempfile.mkdtemp(prefix="edgefleet-readonly-"))
+    try:
+        parent.chmod(0o555)
+        out = parent / "out"
+        proc = _build("smollm2-135m", out, "-c", str(tmp_path / "cache"), cwd="/", prefix=prefix)
+        _assert_one_line_error(proc, ExitCode.USAGE, f"cannot write the output next to {out}", "Permission denied")
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+        shutil.rmtree(parent)
 
 
 def test_non_empty_out_without_manifest_is_refused_and_kept(tmp_path: Path) -> None:
