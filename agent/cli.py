@@ -9,6 +9,8 @@ from agent.clikit import run_cli
 
 # Each module defines register(subparsers); one subcommand (or group) per module.
 COMMAND_MODULES: list[str] = [
+    "agent.serve_cli",
+    "agent.prompt_cli",
 ]
 
 
