@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 from agent.errors import ActivationError
 from agent.host import ModelHost, ModelNotReadyError, QueueFullError
 from agent.runtime import MAX_STOP_SEQUENCES, ChatMessage, SamplingOptions
-from agent.worker import DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent
+from agent.worker import DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent, WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +308,9 @@ class _Api:
                            "(see GET /v1/models)", "invalid_request_error", code="model_not_found", param="model")
         return parsed
 
-    async def _first_event(self, events: AsyncIterator[tuple[Any, RequestEvent]]) -> StartedEvent:
+    async def _first_event(self, events: AsyncIterator[tuple[Any, RequestEvent]]) -> tuple[WorkerClient, StartedEvent]:
         try:
-            _, event = await events.__anext__()
+            worker, event = await events.__anext__()
         except QueueFullError as e:
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(e.retry_after_s)}) from e
@@ -319,7 +319,7 @@ class _Api:
         if isinstance(event, ErrorEvent):
             raise _event_error(event)
         assert isinstance(event, StartedEvent)
-        return event
+        return worker, event
 
     async def _guarded(self, request: Request, endpoint: str,
                        handler: Callable[[Request], Any]) -> Response:
@@ -359,12 +359,12 @@ class _Api:
             raise _invalid(str(e.errors()[0]["msg"])) from e
         events = self.host.generate(prompt=prompt, messages=messages, options=options)
         try:
-            started = await self._first_event(events)
+            worker, started = await self._first_event(events)
         except BaseException:
             await events.aclose()
             raise
-        identity = self.host.identity
-        model_name = identity.name if identity else "unknown"
+        # The worker's model, not the host's current one: a switch may happen mid-request.
+        model_name = worker.identity.name
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:

@@ -271,6 +271,11 @@ class WorkerClient:
                 or loading took longer than `load_timeout_s`.
         """
         cmd = [sys.executable, "-m", "agent.worker", str(model_dir)]
+        if env is None:
+            # The worker must run the same code as this process, wherever `agent` was imported from.
+            env = dict(os.environ)
+            root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         if threads:
             cmd += ["--threads", str(threads)]
         proc = await asyncio.create_subprocess_exec(
