@@ -418,13 +418,21 @@ class _Api:
                                  choices=[_CompletionChoice(text=text or "", finish_reason=finish_reason)])
             return b"data: " + obj.model_dump_json(exclude_none=is_chat).encode() + b"\n\n"
 
+        # The per-token chunk is the hot path: the model's JSON cut once around the text.
+        marker = "\u0000marker\u0000"
+        head, _, tail = chunk(marker, None).decode().partition(json.dumps(marker)[1:-1])
+        head_bytes, tail_bytes = head.encode(), tail.encode()
+
+        def token_chunk(text: str) -> bytes:
+            return head_bytes + json.dumps(text)[1:-1].encode() + tail_bytes
+
         async with aclosing(events):  # type: ignore[type-var]
             if is_chat:
                 yield chunk(None, None, first=True)
             async for _, event in events:
                 if isinstance(event, TokenEvent):
                     if event.text:
-                        yield chunk(event.text, None)
+                        yield token_chunk(event.text)
                 elif isinstance(event, DoneEvent):
                     yield chunk(None, event.finish_reason)
                     if include_usage:

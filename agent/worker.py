@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import os
 import queue
@@ -249,6 +250,31 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 # ---- the client, in the API process ----
 
+class _EventBox:
+    """One request's unread events. Token events that pile up while the consumer is
+    busy merge into one, so a slow client or a busy API process costs one write
+    per wake-up instead of one per token, and no token waits for a timer."""
+
+    def __init__(self) -> None:
+        self._events: collections.deque[RequestEvent] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, event: RequestEvent) -> None:
+        tail = self._events[-1] if self._events else None
+        if isinstance(event, TokenEvent) and isinstance(tail, TokenEvent):
+            self._events[-1] = TokenEvent(id=tail.id, token_ids=tail.token_ids + event.token_ids,
+                                          text=tail.text + event.text)
+        else:
+            self._events.append(event)
+        self._ready.set()
+
+    async def get(self) -> RequestEvent:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+
 class WorkerClient:
     """One model-worker subprocess seen from asyncio: send commands, route events by request id."""
 
@@ -257,7 +283,7 @@ class WorkerClient:
         self.identity = ready.identity
         self.threads = ready.threads
         self.load_s = ready.load_s
-        self._queues: dict[str, asyncio.Queue[RequestEvent]] = {}
+        self._queues: dict[str, _EventBox] = {}
         self.is_alive = True
         self._reader = asyncio.get_running_loop().create_task(self._read_events())
 
@@ -315,15 +341,15 @@ class WorkerClient:
             except ValidationError as e:
                 log.error("event=bad_worker_event error=%s", str(e).splitlines()[0])
                 continue
-            q = self._queues.get(getattr(event, "id", ""))
-            if q is not None:
-                q.put_nowait(event)  # type: ignore[arg-type]
+            box = self._queues.get(getattr(event, "id", ""))
+            if box is not None:
+                box.put(event)  # type: ignore[arg-type]
         self.is_alive = False
         code = await self.proc.wait()
         if self._queues:
             log.error("event=worker_died pid=%d code=%s open_requests=%d", self.proc.pid, code, len(self._queues))
-        for request_id, q in self._queues.items():
-            q.put_nowait(ErrorEvent(id=request_id, kind="worker_died",
+        for request_id, box in self._queues.items():
+            box.put(ErrorEvent(id=request_id, kind="worker_died",
                                     message=f"the model worker exited with code {code}: retry the request"))
 
     def _send(self, command: BaseModel) -> None:
@@ -337,15 +363,15 @@ class WorkerClient:
         Closing the iterator early (a client went away, a task was cancelled)
         cancels the generation in the worker.
         """
-        q: asyncio.Queue[RequestEvent] = asyncio.Queue()
-        self._queues[command.id] = q
+        box = _EventBox()
+        self._queues[command.id] = box
         is_finished = False
         try:
             if not self.is_alive:
                 raise WorkerDiedError("the model worker is not running: retry the request")
             self._send(command)
             while True:
-                event = await q.get()
+                event = await box.get()
                 yield event
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     is_finished = True
