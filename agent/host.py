@@ -21,7 +21,8 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Literal
 
-from agent.errors import ActivationError, EdgefleetError
+from agent.errors import ActivationError, EdgefleetError, RuntimeModelError
+from agent.manifest import Canary
 from agent.metrics import ServingMetrics
 from agent.runtime import ChatMessage, ModelIdentity, SamplingOptions
 from agent.worker import DoneEvent, ErrorEvent, GenerateCommand, RequestEvent, StartedEvent, TokenEvent, WorkerClient
@@ -72,14 +73,18 @@ class ModelHost:
         identity = self.identity
         return requested in (None, "", "default") or (identity is not None and requested == identity.name)
 
-    async def switch(self, model_dir: Path) -> ModelIdentity:
+    async def switch(self, model_dir: Path, *, canary: Canary | None = None) -> ModelIdentity:
         """Load `model_dir` in a new worker and make it serve every request not yet started.
+
+        With `canary`, the new worker must first reproduce the manifest's
+        greedy token ids for the canary prompt (raw text, no chat template),
+        before any request reaches it.
 
         Returns once the new model serves and the old worker is stopped
         (in-flight requests on it finish first, up to `drain_timeout_s`).
 
         Raises:
-            ActivationError: the new model failed to load; the old one keeps serving.
+            ActivationError: the new model failed to load or its canary; the old one keeps serving.
         """
         async with self._switch_lock:
             if self._current is None:
@@ -94,6 +99,8 @@ class ModelHost:
                     self.state = "failed"
                 log.error("event=model_switch_failed model_dir=%s error=%s", model_dir, e)
                 raise
+            if canary is not None:
+                await self._check_canary(new, canary)
             old, self._current = self._current, new
             self.state = "ready"
             self.last_error = None
@@ -106,6 +113,31 @@ class ModelHost:
             if old is not None:
                 await self._drain_and_stop(old)
             return new.identity
+
+    async def _check_canary(self, worker: WorkerClient, canary: Canary) -> None:
+        try:
+            got = await worker.greedy_token_ids(canary.prompt, canary.max_new_tokens)
+        except RuntimeModelError as e:
+            got_error: str | None = str(e)
+            got = []
+        else:
+            got_error = None
+        if got_error is None and got == canary.expected_token_ids:
+            log.info("event=canary_passed model=%s tokens=%d", worker.identity.name, len(got))
+            return
+        await worker.stop()
+        mismatch = next((i for i, (a, b) in enumerate(zip(got, canary.expected_token_ids)) if a != b),
+                        min(len(got), len(canary.expected_token_ids)))
+        message = (f"model {worker.identity.name} v{worker.identity.version} failed its canary: "
+                   + (got_error or f"greedy token ids differ from the manifest's at position {mismatch} "
+                      f"(got {got[mismatch:mismatch + 4]}, expected "
+                      f"{canary.expected_token_ids[mismatch:mismatch + 4]})")
+                   + ": the previous model keeps serving; rebuild or roll back the release")
+        self.last_error = message
+        if self._current is None:
+            self.state = "failed"
+        log.error("event=canary_failed model=%s error=%s", worker.identity.name, message)
+        raise ActivationError(message)
 
     async def _drain_and_stop(self, old: WorkerClient) -> None:
         deadline = time.monotonic() + self.drain_timeout_s

@@ -383,6 +383,22 @@ class WorkerClient:
             if not is_finished:
                 self._send(CancelCommand(id=command.id))
 
+    async def greedy_token_ids(self, prompt_text: str, max_new_tokens: int) -> list[int]:
+        """`ModelRuntime.greedy_token_ids` run in this worker (the canary before a switch).
+
+        Raises:
+            RuntimeModelError: the generation failed or the worker died.
+        """
+        command = GenerateCommand(id=f"canary-{os.urandom(6).hex()}", prompt=prompt_text,
+                                  options=SamplingOptions(temperature=0.0, max_tokens=max_new_tokens))
+        ids: list[int] = []
+        async for event in self.generate(command):
+            if isinstance(event, TokenEvent):
+                ids.extend(event.token_ids)
+            elif isinstance(event, ErrorEvent):
+                raise RuntimeModelError(f"canary generation failed ({event.kind}): {event.message}")
+        return ids
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout_s`."""
         if self.proc.returncode is None:

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxruntime_genai as og  # noqa: E402
+import psutil  # noqa: E402
 import requests  # noqa: E402
 import starlette  # noqa: E402
 import uvicorn  # noqa: E402
@@ -152,10 +153,15 @@ def main() -> int:
         raw.run(16)
         loop.run_until_complete(_worker_run(worker, 16))
         api_run(url, 16)
+        api_process = psutil.Process(proc.pid)
+        api_cpu_s = 0.0
         for _ in range(args.n):
             results["raw"].append(raw.run(args.max_tokens))
             results["worker"].append(loop.run_until_complete(_worker_run(worker, args.max_tokens)))
+            before = api_process.cpu_times()
             results["api"].append(api_run(url, args.max_tokens))
+            after = api_process.cpu_times()
+            api_cpu_s += (after.user + after.system) - (before.user + before.system)
         loop.run_until_complete(worker.stop())
         del raw  # only the server's worker uses the CPUs from here on
 
@@ -191,6 +197,9 @@ def main() -> int:
     api_ttft = statistics.median(r[0] for r in results["api"]) * 1000
     worker_ttft = statistics.median(r[0] for r in results["worker"]) * 1000
     print(f"| added TTFT ms (median) | 0 | {worker_ttft - raw_ttft:+.2f} | {api_ttft - raw_ttft:+.2f} | | |")
+    api_tokens = sum(r[2] for r in results["api"])
+    print(f"| API process CPU per token (HTTP, SSE, routing; load-independent cost) | | | "
+          f"{api_cpu_s / api_tokens * 1e6:.0f} us | | |")
     print()
     raw_tps = statistics.median(r[1] for r in results["raw"])
     print("| concurrent API clients | aggregate tok/s | total tokens | aggregate / raw single-stream decode |")

@@ -176,3 +176,21 @@ def test_switch_under_load_fails_nothing_and_each_answer_is_one_models(
             assert text == expected[model][prompt], (model, prompt, text)
         assert client.models.list().data[0].id == smollm2_int4_b128.name
         assert metric_value(srv.url, "edgefleet_model_switches_total") == 1
+
+
+def test_switch_checks_the_canary_before_serving(small_server: ServerThread, smollm2_int4_raw: Path,
+                                                 smollm2_int4_b128: Path) -> None:
+    from agent.manifest import Canary
+
+    runtime = ModelRuntime(smollm2_int4_b128, intra_op_num_threads=2)
+    good = runtime.greedy_token_ids("The capital of France is", 8)
+    bad = Canary(prompt="The capital of France is", max_new_tokens=8, expected_token_ids=[good[0] + 1, *good[1:]])
+    with pytest.raises(ActivationError, match="failed its canary.*position 0"):
+        small_server.call(small_server.host.switch(smollm2_int4_b128, canary=bad))
+    assert requests.get(f"{small_server.url}/v1/models", timeout=5).json()["data"][0]["id"] == smollm2_int4_raw.name
+    assert _chat(small_server.url, 2).status_code == 200
+    identity = small_server.call(small_server.host.switch(
+        smollm2_int4_b128, canary=Canary(prompt="The capital of France is", max_new_tokens=8,
+                                         expected_token_ids=good)))
+    assert identity.name == smollm2_int4_b128.name
+    assert metric_value(small_server.url, "edgefleet_model_switches_total") == 1
