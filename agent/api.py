@@ -445,7 +445,9 @@ class _Api:
                     return
                 elif isinstance(event, ErrorEvent):
                     # Headers are sent already: the error goes in the stream, as OpenAI does.
-                    yield b"data: " + _event_error(event).body.model_dump_json().encode() + b"\n\n"
+                    error = _event_error(event)
+                    self.host.metrics.observe_error(str(error.body.error.code))
+                    yield b"data: " + error.body.model_dump_json().encode() + b"\n\n"
                     return
 
     # -- status endpoints --

@@ -25,7 +25,7 @@ from agent.errors import ActivationError, EdgefleetError, RuntimeModelError
 from agent.manifest import Canary
 from agent.metrics import ServingMetrics
 from agent.runtime import ChatMessage, ModelIdentity, SamplingOptions
-from agent.worker import DoneEvent, ErrorEvent, GenerateCommand, RequestEvent, StartedEvent, TokenEvent, WorkerClient
+from agent.worker import DoneEvent, GenerateCommand, RequestEvent, TokenEvent, WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,6 @@ class ModelHost:
                     elif isinstance(event, DoneEvent):
                         decode_s = time.perf_counter() - first_token_at if first_token_at else 0.0
                         self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, decode_s)
-                    elif isinstance(event, ErrorEvent):
-                        self.metrics.observe_error(event.kind)
                     yield worker, event
         finally:
             self._release_slot()
@@ -227,4 +225,4 @@ class ModelHost:
                 await self._slot_freed.wait_for(lambda: self._active == 0 and self._waiting == 0)
 
 
-__all__ = ["ModelHost", "ModelNotReadyError", "QueueFullError", "StartedEvent"]
+__all__ = ["ModelHost", "ModelNotReadyError", "QueueFullError"]

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import IO, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -135,15 +135,15 @@ class WorkerDiedError(RuntimeModelError):
 class _Worker:
     """Steps all active generations round-robin; reads commands between rounds."""
 
-    def __init__(self, runtime: ModelRuntime, out: "os._wrap_close | object") -> None:
+    def __init__(self, runtime: ModelRuntime, out: IO[bytes]) -> None:
         self.runtime = runtime
         self.out = out
         self.commands: queue.Queue[GenerateCommand | CancelCommand | ShutdownCommand] = queue.Queue()
         self.active: dict[str, tuple[Generation, int]] = {}
 
     def send(self, event: BaseModel) -> None:
-        self.out.write(event.model_dump_json().encode() + b"\n")  # type: ignore[attr-defined]
-        self.out.flush()  # type: ignore[attr-defined]
+        self.out.write(event.model_dump_json().encode() + b"\n")
+        self.out.flush()
 
     def read_stdin(self) -> None:
         for line in sys.stdin.buffer:
