@@ -464,7 +464,7 @@ class _Api:
     async def healthz(self, request: Request) -> Response:
         # llama.cpp server's shape: 503 + "Loading model" until the model serves.
         identity = self.host.identity
-        if identity is not None:
+        if identity is not None and self.host.is_serving:
             return JSONResponse({"status": "ok", "model": identity.name, "version": identity.version})
         if self.host.state in ("loading", "empty"):
             body = ErrorBody(error=ErrorDetail(message="Loading model", type="unavailable_error", code=503))

@@ -16,10 +16,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from agent.errors import ActivationError, EdgefleetError, RuntimeModelError
 from agent.manifest import Canary
@@ -63,6 +63,11 @@ class ModelHost:
         self._slot_freed = asyncio.Condition()
         self._switch_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._consecutive_restarts = 0
+
+    @property
+    def is_serving(self) -> bool:
+        return self._current is not None and self._current.is_alive
 
     @property
     def identity(self) -> ModelIdentity | None:
@@ -73,7 +78,8 @@ class ModelHost:
         identity = self.identity
         return requested in (None, "", "default") or (identity is not None and requested == identity.name)
 
-    async def switch(self, model_dir: Path, *, canary: Canary | None = None) -> ModelIdentity:
+    async def switch(self, model_dir: Path, *, canary: Canary | None = None,
+                     _is_restart: bool = False) -> ModelIdentity:
         """Load `model_dir` in a new worker and make it serve every request not yet started.
 
         With `canary`, the new worker must first reproduce the manifest's
@@ -104,7 +110,8 @@ class ModelHost:
             old, self._current = self._current, new
             self.state = "ready"
             self.last_error = None
-            if old is not None:
+            self._spawn(self._restart_when_dead(new))
+            if old is not None and not _is_restart:
                 self.metrics.model_switches_total += 1
             async with self._slot_freed:
                 self._slot_freed.notify_all()  # requests waiting for a slot may go to the new worker
@@ -113,6 +120,37 @@ class ModelHost:
             if old is not None:
                 await self._drain_and_stop(old)
             return new.identity
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart_when_dead(self, worker: WorkerClient) -> None:
+        """A worker that dies while it is the current one is restarted from the same dir.
+
+        Its open requests have already failed with `worker_died` (503); queued
+        ones wait and then go to the restarted worker. Restarts back off
+        (1, 2, 4 ... 60 s) so that a model that crashes at once cannot spin the CPU.
+        """
+        await worker.wait_exited()
+        if self._current is not worker:
+            return  # switched away or closed: a planned stop
+        self.metrics.worker_restarts_total += 1
+        delay_s = min(60.0, 2.0 ** (self._consecutive_restarts))
+        self._consecutive_restarts += 1
+        self.state = "loading"
+        log.error("event=worker_died model=%s pid=%d code=%s restart_in_s=%.0f", worker.identity.name,
+                  worker.proc.pid, worker.proc.returncode, delay_s)
+        await asyncio.sleep(delay_s)
+        if self._current is not worker:
+            return
+        try:
+            await self.switch(Path(worker.identity.model_dir), _is_restart=True)
+        except ActivationError:
+            self.state = "failed"
+            return
+        self._consecutive_restarts = 0
 
     async def _check_canary(self, worker: WorkerClient, canary: Canary) -> None:
         try:
@@ -161,6 +199,8 @@ class ModelHost:
         if self._current is None:
             raise ModelNotReadyError("loading model" if self.state == "loading" else
                                      f"no model is loaded ({self.last_error or 'none configured'})")
+        if not self._current.is_alive:
+            raise ModelNotReadyError("the model worker died and is restarting: retry in a few seconds")
         if self._active + self._waiting >= self.parallel + self.queue_size:
             # A slot frees about every (tokens per request / tokens per s); a second is a fair hint.
             raise QueueFullError(f"all {self.parallel} slots are busy and {self._waiting} requests are queued "
@@ -184,9 +224,7 @@ class ModelHost:
         # would be cancelled again; the waiters are woken from a task of their own.
         self._active -= 1
         self.metrics.active_requests = self._active
-        task = asyncio.get_running_loop().create_task(self._notify_slot_freed())
-        self._tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._notify_slot_freed())
 
     async def _notify_slot_freed(self) -> None:
         async with self._slot_freed:

@@ -53,6 +53,7 @@ class ServingMetrics:
         self.queue_depth = 0
         self.active_requests = 0
         self.model_switches_total = 0
+        self.worker_restarts_total = 0
 
     def observe_request(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
@@ -116,6 +117,8 @@ class ServingMetrics:
         metric("edgefleet_queue_depth", "gauge", "requests waiting for a slot", [("", self.queue_depth)])
         metric("edgefleet_active_requests", "gauge", "requests generating now", [("", self.active_requests)])
         metric("edgefleet_model_switches_total", "counter", "hot model switches", [("", self.model_switches_total)])
+        metric("edgefleet_worker_restarts_total", "counter", "model workers restarted after dying",
+               [("", self.worker_restarts_total)])
         if model_name is not None:
             metric("edgefleet_model_info", "gauge", "the model serving new requests",
                    [(f'{{name="{model_name}",version="{model_version or ""}"}}', 1)])

@@ -326,6 +326,10 @@ class WorkerClient:
         raise ActivationError(f"model worker for {model_dir} exited with code {proc.returncode} before it was "
                               "ready: see its log on stderr")
 
+    async def wait_exited(self) -> None:
+        """Return once the worker process has exited (for any reason) and its events are routed."""
+        await asyncio.shield(self._reader)
+
     @property
     def inflight(self) -> int:
         return len(self._queues)

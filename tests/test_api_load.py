@@ -194,3 +194,25 @@ def test_switch_checks_the_canary_before_serving(small_server: ServerThread, smo
                                          expected_token_ids=good)))
     assert identity.name == smollm2_int4_b128.name
     assert metric_value(small_server.url, "edgefleet_model_switches_total") == 1
+
+
+def test_killed_worker_fails_its_request_and_is_restarted(small_server: ServerThread) -> None:
+    sock = _open_stream(small_server.port)
+    worker = small_server.host._current
+    assert worker is not None
+    worker.proc.kill()  # SIGKILL, mid-generation
+    received = b""
+    while not received.endswith(b"0\r\n\r\n"):  # the end of the chunked SSE body
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed without ending the stream"
+        received += chunk
+    sock.close()
+    assert b'"code":"worker_died"' in received and b"[DONE]" not in received
+    deadline = time.monotonic() + 30
+    while requests.get(f"{small_server.url}/healthz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "worker not restarted within 30 s"
+        time.sleep(0.05)
+    r = _chat(small_server.url, 3)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert metric_value(small_server.url, "edgefleet_worker_restarts_total") == 1
+    assert small_server.host._current is not worker and small_server.host._current.proc.pid != worker.proc.pid
