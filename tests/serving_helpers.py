@@ -43,13 +43,25 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{url}/healthz not 200 within {timeout_s} s: {last}")
 
 
+def wait_listening(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on port {port} after {timeout_s} s"
+            time.sleep(0.05)
+
+
 class ServerThread:
-    def __init__(self, model_dir: Path, *, threads: int = 2, parallel: int = 4, queue_size: int = 16,
+    def __init__(self, model_dir: Path | None, *, threads: int = 2, parallel: int = 4, queue_size: int = 16,
                  api_token: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = ModelHost(threads=threads, parallel=parallel, queue_size=queue_size)
         app = create_app(self.host, api_token=api_token, model_dir=model_dir)
+        self.owns_host = model_dir is not None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on"))
         self.loop = asyncio.new_event_loop()
@@ -61,7 +73,10 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        wait_healthy(self.url)
+        if self.owns_host:
+            wait_healthy(self.url)
+        else:
+            wait_listening(self.port)
         return self
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 300.0) -> T:
@@ -69,6 +84,8 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def __exit__(self, *exc: object) -> None:
+        if not self.owns_host:
+            self.call(self.host.close())
         self.server.should_exit = True
         self.thread.join(30)
         assert not self.thread.is_alive(), "uvicorn did not stop within 30 s"

@@ -179,3 +179,20 @@ def test_healthz_and_metrics_need_no_token(server: ServerThread, smollm2_int4_ra
     r = requests.get(f"{server.url}/healthz", timeout=5)
     assert r.status_code == 200 and r.json()["model"] == smollm2_int4_raw.name
     assert requests.get(f"{server.url}/v1/models", timeout=5).status_code == 401
+
+
+def test_daemon_mount_503_until_a_model_is_switched_in(smollm2_int4_raw: Path) -> None:
+    """The daemon's way: the app does not own the host; the update path calls switch()."""
+    with ServerThread(None, threads=2) as srv:
+        health = requests.get(f"{srv.url}/healthz", timeout=5)
+        assert health.status_code == 503
+        assert health.json() == {"error": {"message": "Loading model", "type": "unavailable_error", "param": None,
+                                           "code": 503}}
+        r = requests.post(f"{srv.url}/v1/chat/completions", json={"messages": QUESTION}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable_error"
+        assert requests.get(f"{srv.url}/v1/models", timeout=5).json()["data"] == []
+        identity = srv.call(srv.host.switch(smollm2_int4_raw))
+        assert identity.name == smollm2_int4_raw.name
+        assert requests.get(f"{srv.url}/healthz", timeout=5).status_code == 200
+        r = requests.post(f"{srv.url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
