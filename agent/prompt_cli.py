@@ -83,14 +83,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     source.add_argument("--model", type=Path, metavar="DIR", help="run this model dir in-process (no server)")
     source.add_argument("--url", default=os.environ.get("EDGE_AGENT_URL", _DEFAULT_URL),
                         help="the agent API base URL (env: EDGE_AGENT_URL)")
-    p.add_argument("--token", default=os.environ.get("EDGE_AGENT_API_TOKEN"),
-                   help="bearer token for --url (env: EDGE_AGENT_API_TOKEN; default: none)")
-    p.add_argument("--system", default=None, help="a system message (default: the model's own)")
+    # The env value is read in the handler, never shown as a default in --help: it is a secret.
+    p.add_argument("--token", default=None,
+                   help="bearer token for --url; None: no token (env: EDGE_AGENT_API_TOKEN)")
+    p.add_argument("--system", default=None, help="a system message; None: the model's own")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling bound")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads with --model (default: CPU count)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling; None: random")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads with --model; None: the CPU count")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -115,7 +116,7 @@ def _backend(args: argparse.Namespace) -> _Backend:
         if not (args.model / "genai_config.json").is_file():
             raise UsageError(f"{args.model} is not a model dir (no genai_config.json)")
         return _LocalBackend(args.model, args.threads)
-    return _HttpBackend(args.url, args.token)
+    return _HttpBackend(args.url, args.token or os.environ.get("EDGE_AGENT_API_TOKEN"))
 
 
 def _options(args: argparse.Namespace) -> SamplingOptions:

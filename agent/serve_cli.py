@@ -36,15 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="TCP port")
     p.add_argument("--bind", default=os.environ.get("EDGE_AGENT_API_BIND"), metavar="BIND",
-                   help="host:port or unix:/path; overrides --host/--port (env: EDGE_AGENT_API_BIND)")
+                   help="host:port or unix:/path; overrides --host/--port; None: use them (env: EDGE_AGENT_API_BIND)")
     p.add_argument("--threads", type=int, default=_env_int("EDGE_AGENT_INTRA_OP_NUM_THREADS"), metavar="N",
-                   help="onnxruntime intra-op threads; default: the CPU count (env: EDGE_AGENT_INTRA_OP_NUM_THREADS)")
+                   help="onnxruntime intra-op threads; None: the CPU count (env: EDGE_AGENT_INTRA_OP_NUM_THREADS)")
     p.add_argument("--parallel", type=int, default=4, metavar="N",
                    help="requests generating at once (they share the model token by token)")
     p.add_argument("--queue-size", type=int, default=16, metavar="N",
                    help="requests waiting for a slot before 429 Too Many Requests")
-    p.add_argument("--token", default=os.environ.get("EDGE_AGENT_API_TOKEN"), metavar="T",
-                   help="bearer token required on /v1/* (env: EDGE_AGENT_API_TOKEN; default: none)")
+    # The env value is read in the handler, never shown as a default in --help: it is a secret.
+    p.add_argument("--token", default=None, metavar="T",
+                   help="bearer token required on /v1/*; None: no auth (env: EDGE_AGENT_API_TOKEN)")
     p.set_defaults(handler=_serve)
 
 
@@ -59,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--parallel must be >= 1 and --queue-size >= 0 (got {args.parallel}, {args.queue_size})")
     bind = args.bind or f"{args.host}:{args.port}"
     host = ModelHost(threads=args.threads, parallel=args.parallel, queue_size=args.queue_size)
-    app = create_app(host, api_token=args.token, model_dir=args.model)
+    app = create_app(host, api_token=args.token or os.environ.get("EDGE_AGENT_API_TOKEN"), model_dir=args.model)
     print(f"edge-agent: serving {args.model} on {bind}", file=sys.stderr)
     run_server(app, bind, log_level="info" if args.verbose else "warning")
     return 0
