@@ -501,13 +501,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                     code=exc.status_code).response()
 
 
-def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path | None = None) -> Starlette:
+def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path | None = None,
+               on_load_failure: Callable[[ActivationError], None] | None = None) -> Starlette:
     """The API over `host`.
 
     With `model_dir`, the app owns the host: its startup begins loading that
     model in the background (`/healthz` answers 503 until it serves) and its
-    shutdown stops the workers. Without, the caller (the agent daemon) loads
-    models with `host.switch()` and closes the host itself.
+    shutdown stops the workers; `on_load_failure` hears when that model does
+    not load. Without, the caller (the agent daemon) loads models with
+    `host.switch()` and closes the host itself.
     """
     api = _Api(host, api_token)
 
@@ -518,8 +520,9 @@ def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path
             async def load_initial() -> None:
                 try:
                     await host.switch(model_dir)
-                except ActivationError:
-                    pass  # logged by the host; /healthz reports it
+                except ActivationError as e:  # logged by the host; /healthz reports it
+                    if on_load_failure is not None:
+                        on_load_failure(e)
             host.state = "loading"
             load = asyncio.create_task(load_initial())
         try:

@@ -50,9 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from agent.api import create_app
+    from agent.errors import ActivationError
     from agent.host import ModelHost
-    from agent.server import run_server
+    from agent.server import uvicorn_config
 
     if not (args.model / "genai_config.json").is_file():
         raise UsageError(f"{args.model} is not a model dir (no genai_config.json): pass a dir built by edge-builder")
@@ -60,7 +63,18 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--parallel must be >= 1 and --queue-size >= 0 (got {args.parallel}, {args.queue_size})")
     bind = args.bind or f"{args.host}:{args.port}"
     host = ModelHost(threads=args.threads, parallel=args.parallel, queue_size=args.queue_size)
-    app = create_app(host, api_token=args.token or os.environ.get("EDGE_AGENT_API_TOKEN"), model_dir=args.model)
+    load_failures: list[ActivationError] = []
+
+    def stop_on_load_failure(error: ActivationError) -> None:
+        # Like llama-server: a model that does not load ends `serve` (the daemon instead keeps serving the old one).
+        load_failures.append(error)
+        server.should_exit = True
+
+    app = create_app(host, api_token=args.token or os.environ.get("EDGE_AGENT_API_TOKEN"), model_dir=args.model,
+                     on_load_failure=stop_on_load_failure)
+    server = uvicorn.Server(uvicorn_config(app, bind, log_level="info" if args.verbose else "warning"))
     print(f"edge-agent: serving {args.model} on {bind}", file=sys.stderr)
-    run_server(app, bind, log_level="info" if args.verbose else "warning")
+    server.run()
+    if load_failures:
+        raise load_failures[0]
     return 0

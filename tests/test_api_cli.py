@@ -149,3 +149,14 @@ def test_serve_rejects_a_dir_that_is_not_a_model(tmp_path: Path) -> None:
                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "not a model dir" in out.stderr
+
+
+def test_serve_exits_with_activation_failed_when_the_model_does_not_load(
+        smollm2_int4_raw: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(smollm2_int4_raw / "genai_config.json", tmp_path / "genai_config.json")  # no weights
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--model", str(tmp_path), "--port",
+                          str(free_port())], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 8, out.stderr
+    assert "failed to load" in out.stderr and "Traceback" not in out.stderr
