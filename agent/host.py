@@ -149,6 +149,8 @@ class ModelHost:
             await self.switch(Path(worker.identity.model_dir), _is_restart=True)
         except ActivationError:
             self.state = "failed"
+            async with self._slot_freed:
+                self._slot_freed.notify_all()  # queued requests get 503 instead of waiting forever
             return
         self._consecutive_restarts = 0
 
@@ -209,8 +211,10 @@ class ModelHost:
         self.metrics.queue_depth = self._waiting
         try:
             async with self._slot_freed:
-                await self._slot_freed.wait_for(lambda: self._active < self.parallel and self._current is not None
-                                                and self._current.is_alive)
+                await self._slot_freed.wait_for(lambda: self.state == "failed" or (
+                    self._active < self.parallel and self._current is not None and self._current.is_alive))
+                if self.state == "failed":
+                    raise ModelNotReadyError(f"the model failed to restart: {self.last_error}")
                 self._active += 1
         finally:
             self._waiting -= 1

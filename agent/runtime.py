@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 FinishReason = Literal["stop", "length", "cancelled"]
 # OpenAI caps a request at 4 stop sequences; ORT-GenAI's own turn API at 16.
 MAX_STOP_SEQUENCES = 4
+# A request without max_tokens gets at most this many: with past_present_share_buffer the
+# KV cache is allocated for the whole max_length up front, and a full 8k context of
+# SmolLM2 would take ~0.4 GB per request on a small box.
+DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 class ContextLengthError(RuntimeModelError):
@@ -48,7 +52,8 @@ class SamplingOptions(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=50, ge=0)
-    max_tokens: int | None = Field(default=None, gt=0, description="None: up to the context length")
+    max_tokens: int | None = Field(default=None, gt=0,
+                                   description="None: DEFAULT_MAX_NEW_TOKENS, within the context length")
     seed: int | None = Field(default=None, ge=0)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
@@ -273,7 +278,9 @@ class ModelRuntime:
                 f"this model's maximum context length is {self.context_length} tokens, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in "
                 "max_tokens): reduce the prompt or max_tokens")
-        return max_tokens if max_tokens is not None else self.context_length - prompt_tokens
+        if max_tokens is not None:
+            return max_tokens
+        return min(DEFAULT_MAX_NEW_TOKENS, self.context_length - prompt_tokens)
 
     def search_options(self, prompt_tokens: int, options: SamplingOptions) -> dict[str, Any]:
         """Map OpenAI-style options onto ORT-GenAI search options (greedy when temperature is 0)."""

@@ -118,3 +118,11 @@ def test_unloadable_dir_raises_activation_error(tmp_path: Path, smollm2_int4_raw
     shutil.copy(smollm2_int4_raw / "genai_config.json", tmp_path / "genai_config.json")
     with pytest.raises(ActivationError, match="cannot load"):
         ModelRuntime(tmp_path)
+
+
+def test_default_completion_budget_is_capped(runtime: ModelRuntime) -> None:
+    from agent.runtime import DEFAULT_MAX_NEW_TOKENS
+
+    assert runtime.check_context(10, None) == DEFAULT_MAX_NEW_TOKENS
+    assert runtime.check_context(8000, None) == 192  # what is left of the context
+    assert runtime.search_options(10, SamplingOptions())["max_length"] == 10 + DEFAULT_MAX_NEW_TOKENS
