@@ -358,9 +358,19 @@ class _Api:
         except ValidationError as e:
             raise _invalid(str(e.errors()[0]["msg"])) from e
         events = self.host.generate(prompt=prompt, messages=messages, options=options)
+        # A client may give up while its request waits in the queue: watch for that from here on.
+        disconnected = asyncio.ensure_future(_wait_disconnect(request))
+        first = asyncio.ensure_future(self._first_event(events))
         try:
-            worker, started = await self._first_event(events)
+            await asyncio.wait({first, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done():
+                first.cancel()  # leaves the queue, or cancels the generation in the worker
+                await asyncio.wait({first})
+                log.info("event=client_disconnected stage=queued")
+                return Response(status_code=499)
+            worker, started = first.result()
         except BaseException:
+            disconnected.cancel()
             await events.aclose()
             raise
         # The worker's model, not the host's current one: a switch may happen mid-request.
@@ -368,12 +378,12 @@ class _Api:
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
+            disconnected.cancel()  # the streaming response watches for itself
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = self._sse(events, started, request_id, created, model_name, is_chat, include_usage)
             return _CancellingStreamingResponse(body, media_type="text/event-stream",
                                                 headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self._collect(events))
-        disconnected = asyncio.ensure_future(_wait_disconnect(request))
         done, _ = await asyncio.wait({collect, disconnected}, return_when=asyncio.FIRST_COMPLETED)
         if collect not in done:
             collect.cancel()  # the client went away: free the slot now

@@ -216,3 +216,37 @@ def test_killed_worker_fails_its_request_and_is_restarted(small_server: ServerTh
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert metric_value(small_server.url, "edgefleet_worker_restarts_total") == 1
     assert small_server.host._current is not worker and small_server.host._current.proc.pid != worker.proc.pid
+
+
+def test_client_leaving_the_queue_never_runs(small_server: ServerThread) -> None:
+    running = _open_stream(small_server.port)  # holds the only slot
+    body = json.dumps({"model": "default", "max_tokens": 50, "temperature": 0,
+                       "messages": [{"role": "user", "content": "Count to fifty."}]})
+    queued = socket.create_connection(("127.0.0.1", small_server.port), timeout=30)
+    queued.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    deadline = time.monotonic() + 10
+    while metric_value(small_server.url, "edgefleet_queue_depth") != 1:
+        assert time.monotonic() < deadline, "second request never queued"
+        time.sleep(0.02)
+    queued.close()
+    closed_at = time.monotonic()
+    while metric_value(small_server.url, "edgefleet_queue_depth") != 0:
+        assert time.monotonic() - closed_at < 1.0, "queued request not dropped within 1 s of the disconnect"
+        time.sleep(0.02)
+    running.close()
+    deadline = time.monotonic() + 5
+    while metric_value(small_server.url, "edgefleet_active_requests") != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # Only the streaming request ever reached the worker.
+    assert metric_value(small_server.url, "edgefleet_ttft_seconds_count") == 1
+
+
+def test_concurrent_requests_share_the_model_token_by_token(smollm2_int4_raw: Path) -> None:
+    with ServerThread(smollm2_int4_raw, threads=2, parallel=2, queue_size=0) as srv:
+        first = _open_stream(srv.port)
+        second = _open_stream(srv.port)  # gets its tokens while the first (4000 tokens) still runs
+        assert metric_value(srv.url, "edgefleet_active_requests") == 2
+        first.close()
+        second.close()
