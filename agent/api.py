@@ -12,6 +12,7 @@ every `/v1/*` request needs `Authorization: Bearer <token>`; `/healthz` and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -371,6 +372,10 @@ class _Api:
             worker, started = first.result()
         except BaseException:
             disconnected.cancel()
+            if not first.done():  # we were cancelled ourselves (shutdown): stop the generator's task first
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({first})
             await events.aclose()
             raise
         # The worker's model, not the host's current one: a switch may happen mid-request.
