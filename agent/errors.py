@@ -140,9 +140,3 @@ class BrokerError(EdgefleetError):
     """The MQTT broker cannot be reached, refused the credentials or timed out."""
 
     exit_code = ExitCode.FAILED
-
-
-class DemoError(EdgefleetError):
-    """`make demo` could not complete a step (a process died, a wait ran out)."""
-
-    exit_code = ExitCode.FAILED

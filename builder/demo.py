@@ -41,13 +41,13 @@ import requests
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.channel import cohort_bucket
-from agent.errors import DemoError, EdgefleetError, ExitCode
+from agent.errors import EdgefleetError, ExitCode
 from agent.manifest import Manifest
 from builder import package
 from builder.demo_broker import BROKER_CHOICES, broker_command, choose_broker
 from builder.demo_client import FleetWatcher, PromptLoop, StatusChange, stream_chat
 from builder.demo_display import Display
-from builder.demo_procs import ManagedProcess, ProcessSet
+from builder.demo_procs import DemoError, ManagedProcess, ProcessSet
 from builder.demo_summary import (
     ArtifactFigures, BrokerInfo, DemoSummary, DeviceInfo, ProcessInfo, RepoInfo, RolloutInfo, StatusChangeInfo,
 )

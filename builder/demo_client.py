@@ -24,7 +24,7 @@ import requests
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict
 
-from agent.errors import DemoError
+from builder.demo_procs import DemoError
 from agent.messages import all_devices_topic
 from agent.mqtt_link import parse_broker_url
 from builder.fleetview import FleetReport, FleetView

@@ -24,9 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import DemoError
+from agent.errors import EdgefleetError, ExitCode
 
 log = logging.getLogger(__name__)
+
+
+class DemoError(EdgefleetError):
+    """`make demo` could not complete a step (a process died, a wait ran out). Host-side only,
+    so it lives with the demo rather than in agent/errors.py."""
+
+    exit_code = ExitCode.FAILED
 
 STOP_GRACE_S = 10.0
 
