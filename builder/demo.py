@@ -359,14 +359,18 @@ def step_agents(run: _Run) -> None:
 
 
 def _print_change(run: _Run, change: StatusChange) -> None:
-    version = f"v{change.version}" if change.version is not None else "no model yet"
-    run.display.info(f"{change.device_id}: {change.state} ({version}){'' if change.online else ', offline'}"
+    serving = f"serving v{change.version}" if change.version is not None else "no model yet"
+    run.display.info(f"{change.device_id}: {change.state:<12} {serving}{'' if change.online else ', offline'}"
                      f"  [+{change.t_s:.1f}s]")
+
+
+# A device serves its active version in both: UP_TO_DATE is ACTIVE after a check found nothing new.
+_SERVING_STATES = frozenset({"ACTIVE", "UP_TO_DATE"})
 
 
 def _all_on(report: FleetReport, version: int) -> bool:
     rows = {r.device_id: r for r in report.devices}
-    return all(d in rows and rows[d].online and rows[d].state == "ACTIVE" and rows[d].version == version
+    return all(d in rows and rows[d].online and rows[d].state in _SERVING_STATES and rows[d].version == version
                for d in DEVICE_IDS)
 
 
@@ -467,7 +471,9 @@ def step_rollout(run: _Run) -> None:
         run.display.info(f"{dev.device_id} /healthz: {health}")
         for info in run.summary.devices:
             if info.device_id == dev.device_id:
-                info.final_state, info.final_version = "ACTIVE", health.get("version")
+                info.final_version = health.get("version")
+                info.final_state = next((r.state for r in run.watcher.report().devices
+                                         if r.device_id == dev.device_id), None)
     _show_fleet_status(run)
     if failed:
         raise DemoError(f"{failed} request(s) failed during the rollout: {failures[:3]}")
