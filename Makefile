@@ -40,8 +40,11 @@ system-deps:
 test: venv system-deps
 	$(PY) -m pytest -q tests
 
+# make demo DEMO_ARGS="--keep-running" (see python -m builder.demo --help)
+DEMO_ARGS ?=
+
 demo: venv
-	$(PY) -m builder.demo
+	$(PY) -m builder.demo $(DEMO_ARGS)
 
 bench: venv
 	$(PY) bench/build.py
