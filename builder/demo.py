@@ -629,6 +629,9 @@ def run_demo(settings: _Settings) -> DemoSummary:
         summary.error = str(e)
         display.info(f"error: {e}")
     finally:
+        # A second Ctrl-C must not cut the cleanup short and leave parts running.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if run.watcher is not None:
             run.watcher.close()
         summary.processes = [ProcessInfo(name=p.name, pid=p.pid, pgid=p.pgid) for p in procs.processes]
