@@ -264,7 +264,8 @@ def step_broker(run: _Run) -> None:
     _wait_broker(port, proc, _READY_TIMEOUT_S)
     run.broker_url = f"mqtt://127.0.0.1:{port}"
     run.summary.broker = BrokerInfo(kind=kind, url=run.broker_url, pid=proc.pid)
-    why = "installed" if kind == "mosquitto" else "embedded Python broker, Mosquitto not found or not chosen"
+    why = ("installed" if kind == "mosquitto" else
+           "embedded Python broker, " + ("--broker amqtt" if s.broker == "amqtt" else "Mosquitto is not installed"))
     run.display.info(f"{kind} ({why}) on {run.broker_url}, pid {proc.pid}, log {workdir / 'broker.log'}")
 
 
