@@ -182,12 +182,16 @@ def _run_command(run: _Run, name: str, argv: list[str], *, show_output: bool = T
     proc = run.procs.start(name, argv, env=_child_env(), pipe_output=True)
     lines: list[str] = []
     assert proc.popen.stdout is not None
-    for raw in proc.popen.stdout:
-        line = raw.decode(errors="replace").rstrip("\n").split("\r")[-1]
-        lines.append(line)
-        if show_output and line.strip():
-            run.display.info("  " + line)
-    rc = proc.popen.wait()
+    run.display.live(f"{argv[3] if len(argv) > 3 else name} running")  # TTY: elapsed time between its lines
+    try:
+        for raw in proc.popen.stdout:
+            line = raw.decode(errors="replace").rstrip("\n").split("\r")[-1]
+            lines.append(line)
+            if show_output and line.strip():
+                run.display.info("  " + line)
+        rc = proc.popen.wait()
+    finally:
+        run.display.live("")
     run.procs.forget(proc)
     return rc, "\n".join(lines)
 
@@ -385,6 +389,7 @@ def step_wait_active(run: _Run) -> None:
     run.watcher.wait_for(lambda r: _all_on(r, 1), _ACTIVE_TIMEOUT_S, "both devices ACTIVE on v1",
                          on_change=lambda r: _live_states(run, r),
                          check=lambda: run.procs.check_alive(*agent_names))
+    run.display.live("")
     run.watcher.listener = None
     report = run.watcher.report()
     for row in report.devices:

@@ -101,7 +101,10 @@ class Display:
         with self._lock:
             if text != self._live:
                 self._live, self._live_t0 = text, time.monotonic()
-            self._draw_live()
+            if text:
+                self._draw_live()
+            else:
+                self._clear_live()
 
     def text(self, piece: str) -> None:
         """Streamed answer text, written as it arrives."""
