@@ -457,8 +457,8 @@ def step_rollout(run: _Run) -> None:
         _check(rc, "edge-builder rollout", output)
         run.watcher.wait_for(lambda r: _all_on(r, 2), _ACTIVE_TIMEOUT_S, "both devices ACTIVE on v2",
                              check=lambda: run.procs.check_alive(*[f"agent-{d}" for d in DEVICE_IDS]))
-        # At least one full request on each device after its switch to v2.
-        loop.wait_for_requests(1, 120)
+        # Two more per device: the second of them surely started after the switch to v2.
+        loop.wait_for_requests(2, 120)
     finally:
         loop.stop()
         run.watcher.listener = None
