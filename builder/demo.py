@@ -47,7 +47,7 @@ from builder import package
 from builder.demo_broker import BROKER_CHOICES, broker_command, choose_broker
 from builder.demo_client import FleetWatcher, PromptLoop, StatusChange, stream_chat
 from builder.demo_display import Display
-from builder.demo_procs import DemoError, ManagedProcess, ProcessSet
+from builder.demo_procs import DemoError, ManagedProcess, ProcessSet, kill_leftovers
 from builder.demo_summary import (
     ArtifactFigures, BrokerInfo, DemoSummary, DeviceInfo, ProcessInfo, RepoInfo, RolloutInfo, StatusChangeInfo,
 )
@@ -578,7 +578,12 @@ def _install_signal_handlers() -> None:
 
 def run_demo(settings: _Settings) -> DemoSummary:
     display = Display(STEPS)
-    procs = ProcessSet()
+    record = settings.workdir / "processes.json"
+    killed = kill_leftovers(record, str(settings.run_dir))
+    if killed:
+        display.info(f"stopped {len(killed)} process(es) left running by an earlier demo that was killed: {killed}")
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    procs = ProcessSet(record)
     summary = DemoSummary(quick=settings.quick, workdir=str(settings.workdir))
     run = _Run(settings, display, procs, summary)
     atexit.register(procs.stop_all)

@@ -14,6 +14,7 @@ it started outlives it, whichever way it ends.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -84,12 +85,48 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-class ProcessSet:
-    """The demo's children, in start order."""
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
-    def __init__(self) -> None:
+
+def kill_leftovers(record: Path, marker: str) -> list[int]:
+    """SIGKILL what a previous demo, itself killed with SIGKILL, left running.
+
+    `record` lists the process groups that run started. Only members whose command line
+    names `marker` (that run's dir) are killed, so a group id reused by an unrelated
+    process since is left alone. Returns the PIDs killed.
+    """
+    try:
+        pgids = [int(x) for x in json.loads(record.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+    killed = []
+    for pgid in pgids:
+        for pid in group_members(pgid):
+            if marker in _cmdline(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+    return killed
+
+
+class ProcessSet:
+    """The demo's children, in start order.
+
+    With `record`, the process group ids are also written to that file as they start, so a
+    later demo can clean up after one that was killed with SIGKILL (see `kill_leftovers`).
+    """
+
+    def __init__(self, record: Path | None = None) -> None:
         self._procs: list[ManagedProcess] = []
         self._lock = threading.Lock()
+        self._record = record
+        self._recorded: list[int] = []
 
     @property
     def processes(self) -> list[ManagedProcess]:
@@ -118,6 +155,9 @@ class ProcessSet:
         proc = ManagedProcess(name, argv, popen, log_path)
         with self._lock:
             self._procs.append(proc)
+            if self._record is not None:
+                self._recorded.append(proc.pgid)
+                self._record.write_text(json.dumps(self._recorded))
         log.info("event=process_started name=%s pid=%d", name, popen.pid)
         return proc
 

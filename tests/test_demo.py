@@ -227,3 +227,27 @@ def test_demo_salt_splits_two_devices_into_two_waves() -> None:
     salt = choose_salt(DEVICE_IDS, 50)
     assert cohort_bucket(salt, DEVICE_IDS[0]) < 50 <= cohort_bucket(salt, DEVICE_IDS[1])
     assert choose_salt(DEVICE_IDS, 50) == salt  # stable: the same demo every run
+
+
+def test_kill_leftovers_stops_only_the_recorded_groups_that_name_the_run_dir(tmp_path: Path) -> None:
+    """After a demo killed with SIGKILL, the next run stops what it left (its run dir in the command line),
+    and nothing else, even in a recorded group."""
+    from builder.demo_procs import kill_leftovers
+
+    run_dir = tmp_path / "run"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+    marked = subprocess.Popen([*sleeper, str(run_dir)], start_new_session=True)
+    other = subprocess.Popen(sleeper, start_new_session=True)
+    unrecorded = subprocess.Popen([*sleeper, str(run_dir)], start_new_session=True)
+    try:
+        record = tmp_path / "processes.json"
+        record.write_text(json.dumps([marked.pid, other.pid]))
+        assert kill_leftovers(record, str(run_dir)) == [marked.pid]
+        assert marked.wait(10) == -signal.SIGKILL
+        assert other.poll() is None and unrecorded.poll() is None
+        assert kill_leftovers(tmp_path / "missing.json", str(run_dir)) == []
+    finally:
+        for p in (marked, other, unrecorded):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
