@@ -632,6 +632,7 @@ def run_demo(settings: _Settings) -> DemoSummary:
     except (KeyboardInterrupt, _Stop) as e:
         if not (settings.keep_running and summary.ok):
             summary.ok = False
+            summary.is_interrupted = True
             summary.error = f"interrupted ({type(e).__name__} {e})".strip()
         display.info("")
         display.info("stopping")
@@ -639,6 +640,10 @@ def run_demo(settings: _Settings) -> DemoSummary:
         summary.ok = False
         summary.error = str(e)
         display.info(f"error: {e}")
+    except Exception as e:  # a bug: still stop everything, and keep the traceback
+        summary.ok = False
+        summary.error = f"unexpected {type(e).__name__}: {e}"
+        log.exception("event=demo_crashed")
     finally:
         # A second Ctrl-C must not cut the cleanup short and leave parts running.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -648,6 +653,8 @@ def run_demo(settings: _Settings) -> DemoSummary:
         summary.processes = [ProcessInfo(name=p.name, pid=p.pid, pgid=p.pgid) for p in procs.processes]
         procs.stop_all(on_stop=lambda p: display.info(f"stopping {p.name} (pid {p.pid})"))
         summary.leftover_pids = procs.leftovers()
+        if not summary.leftover_pids:
+            record.unlink(missing_ok=True)
         summary.step_durations_s = dict(display.durations_s)
         summary.duration_s = round(time.monotonic() - t0, 1)
         summary.is_fleet_up = False
@@ -667,8 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(summary.model_dump_json() + "\n")
     if summary.ok:
         return int(ExitCode.OK)
-    return int(ExitCode.INTERRUPTED) if summary.error and summary.error.startswith("interrupted") else int(
-        ExitCode.FAILED)
+    return int(ExitCode.INTERRUPTED if summary.is_interrupted else ExitCode.FAILED)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ class DemoSummary(_Model):
     schema_version: Literal[1] = 1
     ok: bool = False
     error: str | None = None
+    is_interrupted: bool = Field(default=False, description="Ctrl-C, SIGTERM or SIGHUP before every step was done")
     quick: bool
     workdir: str
     steps_done: list[str] = Field(default_factory=list)
