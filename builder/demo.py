@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import json
 import logging
 import os
@@ -168,8 +167,13 @@ def _shown(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+def has_command(tool: str, module: str) -> bool:
+    """Whether this checkout's `edge-agent`/`edge-builder` has the subcommand module (the daemon and
+    the rollout controller were written alongside the demo; without them it runs the steps it can)."""
+    import agent.cli
+    import builder.cli
+
+    return module in {"edge-agent": agent.cli, "edge-builder": builder.cli}[tool].COMMAND_MODULES
 
 
 def _run_command(run: _Run, name: str, argv: list[str], *, show_output: bool = True) -> tuple[int, str]:
@@ -588,7 +592,8 @@ def run_demo(settings: _Settings) -> DemoSummary:
     run = _Run(settings, display, procs, summary)
     atexit.register(procs.stop_all)
     t0 = time.monotonic()
-    has_daemon, has_rollout = _has_module("agent.cmd_run"), _has_module("builder.cmd_rollout")
+    has_daemon = has_command("edge-agent", "agent.cmd_run")
+    has_rollout = has_command("edge-builder", "builder.cmd_rollout")
     steps = [
         ("start the MQTT broker", step_broker, True),
         ("build SmolLM2-135M v1 (INT4, CPU) and run the quality gate", step_build_v1, True),

@@ -10,7 +10,6 @@ builds are reused between runs; on CI they are built afresh.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,13 +20,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from builder.demo import has_command
 from builder.demo_procs import group_members
 from builder.demo_summary import DemoSummary
 from tests.brokers import Recorder, free_port, publish_and_wait, wait_until
 from tests.conftest import subprocess_env
 
-HAS_DAEMON = importlib.util.find_spec("agent.cmd_run") is not None
-HAS_ROLLOUT = importlib.util.find_spec("builder.cmd_rollout") is not None
+HAS_DAEMON = has_command("edge-agent", "agent.cmd_run")
+HAS_ROLLOUT = has_command("edge-builder", "builder.cmd_rollout")
 
 
 def _processes_mentioning(text: str) -> list[tuple[int, str]]:
