@@ -100,3 +100,29 @@ async def serve_dir(host: ModelHost, model_dir: Path | None) -> None:
         await host.switch(model_dir)
     except ActivationError as e:
         log.error("event=serve_current_failed model_dir=%s error=%s", model_dir, e)
+
+
+class WorkerCanaryActivator:
+    """The Activator of `edge-agent update --once`: load the new model in a temporary
+    model-worker process and run its canary there (the same `ModelHost.switch` path as the
+    daemon), then stop the worker. Nothing keeps serving: the daemon, when it runs, serves
+    `current`."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def activate(self, model_dir: Path, manifest: Manifest) -> None:
+        """Raises:
+            ActivationError: the model does not load or its canary does not reproduce.
+        """
+        asyncio.run(self._load_and_check(model_dir, manifest))
+
+    async def _load_and_check(self, model_dir: Path, manifest: Manifest) -> None:
+        host = ModelHost(threads=self.threads)
+        try:
+            await host.switch(model_dir, canary=manifest.evaluation.canary)
+        finally:
+            await host.close()
+
+    def serve(self, model_dir: Path | None) -> None:
+        """Nothing to do in a one-shot pass."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tuf.api.metadata import TargetFile
 
+from agent.channel import ChannelFile
 from agent.config import AgentConfig
 from agent.download import DownloadPolicy, Downloader, ExpectedFile, partial_path
 from agent.errors import VerificationError
@@ -58,6 +59,7 @@ class TufUpdateSource:
         self._hardware = hardware
         self._progress = progress
         self._trust: TrustedRepository | None = None
+        self.last_channel: ChannelFile | None = None
         self._releases: dict[ModelRef, _Release] = {}
         self._lock = threading.Lock()
         self.bytes_downloaded = 0
@@ -76,6 +78,7 @@ class TufUpdateSource:
         self._releases.clear()
         trust = self._session()
         channel = trust.read_channel(self.config.channel)
+        self.last_channel = channel
         result = decide_check(channel, active, self.config.device_id, lambda ref: self._release(ref).manifest,
                               self._hardware(self.store.root), self.config.disk_cap_bytes, self.store)
         log.info("event=channel_read channel=%s offered=%s:%d active=%s outcome=%s%s", channel.channel,
