@@ -112,8 +112,10 @@ class Release:
                                           rollout=Rollout(percent=percent, salt="s")))
 
     def artifact_gets(self, name: str, version: int) -> list[str]:
+        """GETs of the model's files (its signed manifest is read at check time and not counted)."""
         with self.faults.lock:
-            return [p for p, _ in self.faults.requests if f"/targets/models/{name}/{version}/" in p]
+            return [p for p, _ in self.faults.requests
+                    if f"/targets/models/{name}/{version}/" in p and not p.endswith(".manifest.json")]
 
 
 @contextmanager
@@ -130,9 +132,13 @@ class Agent:
 
     def __init__(self, workdir: Path, release: Release, *, device_id: str = "box-1", broker_url: str | None = None,
                  fleet: str = "test", poll_interval_s: float = 3600.0, telemetry_interval_s: float = 3600.0,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, state_from: Path | None = None) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
+        workdir.mkdir(parents=True, exist_ok=True)
+        if state_from is not None:
+            # cp -a keeps the hard links between blobs and model dirs (and the symlinks).
+            subprocess.run(["cp", "-a", str(state_from), str(self.state_dir)], check=True)
         self.store = Store(self.state_dir)
         self.store.ensure_layout()
         root_json = release.repo.metadata_dir / "root.json"
