@@ -323,11 +323,12 @@ class Daemon:
         self._server = _Server(uvicorn_config(app, self.config.api_bind))
         server_task = loop.create_task(self._server.serve())
         self._collector = TelemetryCollector(self.config.device_id, self.store.root, self._serving_metrics)
-        self.link = self._make_link(self.config)
 
         current = self.store.current()
         sdnotify.status(f"starting: loading {current}" if current else "starting: no model installed")
         await serve_dir(self.host, current)
+        # Connected after `current` serves: the will (fixed at CONNECT) then names the model.
+        self.link = self._make_link(self.config)
         while not self._server.started and not server_task.done():
             await asyncio.sleep(0.01)
         if server_task.done():
