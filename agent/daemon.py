@@ -112,6 +112,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._updater: Updater | None = None
         self._source: TufUpdateSource | None = None
+        self._activator: HostActivator | None = None
         self._updater_thread: threading.Thread | None = None
         self._phase = Phase.IDLE
         self._probation_task: asyncio.Task[None] | None = None
@@ -299,6 +300,8 @@ class Daemon:
             self._source.config = new
         if self._updater is not None:
             self._updater.disk_cap_bytes = new.disk_cap_bytes
+        if self._activator is not None:
+            self._activator.mode = new.switch_mode
         if any(getattr(old, k) != getattr(new, k) for k in _BROKER_KEYS):
             if self.link is not None:
                 self.link.stop()
@@ -340,7 +343,8 @@ class Daemon:
         sdnotify.ready(f"serving {identity.name} v{identity.version}" if identity else "running, no model installed")
 
         self._source = TufUpdateSource(self.config, self.store)
-        activator = HostActivator(self.host, loop, on_activated=self._on_activated)
+        activator = HostActivator(self.host, loop, mode=self.config.switch_mode, on_activated=self._on_activated)
+        self._activator = activator
         self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,
                                 sink=DaemonSink(self), disk_cap_bytes=self.config.disk_cap_bytes)
         self._updater_thread = threading.Thread(target=self._updater_main, name="updater", daemon=True)
