@@ -612,7 +612,8 @@ def run_demo(settings: _Settings) -> DemoSummary:
         display.info(f"work dir {settings.workdir} (builds are reused from {settings.artifacts_dir})")
         for title, fn, available in steps:
             if not available:
-                display.skip(title, "this checkout has no `edge-agent run` / `edge-builder rollout` yet")
+                missing = "edge-agent run" if not has_daemon else "edge-builder rollout"
+                display.skip(title, f"this checkout has no `{missing}` yet")
                 summary.steps_skipped.append(fn.__name__)
                 continue
             with display.step(title):
