@@ -475,7 +475,8 @@ def step_rollout(run: _Run) -> None:
         requests_ok=ok, requests_failed=failed, failures=failures[:20],
         requests_by_device={d: x.ok + x.failed for d, x in loop.load.items()},
         timeline=[StatusChangeInfo(**c.model_dump()) for c in run.watcher.timeline[rollout_t0:]])
-    run.display.info(f"requests during the rollout: {ok + failed}, failed: {failed}")
+    per_device = ", ".join(f"{d} {x.ok + x.failed}" for d, x in loop.load.items())
+    run.display.info(f"requests during the rollout: {ok + failed} ({per_device}), failed: {failed}")
     for dev in run.devices:
         health = requests.get(f"{dev.api_url}/healthz", timeout=5).json()
         run.display.info(f"{dev.device_id} /healthz: {health}")
@@ -515,7 +516,8 @@ def step_where(run: _Run) -> None:
         "point a real device at this host:",
         *( ["  (this run listens on 127.0.0.1 only: rerun with --listen-host 0.0.0.0 to let other machines in)"]
            if s.listen_host in ("127.0.0.1", "localhost") else []),
-        "  1. on the device: pip install edgefleet   (the agent needs no torch)",
+        f"  1. on the device: pip install {Path(__file__).resolve().parent.parent}   (a copy of this checkout; "
+        "the agent side needs no torch)",
         f"  2. copy {run.repo_dir / 'www' / 'metadata' / 'root.json'} to /var/lib/edge-agent/trust/root.json",
         "  3. /etc/edge-agent/agent.toml:",
         '       device_id = "lab-pi-1"',
