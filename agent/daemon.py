@@ -43,6 +43,7 @@ from agent.activation import HostActivator, serve_dir
 from agent.api import create_app
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, EdgefleetError
+from agent.hardware import probe, probe_onnxruntime_genai_in_subprocess
 from agent.host import ModelHost
 from agent.messages import Telemetry
 from agent.mqtt_link import MqttLink
@@ -342,7 +343,9 @@ class Daemon:
                  identity.name if identity else None, identity.version if identity else None)
         sdnotify.ready(f"serving {identity.name} v{identity.version}" if identity else "running, no model installed")
 
-        self._source = TufUpdateSource(self.config, self.store)
+        # Measured once in a child process: the API process never maps onnxruntime (the workers do).
+        ort_genai = await asyncio.to_thread(probe_onnxruntime_genai_in_subprocess)
+        self._source = TufUpdateSource(self.config, self.store, hardware=lambda d: probe(d, ort_genai))
         activator = HostActivator(self.host, loop, mode=self.config.switch_mode, on_activated=self._on_activated)
         self._activator = activator
         self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,
