@@ -45,7 +45,7 @@ from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, EdgefleetError
 from agent.hardware import probe, probe_onnxruntime_genai_in_subprocess
 from agent.host import ModelHost
-from agent.messages import Telemetry
+from agent.messages import Doorbell, Telemetry
 from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
 from agent.server import uvicorn_config
@@ -118,6 +118,7 @@ class Daemon:
         self._phase = Phase.IDLE
         self._probation_task: asyncio.Task[None] | None = None
         self._exit_code = 0
+        self._collector = TelemetryCollector(config.device_id, self.store.root, self._serving_metrics)
 
     # -- wiring ------------------------------------------------------------------
     def _make_link(self, config: AgentConfig) -> MqttLink | None:
@@ -243,12 +244,11 @@ class Daemon:
                     item = link.incoming.get_nowait()
                 except queue.Empty:
                     break
-                kind = type(item).__name__
-                if kind == "Doorbell":
+                if isinstance(item, Doorbell):
                     self.request_check("doorbell")
-                elif getattr(item, "command", None) == "check_now":
+                elif item.command == "check_now":
                     self.request_check("check_now")
-                elif getattr(item, "command", None) == "report":
+                else:  # "report": what the operator sees now, without waiting for the timers
                     self._publish_status_to(link)
                     self._send_telemetry()
 
@@ -326,8 +326,6 @@ class Daemon:
         app = create_app(self.host, api_token=self.config.api_token)
         self._server = _Server(uvicorn_config(app, self.config.api_bind))
         server_task = loop.create_task(self._server.serve())
-        self._collector = TelemetryCollector(self.config.device_id, self.store.root, self._serving_metrics)
-
         current = self.store.current()
         sdnotify.status(f"starting: loading {current}" if current else "starting: no model installed")
         await serve_dir(self.host, current)

@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
-import requests  # noqa: E402
 
 from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
 from agent.messages import Doorbell  # noqa: E402

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.messages import Doorbell, encode
+from agent.messages import Doorbell
+from agent.mqtt_link import BrokerCredentials
 from agent.statemachine import Phase
 from builder.fleet import ring_doorbell
-from agent.mqtt_link import BrokerCredentials
 from tests.brokers import Mosquitto, Recorder, mosquitto, publish_and_wait, wait_until  # noqa: F401
 from tests.daemon_kit import Agent, Release, release_repo, tiny_raw  # noqa: F401
 
@@ -197,7 +197,7 @@ def test_malformed_oversized_and_unknown_payloads_are_dropped_and_counted(
                            30, "telemetry counting 8 dropped payloads")
         log = agent.log()
         for _, reason in BAD_PAYLOADS:
-            assert log.count(f"event=mqtt_payload_dropped") == 8 and log.count(f"reason={reason}") == 2
+            assert log.count("event=mqtt_payload_dropped") == 8 and log.count(f"reason={reason}") == 2
         assert "triggers=doorbell" not in log and "triggers=check_now" not in log
         # Healthy: it serves, and a valid command still works.
         assert agent.chat().status_code == 200
