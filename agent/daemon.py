@@ -117,6 +117,7 @@ class Daemon:
         self._updater_thread: threading.Thread | None = None
         self._phase = Phase.IDLE
         self._probation_task: asyncio.Task[None] | None = None
+        self._probation_until = 0.0  # monotonic; checks wait until then (updater thread only)
         self._exit_code = 0
         self._collector = TelemetryCollector(config.device_id, self.store.root, self._serving_metrics)
 
@@ -173,6 +174,18 @@ class Daemon:
             item = self._requests.get()
             if isinstance(item, _Stop):
                 return
+            wait_s = self._probation_until - time.monotonic()
+            if isinstance(item, _Check) and wait_s > 0:
+                # Checks wait out the probation window: a check would move the machine out of
+                # ACTIVE, and a crash of the new model must still roll it back.
+                try:
+                    nxt: _Check | _ProbationFailed | _Stop | None = self._requests.get(timeout=wait_s)
+                except queue.Empty:
+                    nxt = None
+                if nxt is not None and not isinstance(nxt, _Check):
+                    self._requests.put(nxt)  # a probation failure or a stop goes first
+                self._requests.put(item)  # another check was coalesced into this one
+                continue
             if isinstance(item, _Check):
                 triggers = {item.trigger}
                 # Coalesce: everything already queued is answered by this one check.
@@ -193,6 +206,7 @@ class Daemon:
                         self.store.current() != Path(item.model_dir).resolve():
                     continue  # an older switch's worker: nothing to roll back any more
                 event = Event(kind=EventKind.PROBATION_FAILED, target=updater.state.active, reason=item.reason)
+                self._probation_until = 0.0  # the held checks may run once the rollback is done
             try:
                 updater.handle(event)
             except Exception:  # the loop must survive one bad update; the journal holds the state
@@ -202,6 +216,7 @@ class Daemon:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
         loop = self._loop
         assert loop is not None
+        self._probation_until = time.monotonic() + self.config.probation_s
         loop.call_soon_threadsafe(self._start_probation, model_dir)
 
     def _start_probation(self, model_dir: Path) -> None:
