@@ -106,9 +106,10 @@ def test_signed_but_broken_releases_roll_back_while_the_old_model_serves(
         assert agent.store.current() == v1 and agent.store.check_invariants() == []
         # Refused: a new check does not download v4 again.
         gets = len(release.artifact_gets("tiny", 4))
-        n = _check_count(agent)
+        refusals = agent.log().count("is refused until a newer version")
         _switch_channel(agent, "stable")
-        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.FAILED, 60, "v4 refused again")
+        agent.wait(lambda: agent.log().count("is refused until a newer version") > refusals
+                   and agent.phase() is Phase.FAILED, 60, "v4 refused again")
         assert len(release.artifact_gets("tiny", 4)) == gets
         n_during = len(poller.results)
     assert n_during >= 10, "the client must have kept asking during the updates"
@@ -169,7 +170,9 @@ def test_refusals_name_the_requirement_and_download_nothing(tiny_raw: Path, rele
         release.publish(tiny_raw, "tiny", version, channel=channel, requirements=requirements)
         n = _check_count(agent)
         _switch_channel(agent, channel)
-        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.INCOMPATIBLE, 60, f"{channel} refused")
+        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.INCOMPATIBLE
+                   and f"model tiny v{version} " in (Journal(agent.store.journal_path).load().reason or ""),
+                   60, f"{channel} refused")
         state = Journal(agent.store.journal_path).load()
         assert reason in (state.reason or ""), state.reason
         assert f"model tiny v{version}" in (state.reason or "")
