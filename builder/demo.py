@@ -343,8 +343,10 @@ def _agent_toml(run: _Run, dev: _Device) -> str:
         "state_dir": str(dev.state_dir), "api_bind": f"127.0.0.1:{dev.api_port}", "broker_url": run.broker_url,
     }
     text = "".join(f"{k} = {json.dumps(v)}\n" for k, v in lines.items())
-    # Two devices, a build and a client share this host's cores: one ORT thread each.
-    return text + "telemetry_interval_s = 5.0\npoll_interval_s = 60.0\nintra_op_num_threads = 1\n"
+    # Two devices, a build and a client share this host's cores: one ORT thread each. A new model
+    # is on probation (its crash rolls it back, checks wait) for 10 s instead of 60: the demo moves on fast.
+    return text + ("telemetry_interval_s = 5.0\npoll_interval_s = 60.0\nintra_op_num_threads = 1\n"
+                   "probation_s = 10.0\n")
 
 
 def step_agents(run: _Run) -> None:
