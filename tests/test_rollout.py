@@ -17,7 +17,8 @@ import pytest
 
 from agent.channel import ChannelFile, Rollout, cohort_bucket
 from builder.repo import TufRepo
-from builder.rollout_state import RolloutPhase, load_state
+from builder.rollout import RolloutController, RolloutPlan, utc_now
+from builder.rollout_state import RolloutPhase, load_state, save_state
 from tests.artifacts import make_artifact, new_repo, serving
 from tests.brokers import Mosquitto, mosquitto, wait_until  # noqa: F401
 from tests.conftest import subprocess_env
@@ -204,6 +205,49 @@ def test_killed_controller_resumes_from_saved_wave(setup: Setup, tmp_path: Path)
         if first.stderr:
             first.stderr.close()
         fleet.close()
+
+
+def test_rollback_while_controller_runs_stops_it(setup: Setup, tmp_path: Path) -> None:
+    s = setup
+    fleet = s.fleet(tmp_path, paused=set(s.ids) - s.wave(WAVES[0]))
+    controller = subprocess.Popen(_rollout_args(s, 2, wait="60s"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=subprocess_env())
+    try:
+        def in_wave_2() -> bool:
+            st = load_state(s.repo.dir, "stable")
+            return st is not None and st.wave_index == 1 and st.wave_started_at is not None
+        wait_until(in_wave_2, 60, "the controller to sign wave 2")
+        back = _run(_cli("rollback", "stable", "--repo", str(s.repo.dir), "--broker", s.broker.url, "--fleet", FLEET))
+        assert back.returncode == 0, back.stderr
+        _out, err = controller.communicate(timeout=30)
+        assert controller.returncode == 1 and "changed under this controller" in err, err
+        assert _channel(s) == ChannelFile(channel="stable", model="tiny", version=1,
+                                          rollout=Rollout(percent=100), allow_downgrade=True)
+        state = load_state(s.repo.dir, "stable")
+        assert state is not None and state.phase is RolloutPhase.ROLLED_BACK and state.reason == "operator rollback"
+        wait_until(lambda: all(v == 1 for v in fleet.versions().values()), 10, "wave 1 devices back on v1")
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.communicate(timeout=10)
+        fleet.close()
+
+
+def test_restart_in_rolling_back_finishes_the_rollback(setup: Setup, tmp_path: Path) -> None:
+    """The journal a controller killed right after deciding to roll back leaves behind."""
+    s = setup
+    controller = RolloutController(s.repo.dir, None)
+    state = controller.begin(RolloutPlan(channel="stable", model="tiny", version=2, waves=list(WAVES),
+                                         min_success=0.95, wait_s=30, salt=s.salt))
+    s.repo.set_channel(state.wave_channel())  # wave 1 was signed ...
+    save_state(s.repo.dir, state.model_copy(update={"phase": RolloutPhase.ROLLING_BACK,  # ... then it failed
+                                                    "reason": "wave 1/3 (30%) failed: test"}), utc_now())
+    result = _run(_rollout_args(s, 2))
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["phase"] == "ROLLED_BACK"
+    assert _channel(s) == ChannelFile(channel="stable", model="tiny", version=1,
+                                      rollout=Rollout(percent=100), allow_downgrade=True)
+    assert "rolled back" in result.stderr and "wave 1/3 (30%): signed" not in result.stderr
 
 
 def test_usage_errors_are_one_line(setup: Setup) -> None:
