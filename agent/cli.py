@@ -11,6 +11,8 @@ from agent.clikit import run_cli
 COMMAND_MODULES: list[str] = [
     "agent.cmd_doctor",
     "agent.cmd_update",
+    "agent.serve_cli",
+    "agent.prompt_cli",
 ]
 
 

@@ -11,6 +11,7 @@ from agent.clikit import run_cli
 COMMAND_MODULES: list[str] = [
     "builder.cmd_repo",
     "builder.fleet",
+    "builder.cmd_build",
     "builder.cmd_rollout",
 ]
 

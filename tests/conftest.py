@@ -63,3 +63,21 @@ def smollm2_int4_raw(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def builder_cache_dir(model_cache_dir: Path) -> Path:
+    """The builder's --cache-dir for tests: converted GGUFs and fp32 references are reused across runs."""
+    return model_cache_dir / "builder-cache"
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(model_cache_dir: Path, builder_cache_dir: Path) -> Path:
+    """`edge-builder build smollm2-135m` (INT4 CPU, full pipeline: quality gate, footprint,
+    manifest) built once per session; reused when its manifest exists."""
+    from builder.build import BuildRequest, build_artifact
+
+    out = model_cache_dir / "smollm2-artifact"
+    if not (out / "manifest.json").is_file():
+        build_artifact(BuildRequest(source="smollm2-135m", out_dir=out, cache_dir=builder_cache_dir))
+    return out

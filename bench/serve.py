@@ -1,0 +1,213 @@
+"""What the serving layer costs: onnxruntime-genai's own loop in this process
+(baseline) against the same greedy generation through the model-worker pipe
+(WorkerClient, no HTTP) and through the HTTP API with streaming (candidate,
+`edge-agent serve` as a real subprocess, read with plain HTTP + SSE). Then
+aggregate tokens/s through the API with 1, 2 and 4 concurrent clients.
+
+Runs alternate raw / worker / API so the load of a shared machine hits all
+three alike.
+
+    python bench/serve.py MODEL_DIR [-n 5] [--max-tokens 128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import onnxruntime_genai as og  # noqa: E402
+import psutil  # noqa: E402
+import requests  # noqa: E402
+import starlette  # noqa: E402
+import uvicorn  # noqa: E402
+
+from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
+from agent.worker import GenerateCommand, TokenEvent, WorkerClient  # noqa: E402
+
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+class Raw:
+    """The baseline: ORT-GenAI's own loop, model in this process."""
+
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+
+    def run(self, max_tokens: int) -> tuple[float, float, int]:
+        started = time.perf_counter()
+        text = self.tokenizer.apply_chat_template(json.dumps([{"role": "user", "content": PROMPT}]),
+                                                  add_generation_prompt=True)
+        ids = self.tokenizer.encode(text)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
+        generator = og.Generator(self.model, params)
+        stream = self.tokenizer.create_stream()
+        generator.append_tokens(ids)
+        first = last = 0.0
+        n = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            stream.decode(int(generator.get_next_tokens()[0]))
+            last = time.perf_counter()
+            first = first or last
+            n += 1
+        return first - started, (n - 1) / (last - first), n
+
+
+async def _worker_run(worker: WorkerClient, max_tokens: int) -> tuple[float, float, int]:
+    command = GenerateCommand(id=os.urandom(8).hex(), messages=[ChatMessage(role="user", content=PROMPT)],
+                              options=SamplingOptions(temperature=0.0, max_tokens=max_tokens))
+    started = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    async for event in worker.generate(command):
+        if isinstance(event, TokenEvent):
+            last = time.perf_counter()
+            first = first or last
+            n += len(event.token_ids)
+    return first - started, (n - 1) / (last - first), n
+
+
+def api_run(url: str, max_tokens: int) -> tuple[float, float, int]:
+    body = {"model": "default", "stream": True, "temperature": 0, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    # tokens/s over the tokens after the first (a chunk can carry an empty text for a partial character)
+    return first - started, (n - 1) / (last - first), n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--model", str(model_dir), "--port",
+                             str(port), "--threads", str(threads), "--parallel", "4"], env=env,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server did not become healthy within 120 s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("-n", type=int, default=5, help="runs per variant")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+
+    raw = Raw(args.model_dir, args.threads)
+    proc, url = start_server(args.model_dir, args.threads)
+    loop = asyncio.new_event_loop()
+    worker = loop.run_until_complete(WorkerClient.start(args.model_dir, threads=args.threads))
+    results: dict[str, list[tuple[float, float, int]]] = {"raw": [], "worker": [], "api": []}
+    try:
+        # one warm-up each: first runs allocate the KV cache and page the weights in
+        raw.run(16)
+        loop.run_until_complete(_worker_run(worker, 16))
+        api_run(url, 16)
+        api_process = psutil.Process(proc.pid)
+        api_cpu_s = 0.0
+        for _ in range(args.n):
+            results["raw"].append(raw.run(args.max_tokens))
+            results["worker"].append(loop.run_until_complete(_worker_run(worker, args.max_tokens)))
+            before = api_process.cpu_times()
+            results["api"].append(api_run(url, args.max_tokens))
+            after = api_process.cpu_times()
+            api_cpu_s += (after.user + after.system) - (before.user + before.system)
+        loop.run_until_complete(worker.stop())
+        del raw  # only the server's worker uses the CPUs from here on
+
+        concurrency: dict[int, tuple[float, int]] = {}
+        for clients in (1, 2, 4):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                runs = list(pool.map(lambda _: api_run(url, args.max_tokens), range(clients * 2)))
+            wall_s = time.perf_counter() - started
+            concurrency[clients] = (sum(r[2] for r in runs) / wall_s, sum(r[2] for r in runs))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+    print(f"# bench/serve.py  model={args.model_dir.name} threads={args.threads} max_tokens={args.max_tokens} "
+          f"n={args.n} cpus={os.cpu_count()} python={platform.python_version()} "
+          f"onnxruntime-genai={og.__version__} starlette={starlette.__version__} uvicorn={uvicorn.__version__}")
+    tokens = {k: {r[2] for r in v} for k, v in results.items()}
+    print(f"# tokens per run: {tokens} (greedy, same output in all three)")
+    print()
+    print("| metric | raw ORT-GenAI loop | worker pipe | API (HTTP+SSE) | worker/raw | API/raw |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for label, index, scale, unit in (("decode tok/s", 1, 1.0, ""), ("TTFT ms", 0, 1000.0, "")):
+        cells = []
+        medians = {}
+        for name in ("raw", "worker", "api"):
+            values = [r[index] * scale for r in results[name]]
+            medians[name] = statistics.median(values)
+            cells.append(f"median {medians[name]:.1f}, p90 {_p90(values):.1f}{unit}")
+        print(f"| {label} | {' | '.join(cells)} | {medians['worker'] / medians['raw']:.3f} | "
+              f"{medians['api'] / medians['raw']:.3f} |")
+    raw_ttft = statistics.median(r[0] for r in results["raw"]) * 1000
+    api_ttft = statistics.median(r[0] for r in results["api"]) * 1000
+    worker_ttft = statistics.median(r[0] for r in results["worker"]) * 1000
+    print(f"| added TTFT ms (median) | 0 | {worker_ttft - raw_ttft:+.2f} | {api_ttft - raw_ttft:+.2f} | | |")
+    api_tokens = sum(r[2] for r in results["api"])
+    print(f"| API process CPU per token (HTTP, SSE, routing; load-independent cost) | | | "
+          f"{api_cpu_s / api_tokens * 1e6:.0f} us | | |")
+    print()
+    raw_tps = statistics.median(r[1] for r in results["raw"])
+    print("| concurrent API clients | aggregate tok/s | total tokens | aggregate / raw single-stream decode |")
+    print("| --- | --- | --- | --- |")
+    for clients, (tps, total) in concurrency.items():
+        print(f"| {clients} | {tps:.1f} | {total} | {tps / raw_tps:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
