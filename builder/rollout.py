@@ -191,6 +191,9 @@ class RolloutController:
                 and saved.phase is not RolloutPhase.ROLLED_BACK and saved.phase is not RolloutPhase.HALTED:
             if saved.waves != plan.waves:
                 self.progress(f"resuming with the saved waves {saved.waves} (not {plan.waves})")
+            if not saved.is_finished:
+                self.progress(f"resuming the rollout of {saved.model} v{saved.version} on {saved.channel} at wave "
+                              f"{saved.wave_index + 1}/{len(saved.waves)} ({saved.percent}%), {saved.phase.value}")
             log.info("event=rollout_resume channel=%s model=%s version=%d phase=%s wave_index=%d",
                      saved.channel, saved.model, saved.version, saved.phase.value, saved.wave_index)
             return saved

@@ -169,7 +169,7 @@ def test_three_wave_rollout_across_real_agents_survives_a_controller_kill(good_e
     assert state["phase"] == "SUCCEEDED"
     assert state["history"][0] == json.loads(saved.history[0].model_dump_json())  # not redone
     assert [(w["percent"], w["outcome"]) for w in state["history"]] == [(p, "passed") for p in WAVES]
-    assert "resumed" in result.stderr
+    assert f"resuming the rollout of tiny v2 on stable at wave 2/3 ({WAVES[1]}%)" in result.stderr
     env.wait_all_on(2, timeout_s=60)
     assert {a.device_id: _current_version(a.state_dir) for a in env.fleet.agents} == {d: 2 for d in env.ids}
     assert TufRepo.load(env.repo.dir).read_channel("stable") == ChannelFile(
