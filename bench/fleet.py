@@ -113,11 +113,13 @@ def _analyse(traffic: Traffic, t0: float, t_done: float, n: int, version: int) -
     msgs = traffic.since(t0)
     per_device: dict[str, dict[str, float]] = {}
     device_msgs = 0
+    by_kind: dict[str, int] = {"events": 0, "status": 0, "telemetry": 0}
     for _, topic, payload in msgs:
         parsed = parse_device_topic(topic)
         if parsed is None:
             continue
         device_msgs += 1
+        by_kind[parsed[2]] = by_kind.get(parsed[2], 0) + 1
         if parsed[2] != "events" or not payload:
             continue
         e = json.loads(payload)
@@ -149,6 +151,7 @@ def _analyse(traffic: Traffic, t0: float, t_done: float, n: int, version: int) -
         "timed_devices": len(totals),
         **{f"share_{k}": sums[k] / whole for k in _PHASES},
         "messages_per_device": device_msgs / n,
+        **{f"{kind}_per_device": count / n for kind, count in by_kind.items() if kind != "commands"},
     }
 
 
@@ -169,7 +172,11 @@ def run_one(n: int, poll_s: int, cache: Path, tokenizer_dir: Path, work: Path) -
             fleet.start()
             try:
                 ready = _wait_all(traffic, n, 1, 600, fleet)
-                rss = sum(psutil.Process(a.proc.pid).memory_info().rss for a in fleet.agents if a.proc)
+                rss = 0  # the agent process and its model worker
+                for a in fleet.agents:
+                    if a.proc is not None:
+                        parent = psutil.Process(a.proc.pid)
+                        rss += sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
                 print(f"n={n}: {n} agents ACTIVE on v1 after {ready - started:.1f} s; total agent RSS "
                       f"{rss / 2**20:.0f} MiB ({rss / n / 2**20:.0f} MiB each)", file=sys.stderr)
                 results = []
@@ -221,7 +228,9 @@ def main() -> None:
         for key, fmt in (("last_active_s", "{:.1f}"), ("device_median_s", "{:.1f}"), ("device_p90_s", "{:.1f}"),
                          ("share_wait_check", "{:.0%}"), ("share_check", "{:.0%}"),
                          ("share_download_verify_install", "{:.0%}"), ("share_activate", "{:.0%}"),
-                         ("messages_per_device", "{:.1f}"), ("timed_devices", "{}")):
+                         ("messages_per_device", "{:.1f}"), ("events_per_device", "{:.1f}"),
+                         ("status_per_device", "{:.1f}"), ("telemetry_per_device", "{:.1f}"),
+                         ("timed_devices", "{}")):
             b, c = base[key], cand[key]
             ratio = f"{float(c) / float(b):.2f}" if isinstance(b, float) and b else ""
             print(f"| {n} | {key} | {fmt.format(b)} | {fmt.format(c)} | {ratio} |")
