@@ -13,6 +13,7 @@ COMMAND_MODULES: list[str] = [
     "agent.cmd_update",
     "agent.serve_cli",
     "agent.prompt_cli",
+    "agent.cmd_run",
 ]
 
 

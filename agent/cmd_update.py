@@ -1,8 +1,12 @@
-"""`edge-agent update --once`: one refresh-and-install pass without the daemon.
+"""`edge-agent update --once`: one pass of the daemon's update path, without the daemon.
 
-The orchestration is `run_update_once` and nothing else: the update state
-machine (issue 6) replaces it with journaled steps calling the same
-`agent.fetch` functions.
+The pass is the journaled `agent.updater.Updater` with the same real steps as
+`edge-agent run` (TUF check with hardware and disk decisions, verified resumable
+download, install, load + canary, atomic switch): first it finishes or abandons
+whatever an interrupted earlier pass left in `state.json`, then it checks once.
+The one difference: activation loads the new model in a temporary model-worker
+process, runs the manifest's canary there, and stops it; `current` moves only
+after the canary reproduced exactly.
 """
 
 from __future__ import annotations
@@ -10,17 +14,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from agent.activation import WorkerCanaryActivator
 from agent.clikit import HelpFormatter, print_json
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from agent.download import DownloadPolicy, Downloader
-from agent.errors import EdgefleetError, ExitCode, UsageError
-from agent.fetch import CheckStatus, fetch_release
+from agent.errors import EdgefleetError, ExitCode, IncompatibleModelError, UpdateFailedError, UsageError
+from agent.fetch import CheckStatus, active_manifest, decide
+from agent.statemachine import Phase
 from agent.store import Store
+from agent.tuf_source import TufUpdateSource
+from agent.updater import Activator, Transition, Updater
 
 log = logging.getLogger(__name__)
 
@@ -56,46 +64,94 @@ class _TtyProgress:
             sys.stderr.flush()
 
 
-def run_update_once(config: AgentConfig, store: Store, downloader: Downloader | None = None) -> UpdateOutcome:
-    """Fetch (verified) and, when there is a release, assemble it and switch `current`.
+class _ErrorRecorder:
+    """Wraps a step implementation and remembers the last typed error it raised, so the
+    one-shot CLI can exit with that error's code and message (the driver itself turns
+    errors into STEP_FAILED events with the message as the reason)."""
+
+    def __init__(self) -> None:
+        self.last: EdgefleetError | None = None
+
+    def wrap(self, obj: Any) -> Any:
+        recorder = self
+
+        class _Proxy:
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(obj, name)
+                if not callable(attr):
+                    return attr
+
+                def call(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        return attr(*args, **kwargs)
+                    except EdgefleetError as e:
+                        recorder.last = e
+                        raise
+                return call
+        return _Proxy()
+
+
+class _LogSink:
+    def publish(self, transition: Transition) -> None:
+        """The updater logs each transition itself; a one-shot pass has no MQTT link."""
+
+
+def run_update_once(config: AgentConfig, store: Store, *, activator: Activator | None = None,
+                    progress: Callable[[int], None] | None = None) -> UpdateOutcome:
+    """One journaled update pass: finish an interrupted update, then check and install once.
 
     Raises:
-        EdgefleetError: any refusal; nothing is installed and `current` is untouched.
+        EdgefleetError: the typed error of the step that refused or failed (VerificationError,
+            DownloadError, IncompatibleModelError, ActivationError, DowngradeRefusedError, ...);
+            `current` then still points at the previous complete model.
     """
+    store.ensure_layout()
+    source = TufUpdateSource(config, store, progress=progress)
+    errors = _ErrorRecorder()
+    updater = Updater(store, checker=errors.wrap(source), downloader=errors.wrap(source),
+                      activator=errors.wrap(activator or WorkerCanaryActivator(config.intra_op_num_threads)),
+                      sink=_LogSink(), disk_cap_bytes=config.disk_cap_bytes)
     try:
-        result = fetch_release(config, store, downloader=downloader)
-        check = result.check
-        if check.release is None:
-            log.info("event=update_done status=%s channel=%s", check.status.value, check.channel.channel)
-            return UpdateOutcome(status=check.status.value, channel=check.channel.channel,  # type: ignore[arg-type]
-                                 model=check.channel.model, version=check.channel.version)
-        release = check.release
-        model_dir = store.assemble_model(release.manifest, release.manifest_bytes)
-        store.switch_current(model_dir)
+        before = store.current()
+        updater.start()
+        state = updater.check_now()
+        after = store.current()
+        if state.phase in (Phase.FAILED, Phase.ROLLING_BACK):
+            raise errors.last or UpdateFailedError(f"update failed: {state.reason}")
+        if state.phase is Phase.INCOMPATIBLE:
+            raise IncompatibleModelError(state.reason or "this device cannot run the channel's model")
+        channel = source.last_channel
+        assert channel is not None
+        if after is not None and after != before:
+            active = active_manifest(store)
+            assert active is not None
+            log.info("event=update_done status=installed model=%s version=%d bytes=%d", active.name,
+                     active.version, source.bytes_downloaded)
+            return UpdateOutcome(status="installed", channel=channel.channel, model=active.name,
+                                 version=active.version, bytes_downloaded=source.bytes_downloaded,
+                                 files_downloaded=source.files_downloaded, blobs_reused=source.blobs_reused)
+        # Nothing installed: say why in the words of the channel rule (raises on a refused downgrade).
+        status = decide(channel, active_manifest(store), config.device_id)
+        if status is CheckStatus.AVAILABLE:
+            raise UpdateFailedError(f"channel {channel.channel} names {channel.model} v{channel.version} but the"
+                                    f" pass ended in {state.phase.value}: {state.reason}")
     except EdgefleetError as e:
         log.error("event=update_refused error=%s reason=%s", type(e).__name__, e)
         raise
-    m = release.manifest
-    log.info("event=update_done status=installed model=%s version=%d bytes=%d", m.name, m.version,
-             result.stats.bytes_transferred)
-    assert check.status is CheckStatus.AVAILABLE
-    return UpdateOutcome(status="installed", channel=check.channel.channel, model=m.name, version=m.version,
-                         bytes_downloaded=result.stats.bytes_transferred,
-                         files_downloaded=result.stats.files_downloaded, blobs_reused=result.stats.blobs_reused)
+    log.info("event=update_done status=%s channel=%s", status.value, channel.channel)
+    return UpdateOutcome(status=status.value, channel=channel.channel,  # type: ignore[arg-type]
+                         model=channel.model, version=channel.version)
 
 
 def _cmd_update(args: argparse.Namespace) -> int:
     if not args.once:
         raise UsageError("update runs one pass only: pass --once (the daemon is `edge-agent run`)")
     config = load_config(Path(args.config))
-    downloader = None
-    if sys.stderr.isatty() and not args.json:
-        downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=config.download_rate_limit_bytes_per_s),
-                                progress=_TtyProgress())
+    progress = _TtyProgress() if sys.stderr.isatty() and not args.json else None
     try:
-        outcome = run_update_once(config, Store(config.state_dir), downloader)
+        outcome = run_update_once(config, Store(config.state_dir), progress=progress)
     finally:
-        if downloader is not None and downloader.stats.bytes_transferred:
+        if progress is not None and progress.bytes_done:
             sys.stderr.write("\n")
     if args.json:
         print_json(outcome)
@@ -110,8 +166,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser(
         "update", help="check the signed repository once and install the channel's release",
         formatter_class=HelpFormatter,
-        description="One refresh-and-install pass: TUF refresh, signed channel file, cohort, verified "
-                    "download, install, switch. Exit 0 when up to date or installed.",
+        description="One journaled update pass (the daemon's path): finish an interrupted update, then TUF "
+                    "refresh, signed channel file, cohort, hardware and disk checks, verified download, install, "
+                    "load + canary in a temporary model worker, atomic switch. Exit 0 when up to date or installed.",
         epilog="example:\n  edge-agent update --once --config /etc/edge-agent/agent.toml\n" + ExitCode.help_text())
     p.add_argument("--once", action="store_true", help="run one pass and exit (required for now)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),

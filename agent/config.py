@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -48,6 +48,11 @@ class AgentConfig(BaseModel):
     download_rate_limit_bytes_per_s: int | None = Field(default=None, gt=0)
     intra_op_num_threads: int | None = Field(default=None, gt=0,
                                              description="ORT threads per model; default: the CPU count")
+    probation_s: float = Field(default=60.0, ge=0,
+                               description="a new model whose worker dies within this window is rolled back")
+    switch_mode: Literal["auto", "both", "drain"] = Field(
+        default="auto", description="auto: load the new model next to the old one when available RAM holds"
+                                    " both (manifest min_ram_bytes), else drain the old one first")
 
     @field_validator("repo_url")
     @classmethod

@@ -140,3 +140,9 @@ class BrokerError(EdgefleetError):
     """The MQTT broker cannot be reached, refused the credentials or timed out."""
 
     exit_code = ExitCode.FAILED
+
+
+class UpdateFailedError(EdgefleetError):
+    """An update pass ended in FAILED for a reason no more specific error describes (see the message)."""
+
+    exit_code = ExitCode.FAILED

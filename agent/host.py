@@ -64,6 +64,7 @@ class ModelHost:
         self._switch_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._consecutive_restarts = 0
+        self._paused = False  # a drain-and-switch is under way: requests wait for the new model
 
     @property
     def is_serving(self) -> bool:
@@ -78,7 +79,7 @@ class ModelHost:
         identity = self.identity
         return requested in (None, "", "default") or (identity is not None and requested == identity.name)
 
-    async def switch(self, model_dir: Path, *, canary: Canary | None = None,
+    async def switch(self, model_dir: Path, *, canary: Canary | None = None, drain_first: bool = False,
                      _is_restart: bool = False) -> ModelIdentity:
         """Load `model_dir` in a new worker and make it serve every request not yet started.
 
@@ -89,9 +90,17 @@ class ModelHost:
         Returns once the new model serves and the old worker is stopped
         (in-flight requests on it finish first, up to `drain_timeout_s`).
 
+        With `drain_first` (the device has no RAM for two models), in-flight
+        requests finish on the old worker first, new ones wait in the queue
+        (they do not fail), the old worker stops, then the new one loads; if it
+        fails, the old model is loaded again and serves the waiting requests.
+
         Raises:
             ActivationError: the new model failed to load or its canary; the old one keeps serving.
         """
+        if drain_first and self._current is not None and not _is_restart:
+            async with self._switch_lock:
+                return await self._drain_then_switch(Path(model_dir), canary)
         async with self._switch_lock:
             if self._current is None:
                 self.state = "loading"
@@ -120,6 +129,52 @@ class ModelHost:
             if old is not None:
                 await self._drain_and_stop(old)
             return new.identity
+
+    async def _drain_then_switch(self, model_dir: Path, canary: Canary | None) -> ModelIdentity:
+        old = self._current
+        assert old is not None
+        started = time.perf_counter()
+        self._paused = True  # new and queued requests wait for a slot instead of failing
+        try:
+            async with self._slot_freed:
+                await self._slot_freed.wait_for(lambda: self._active == 0)
+            self._current = None  # a planned stop: the restart watcher leaves it alone
+            self.state = "loading"
+            await old.stop()
+            log.info("event=drained model=%s drain_s=%.2f", old.identity.name, time.perf_counter() - started)
+            try:
+                new = await WorkerClient.start(model_dir, threads=self.threads, load_timeout_s=self.load_timeout_s)
+                if canary is not None:
+                    await self._check_canary(new, canary)
+            except ActivationError as e:
+                self.last_error = str(e)
+                log.error("event=model_switch_failed model_dir=%s mode=drain error=%s: reloading %s", model_dir, e,
+                          old.identity.model_dir)
+                restored = await WorkerClient.start(Path(old.identity.model_dir), threads=self.threads,
+                                                    load_timeout_s=self.load_timeout_s)
+                self._install(restored)
+                raise
+            self._install(new)
+            self.metrics.model_switches_total += 1
+            log.info("event=model_switch model=%s version=%s mode=drain switch_s=%.2f previous=%s",
+                     new.identity.name, new.identity.version, time.perf_counter() - started, old.identity.name)
+            return new.identity
+        finally:
+            self._paused = False
+            if self._current is None:
+                self.state = "failed"
+            async with self._slot_freed:
+                self._slot_freed.notify_all()
+
+    def _install(self, worker: WorkerClient) -> None:
+        self._current = worker
+        self.state = "ready"
+        self._spawn(self._restart_when_dead(worker))
+
+    @property
+    def current_worker(self) -> WorkerClient | None:
+        """The worker new requests go to (the daemon watches it during probation)."""
+        return self._current
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -198,10 +253,10 @@ class ModelHost:
             await current.stop()
 
     async def _acquire_slot(self) -> WorkerClient:
-        if self._current is None:
+        if self._current is None and not self._paused:
             raise ModelNotReadyError("loading model" if self.state == "loading" else
                                      f"no model is loaded ({self.last_error or 'none configured'})")
-        if not self._current.is_alive:
+        if self._current is not None and not self._current.is_alive and not self._paused:
             raise ModelNotReadyError("the model worker died and is restarting: retry in a few seconds")
         if self._active + self._waiting >= self.parallel + self.queue_size:
             # A slot frees about every (tokens per request / tokens per s); a second is a fair hint.
@@ -211,8 +266,9 @@ class ModelHost:
         self.metrics.queue_depth = self._waiting
         try:
             async with self._slot_freed:
-                await self._slot_freed.wait_for(lambda: self.state == "failed" or (
-                    self._active < self.parallel and self._current is not None and self._current.is_alive))
+                await self._slot_freed.wait_for(lambda: (self.state == "failed" and not self._paused) or (
+                    not self._paused and self._active < self.parallel and self._current is not None
+                    and self._current.is_alive))
                 if self.state == "failed":
                     raise ModelNotReadyError(f"the model failed to restart: {self.last_error}")
                 self._active += 1

@@ -187,3 +187,22 @@ def write_agent_toml(path: Path, config: AgentConfig) -> Path:
         f'state_dir = "{config.state_dir}"\n'
     )
     return path
+
+
+class NoLoadActivator:
+    """TEST DOUBLE for activation, for the trust-layer tests only: their artifacts are made-up
+    bytes, not loadable models, and what they test is what gets downloaded, verified and
+    installed. Real load + canary activation is tested with real models in tests/test_daemon_*.py."""
+
+    def activate(self, model_dir: Path, manifest: Manifest) -> None:
+        assert (model_dir / MANIFEST_FILENAME).is_file()
+
+    def serve(self, model_dir: Path | None) -> None:
+        pass
+
+
+def run_update_once_unloaded(config: AgentConfig, store: Store) -> Any:
+    """`agent.cmd_update.run_update_once` with the `NoLoadActivator` test double."""
+    from agent.cmd_update import run_update_once
+
+    return run_update_once(config, store, activator=NoLoadActivator())

@@ -18,6 +18,7 @@ from agent.errors import DownloadError, VerificationError
 from agent.store import Store
 from tests.artifacts import make_artifact, new_repo, provision_device, serving, write_agent_toml
 from tests.conftest import subprocess_env
+from tests.daemon_kit import make_real_artifact, tiny_raw  # noqa: F401 (a fixture)
 
 SIZE = 300_000
 
@@ -123,12 +124,15 @@ def test_wrong_declared_length_and_stale_partial(tmp_path: Path) -> None:
         assert Downloader().fetch_blob(expected, store).read_bytes() == data
 
 
-def test_agent_killed_mid_download_resumes_after_restart(tmp_path: Path) -> None:
-    """kill -9 of a real `edge-agent update --once`; the next run resumes with Range."""
+def test_agent_killed_mid_download_resumes_after_restart(tmp_path: Path, tiny_raw: Path) -> None:
+    """kill -9 of a real `edge-agent update --once`; the next run resumes with Range.
+
+    The artifact is a real tiny model (update --once loads it and runs its canary) plus a
+    3 MB file of random bytes that the rate-limited download is killed in."""
     size = 3_000_000
     repo = new_repo(tmp_path / "repo")
     payload = os.urandom(size)
-    repo.publish(make_artifact(tmp_path / "art", "tiny", 1, {"model.onnx": payload, "genai_config.json": b"{}"}))
+    repo.publish(make_real_artifact(tiny_raw, tmp_path / "art", "tiny", 1, extra_files={"pad.bin": payload}))
     repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
     with serving(repo.www_dir) as (url, faults):
         config, store = provision_device(tmp_path / "dev", repo, url)
@@ -156,7 +160,7 @@ def test_agent_killed_mid_download_resumes_after_restart(tmp_path: Path) -> None
         done = subprocess.run([sys.executable, "-m", "agent.cli", "update", "--once", "--config", str(toml)],
                               env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        model_gets = [(p, r) for p, r in faults.requests[before:] if p.endswith("model.onnx")]
+        model_gets = [(p, r) for p, r in faults.requests[before:] if p.endswith("pad.bin")]
         assert len(model_gets) == 1 and model_gets[0][1] is not None
         assert int(model_gets[0][1].removeprefix("bytes=").rstrip("-")) >= 300_000
-        assert (store.current() / "model.onnx").read_bytes() == payload
+        assert (store.current() / "pad.bin").read_bytes() == payload

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from agent.channel import ChannelFile
-from agent.cmd_update import run_update_once
+from tests.artifacts import run_update_once_unloaded as run_update_once
 from tests.artifacts import make_artifact, new_repo, provision_device
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)

@@ -19,7 +19,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 
 from agent.channel import ChannelFile
-from agent.cmd_update import run_update_once
+from tests.artifacts import run_update_once_unloaded as run_update_once
 from agent.config import AgentConfig
 from agent.errors import EdgefleetError, ManifestError, VerificationError
 from agent.manifest import MANIFEST_FILENAME

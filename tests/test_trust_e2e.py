@@ -18,7 +18,7 @@ import pytest
 
 from agent.errors import ExitCode
 from agent.manifest import MANIFEST_FILENAME, Manifest
-from tests.artifacts import make_artifact_from_dir
+from tests.daemon_kit import make_real_artifact
 from tests.conftest import subprocess_env
 
 
@@ -55,7 +55,8 @@ def served_repo(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 def test_smollm2_installs_through_the_real_server(smollm2_int4_raw: Path, served_repo: tuple[Path, str],
                                                   tmp_path: Path) -> None:
     repo, url = served_repo
-    art = make_artifact_from_dir(smollm2_int4_raw, tmp_path / "art", "smollm2", 1)
+    # A real build with its measured canary: update --once loads it and runs the canary.
+    art = make_real_artifact(smollm2_int4_raw, tmp_path / "art", "smollm2", 1)
     published = _run("builder.cli", "publish", str(art), "--repo", str(repo), "--json")
     assert published.returncode == 0, published.stderr
     assert _run("builder.cli", "channel", "set", "stable", "smollm2", "1", "--repo", str(repo)).returncode == 0
@@ -86,7 +87,7 @@ def test_smollm2_installs_through_the_real_server(smollm2_int4_raw: Path, served
     raw2 = tmp_path / "raw2"
     shutil.copytree(smollm2_int4_raw, raw2)
     (raw2 / "genai_config.json").write_text((raw2 / "genai_config.json").read_text() + "\n")
-    art2 = make_artifact_from_dir(raw2, tmp_path / "art2", "smollm2", 2)
+    art2 = make_real_artifact(raw2, tmp_path / "art2", "smollm2", 2)
     assert _run("builder.cli", "publish", str(art2), "--repo", str(repo)).returncode == 0
     assert _run("builder.cli", "channel", "set", "stable", "smollm2", "2", "--repo", str(repo)).returncode == 0
     (served_config,) = (repo / "www/targets/models/smollm2/2").glob("*.genai_config.json")

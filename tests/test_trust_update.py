@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.channel import ChannelFile, Rollout
-from agent.cmd_update import run_update_once
+from tests.artifacts import run_update_once_unloaded as run_update_once
 from agent.errors import ConfigError, DowngradeRefusedError, DownloadError, IncompatibleModelError
 from agent.fetch import CheckStatus, active_manifest, fetch_release
 from agent.manifest import MANIFEST_FILENAME

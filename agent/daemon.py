@@ -1,0 +1,395 @@
+"""`edge-agent run`: the device daemon.
+
+```
+ main thread, asyncio loop                              updater thread
+ ─────────────────────────                              ──────────────
+ API (uvicorn + ModelHost)   ◀── HostActivator ───────  Updater (journal, state machine)
+ MQTT incoming -> wake-ups   ─── check requests ─────▶   TufUpdateSource (TUF + download)
+ poll timer, telemetry, watchdog, probation watch         StoreInstaller
+ signals: SIGTERM drain+exit, SIGHUP reload             EventSink -> outbox/status/sd_notify
+```
+
+Why a thread for updates: TUF refresh, downloads and hashing block, and the API must
+keep answering; the Updater is not thread-safe, so exactly one thread feeds it. Requests
+to check (start-up, the `releases` doorbell, the `check_now` command, the poll timer)
+go through a queue and coalesce: a burst of doorbells runs one check.
+
+Start-up order (crash safety): recover the store (`.tmp-*` leftovers, dangling links),
+serve `current` at once (so a resumed update never leaves the device without a model),
+tell systemd READY=1, then replay the journal (the interrupted step runs again or the
+update is abandoned) and check for an update.
+
+Probation: for `probation_s` after a switch, a crash of the new model's worker is a
+PROBATION_FAILED event: the update rolls back to `previous` and that version is refused
+until a newer one is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from agent import sdnotify
+from agent.activation import HostActivator, serve_dir
+from agent.api import create_app
+from agent.config import AgentConfig, load_config
+from agent.errors import ConfigError, EdgefleetError
+from agent.host import ModelHost
+from agent.messages import Telemetry
+from agent.mqtt_link import MqttLink
+from agent.outbox import Outbox
+from agent.server import uvicorn_config
+from agent.statemachine import Event, EventKind, Phase
+from agent.store import Store
+from agent.telemetry import ServingMetrics, TelemetryCollector
+from agent.tuf_source import TufUpdateSource
+from agent.updater import Transition, Updater
+
+log = logging.getLogger(__name__)
+
+# Keys whose change needs a new MQTT connection on SIGHUP.
+_BROKER_KEYS = ("broker_url", "broker_username", "broker_password", "broker_ca_file", "broker_cert_file",
+                "broker_key_file", "mqtt_protocol", "device_id", "fleet", "channel")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon owns SIGTERM/SIGHUP."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def,override]
+        yield
+
+
+@dataclass(frozen=True)
+class _Check:
+    trigger: str
+
+
+@dataclass(frozen=True)
+class _ProbationFailed:
+    reason: str
+    model_dir: str
+
+
+class _Stop:
+    pass
+
+
+class DaemonSink:
+    """EventSink: each transition becomes a log line, an MQTT event (outbox), the retained
+    status and a systemd STATUS= line. Called on the updater thread."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def publish(self, t: Transition) -> None:
+        # The updater already logged this transition (event=state_change): no second line here.
+        self.daemon.on_transition(t)
+
+
+class Daemon:
+    def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.store = Store(config.state_dir)
+        self.host = ModelHost(threads=config.intra_op_num_threads)
+        self.link: MqttLink | None = None
+        self.outbox: Outbox | None = None
+        self._requests: queue.Queue[_Check | _ProbationFailed | _Stop] = queue.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+        self._incoming = asyncio.Event()
+        self._server: _Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._updater: Updater | None = None
+        self._source: TufUpdateSource | None = None
+        self._activator: HostActivator | None = None
+        self._updater_thread: threading.Thread | None = None
+        self._phase = Phase.IDLE
+        self._probation_task: asyncio.Task[None] | None = None
+        self._exit_code = 0
+
+    # -- wiring ------------------------------------------------------------------
+    def _make_link(self, config: AgentConfig) -> MqttLink | None:
+        if config.broker_url is None:
+            log.info("event=mqtt_disabled reason=no_broker_url mode=poll_only")
+            return None
+        if self.outbox is None:
+            self.outbox = Outbox(self.store.outbox_dir)
+        loop = self._loop
+        assert loop is not None
+        link = MqttLink(config, self.outbox, on_incoming=lambda: loop.call_soon_threadsafe(self._incoming.set))
+        self._publish_status_to(link)
+        link.start()
+        return link
+
+    def _publish_status_to(self, link: MqttLink) -> None:
+        ref = self._updater.state.active if self._updater is not None else None
+        identity = self.host.identity
+        link.publish_status(state=self._phase.value, channel=self.config.channel,
+                            model=ref.name if ref else identity.name if identity else None,
+                            version=ref.version if ref else identity.version if identity else None)
+
+    def on_transition(self, t: Transition) -> None:
+        """Updater thread: mirror one transition to MQTT, the retained status and systemd."""
+        self._phase = t.to_phase
+        link = self.link
+        if link is not None:
+            ref = t.target or t.active
+            link.publish_event("transition", from_state=t.from_phase.value, to_state=t.to_phase.value,
+                               trigger=t.event.value, model=ref.name if ref else None,
+                               version=ref.version if ref else None, reason=t.reason)
+            link.publish_status(state=t.to_phase.value, channel=self.config.channel,
+                                model=t.active.name if t.active else None,
+                                version=t.active.version if t.active else None,
+                                last_error=t.reason if t.to_phase in (Phase.FAILED, Phase.INCOMPATIBLE,
+                                                                      Phase.ROLLING_BACK) else None)
+        sdnotify.status(f"{t.to_phase.value}" + (f" {t.active}" if t.active else "")
+                        + (f": {t.reason}" if t.reason and t.to_phase is not Phase.ACTIVE else ""))
+
+    # -- updater thread ----------------------------------------------------------
+    def request_check(self, trigger: str) -> None:
+        self._requests.put(_Check(trigger))
+
+    def _updater_main(self) -> None:
+        assert self._updater is not None
+        updater = self._updater
+        try:
+            updater.start()
+        except Exception:  # a broken journal must not kill serving; the log says what to do
+            log.exception("event=updater_start_failed")
+        while True:
+            item = self._requests.get()
+            if isinstance(item, _Stop):
+                return
+            if isinstance(item, _Check):
+                triggers = {item.trigger}
+                # Coalesce: everything already queued is answered by this one check.
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        more = self._requests.get_nowait()
+                        if isinstance(more, _Stop):
+                            return
+                        if isinstance(more, _Check):
+                            triggers.add(more.trigger)
+                        else:
+                            self._requests.put(more)
+                            break
+                log.info("event=check_requested triggers=%s", ",".join(sorted(triggers)))
+                event = Event(kind=EventKind.CHECK_REQUESTED)
+            else:
+                if updater.state.phase is not Phase.ACTIVE or updater.state.active is None or \
+                        self.store.current() != Path(item.model_dir).resolve():
+                    continue  # an older switch's worker: nothing to roll back any more
+                event = Event(kind=EventKind.PROBATION_FAILED, target=updater.state.active, reason=item.reason)
+            try:
+                updater.handle(event)
+            except Exception:  # the loop must survive one bad update; the journal holds the state
+                log.exception("event=update_pass_failed trigger=%s", event.kind.value)
+
+    def _on_activated(self, model_dir: Path) -> None:
+        """Updater thread, right after a switch: watch the new worker for `probation_s`."""
+        loop = self._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(self._start_probation, model_dir)
+
+    def _start_probation(self, model_dir: Path) -> None:
+        if self._probation_task is not None:
+            self._probation_task.cancel()
+        self._probation_task = asyncio.get_running_loop().create_task(self._probation(model_dir))
+
+    async def _probation(self, model_dir: Path) -> None:
+        worker = self.host.current_worker
+        if worker is None:
+            return
+        probation_s = self.config.probation_s
+        try:
+            await asyncio.wait_for(worker.wait_exited(), timeout=probation_s)
+        except TimeoutError:
+            log.info("event=probation_passed model_dir=%s probation_s=%.0f", model_dir, probation_s)
+            return
+        if self.host.current_worker is not worker:
+            return  # stopped on purpose (a later switch, a drain, shutdown)
+        reason = (f"the model worker exited with code {worker.proc.returncode} within the {probation_s:.0f} s"
+                  " probation window")
+        log.error("event=probation_failed model_dir=%s reason=%r", model_dir, reason)
+        self._requests.put(_ProbationFailed(reason=reason, model_dir=str(model_dir)))
+
+    # -- main loop tasks ---------------------------------------------------------
+    async def _poll_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            self.request_check("poll")
+
+    async def _incoming_pump(self) -> None:
+        while True:
+            await self._incoming.wait()
+            self._incoming.clear()
+            link = self.link
+            if link is None:
+                continue
+            while True:
+                try:
+                    item = link.incoming.get_nowait()
+                except queue.Empty:
+                    break
+                kind = type(item).__name__
+                if kind == "Doorbell":
+                    self.request_check("doorbell")
+                elif getattr(item, "command", None) == "check_now":
+                    self.request_check("check_now")
+                elif getattr(item, "command", None) == "report":
+                    self._publish_status_to(link)
+                    self._send_telemetry()
+
+    def _serving_metrics(self) -> ServingMetrics:
+        snap = self.host.metrics.snapshot()
+        identity = self.host.identity
+        return ServingMetrics(model=identity.name if identity else None, version=identity.version if identity else None,
+                              tokens_per_s=snap.decode_tokens_per_s_median, ttft_ms=snap.ttft_ms_median,
+                              queue_depth=snap.queue_depth, requests_total=snap.requests_total,
+                              errors_total=snap.requests_failed_total)
+
+    def _send_telemetry(self) -> Telemetry | None:
+        if self.link is None:
+            return None
+        sample = self._collector.sample()
+        self.link.publish_telemetry(sample)
+        return sample
+
+    async def _telemetry_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            try:
+                self._send_telemetry()
+            except Exception:  # telemetry is best effort; keep the loop alive
+                log.exception("event=telemetry_failed")
+
+    async def _watchdog(self, interval_s: float) -> None:
+        # From the main loop on purpose: if the loop stalls, the pings stop and systemd restarts us.
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(interval_s)
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            log.warning("event=reload_skipped reason=no_config_file")
+            return
+        sdnotify.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("event=reload_failed error=%s: keeping the running config", e)
+            sdnotify.status(f"{self._phase.value}: config reload failed: {e}")
+            return
+        if new.state_dir != self.config.state_dir or new.api_bind != self.config.api_bind:
+            log.warning("event=reload_partial reason=state_dir_or_api_bind_changed: restart the service for those")
+            new = new.model_copy(update={"state_dir": self.config.state_dir, "api_bind": self.config.api_bind})
+        old = self.config
+        self.config = new
+        if self._source is not None:
+            self._source.config = new
+        if self._updater is not None:
+            self._updater.disk_cap_bytes = new.disk_cap_bytes
+        if self._activator is not None:
+            self._activator.mode = new.switch_mode
+        if any(getattr(old, k) != getattr(new, k) for k in _BROKER_KEYS):
+            if self.link is not None:
+                self.link.stop()
+            self.link = None
+            with contextlib.suppress(EdgefleetError):
+                self.link = self._make_link(new)
+        log.info("event=config_reloaded path=%s", self.config_path)
+        sdnotify.notify("READY=1\nSTATUS=" + f"{self._phase.value} (config reloaded)")
+        self.request_check("reload")
+
+    # -- run -------------------------------------------------------------------------
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        loop = self._loop
+        self.store.ensure_layout()
+        self.store.recover()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+        app = create_app(self.host, api_token=self.config.api_token)
+        self._server = _Server(uvicorn_config(app, self.config.api_bind))
+        server_task = loop.create_task(self._server.serve())
+        self._collector = TelemetryCollector(self.config.device_id, self.store.root, self._serving_metrics)
+
+        current = self.store.current()
+        sdnotify.status(f"starting: loading {current}" if current else "starting: no model installed")
+        await serve_dir(self.host, current)
+        # Connected after `current` serves: the will (fixed at CONNECT) then names the model.
+        self.link = self._make_link(self.config)
+        while not self._server.started and not server_task.done():
+            await asyncio.sleep(0.01)
+        if server_task.done():
+            await server_task  # raises: e.g. the API port is taken
+            return 1
+        identity = self.host.identity
+        log.info("event=ready api_bind=%s model=%s version=%s", self.config.api_bind,
+                 identity.name if identity else None, identity.version if identity else None)
+        sdnotify.ready(f"serving {identity.name} v{identity.version}" if identity else "running, no model installed")
+
+        self._source = TufUpdateSource(self.config, self.store)
+        activator = HostActivator(self.host, loop, mode=self.config.switch_mode, on_activated=self._on_activated)
+        self._activator = activator
+        self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,
+                                sink=DaemonSink(self), disk_cap_bytes=self.config.disk_cap_bytes)
+        self._updater_thread = threading.Thread(target=self._updater_main, name="updater", daemon=True)
+        self._updater_thread.start()
+        self.request_check("startup")
+
+        self._tasks = [loop.create_task(self._poll_timer()), loop.create_task(self._incoming_pump()),
+                       loop.create_task(self._telemetry_timer())]
+        interval = sdnotify.watchdog_interval_s()
+        if interval is not None:
+            self._tasks.append(loop.create_task(self._watchdog(interval)))
+
+        stop_wait = loop.create_task(self._stop.wait())
+        await asyncio.wait({stop_wait, server_task}, return_when=asyncio.FIRST_COMPLETED)
+        await self._shutdown(server_task)
+        return self._exit_code
+
+    async def _shutdown(self, server_task: asyncio.Task[None]) -> None:
+        log.info("event=stopping reason=signal")
+        sdnotify.stopping("draining requests")
+        for task in self._tasks:
+            task.cancel()
+        self._requests.put(_Stop())
+        # Requests in flight finish (uvicorn's graceful shutdown), then the workers stop.
+        assert self._server is not None
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.host.wait_idle(60.0), timeout=61.0)
+        with contextlib.suppress(Exception):
+            await server_task
+        await self.host.close()
+        if self._updater_thread is not None:
+            # An update step cannot be interrupted; the journal makes leaving it mid-way safe.
+            await asyncio.to_thread(self._updater_thread.join, 2.0)
+        if self.link is not None:
+            await asyncio.to_thread(self.link.stop)
+        log.info("event=stopped")
+
+
+def run_daemon(config_path: Path) -> int:
+    config = load_config(config_path)
+    started = time.monotonic()
+    code = asyncio.run(Daemon(config, config_path).run())
+    log.info("event=exit code=%d uptime_s=%.0f", code, time.monotonic() - started)
+    return code
+
+
+__all__ = ["Daemon", "run_daemon"]
