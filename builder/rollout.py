@@ -175,6 +175,11 @@ class RolloutController:
         repo = TufRepo.load(self.repo_dir)
         if repo.read_channel(channel_file.channel) != channel_file:
             repo.set_channel(channel_file)
+        else:
+            # Signed by a run that was killed: set_channel writes targets first, then snapshot and
+            # timestamp, so a kill in between leaves a file devices cannot see yet. Finish the chain
+            # (idempotent: snapshot only changes if targets did; a new timestamp costs nothing).
+            repo.refresh()
         if self.broker is not None:
             ring_doorbell(self.broker.url, self.broker.creds, self.broker.fleet, _doorbell(repo, channel_file.channel))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.channel import ChannelFile, Rollout, cohort_bucket
+from agent.channel import ChannelFile, Rollout, channel_target_path, cohort_bucket
 from builder.repo import TufRepo
 from builder.rollout import RolloutController, RolloutPlan, utc_now
 from builder.rollout_state import RolloutPhase, load_state, save_state
@@ -248,6 +248,28 @@ def test_restart_in_rolling_back_finishes_the_rollback(setup: Setup, tmp_path: P
     assert _channel(s) == ChannelFile(channel="stable", model="tiny", version=1,
                                       rollout=Rollout(percent=100), allow_downgrade=True)
     assert "rolled back" in result.stderr and "wave 1/3 (30%): signed" not in result.stderr
+
+
+def test_restart_after_a_kill_inside_the_signing_finishes_it(setup: Setup, tmp_path: Path) -> None:
+    """A controller killed inside `set_channel`, after targets.json and before snapshot/timestamp:
+    the wave's channel file is in the targets but devices cannot see it yet."""
+    s = setup
+    controller = RolloutController(s.repo.dir, None)
+    state = controller.begin(RolloutPlan(channel="stable", model="tiny", version=2, waves=list(WAVES),
+                                         min_success=0.95, wait_s=30, salt=s.salt))
+    wanted = state.wave_channel()
+    info = s.repo._store_target_bytes(channel_target_path("stable"), wanted.model_dump_json(indent=2).encode())
+    with s.repo.edit_targets() as targets:  # the first half of set_channel, as the kill left it
+        targets.targets[info.path] = info
+    assert TufRepo.load(s.repo.dir).read_channel("stable") == wanted
+    fleet = s.fleet(tmp_path)
+    try:
+        result = _run(_rollout_args(s, 2, wait="20s"))
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: all(v == 2 for d, v in fleet.versions().items() if d.startswith("dev-")), 10,
+                   "every stable device on v2")
+    finally:
+        fleet.close()
 
 
 def test_usage_errors_are_one_line(setup: Setup) -> None:
