@@ -51,7 +51,7 @@ def _cmd_rollout(args: argparse.Namespace) -> int:
     plan = RolloutPlan(channel=args.channel, model=args.model, version=args.version, waves=waves,
                        min_success=args.min_success, wait_s=float(wait_s), salt=args.salt)
     controller = RolloutController(Path(args.repo), _broker(args, required=True), progress=_progress)
-    state = controller.run(controller.begin(plan))
+    state = controller.start(plan)
     if args.json:
         print_json(state)
     if state.phase is RolloutPhase.SUCCEEDED:

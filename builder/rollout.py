@@ -238,20 +238,31 @@ class RolloutController:
             RepositoryError: signing failed, or the journal changed under us.
             UsageError: another controller holds this channel.
         """
+        with channel_lock(self.repo_dir, state.channel):
+            return self._drive(state)
+
+    def start(self, plan: RolloutPlan) -> RolloutState:
+        """`begin` and `run` under one hold of the channel lock (what the CLI does).
+
+        Raises: as `begin` and `run`.
+        """
+        with channel_lock(self.repo_dir, plan.channel):
+            return self._drive(self.begin(plan))
+
+    def _drive(self, state: RolloutState) -> RolloutState:
         if self.broker is None:
             raise UsageError("a rollout watches the fleet: pass --broker")
-        with channel_lock(self.repo_dir, state.channel):
-            if state.phase is RolloutPhase.SUCCEEDED:
-                self.progress(f"rollout of {state.model} v{state.version} on {state.channel} already succeeded")
-                return state
-            watch = FleetWatch(self.broker, state.model, state.version)
-            try:
-                while state.phase is RolloutPhase.RUNNING:
-                    state = self._run_wave(state, watch)
-            finally:
-                watch.close()
-            if state.phase is RolloutPhase.ROLLING_BACK:
-                state = self._roll_back(state)
+        if state.phase is RolloutPhase.SUCCEEDED:
+            self.progress(f"rollout of {state.model} v{state.version} on {state.channel} already succeeded")
+            return state
+        watch = FleetWatch(self.broker, state.model, state.version)
+        try:
+            while state.phase is RolloutPhase.RUNNING:
+                state = self._run_wave(state, watch)
+        finally:
+            watch.close()
+        if state.phase is RolloutPhase.ROLLING_BACK:
+            state = self._roll_back(state)
         return state
 
     def rollback(self, channel: str, reason: str) -> RolloutState:
