@@ -1,7 +1,7 @@
 """A fleet of real agent processes for rollout tests and bench/fleet.py.
 
-Models: tiny random-weight Llamas (hidden 64, 2 layers, SmolLM2's tokenizer)
-built once with the real ORT-GenAI builder (INT4, CPU), one per seed, so two
+Models: tiny random-weight Llamas (tests/tiny_models.py: hidden 64, 2 layers,
+SmolLM2's tokenizer) built once with the real ORT-GenAI builder (INT4, CPU), one per seed, so two
 versions really differ in their weight files (a rollout downloads them) while
 the tokenizer files are shared blobs. Their canary is measured here with a real
 greedy run, so a real agent's activation passes; a "broken" build is the same
@@ -30,27 +30,10 @@ from builder.repo import TufRepo
 from tests.artifacts import manifest_dict
 from tests.brokers import free_port
 from tests.conftest import subprocess_env
+from tests.tiny_models import make_tiny_model
 
 CANARY_PROMPT = "The capital of France is"
 CANARY_TOKENS = 4
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def _tiny_llama_hf(out: Path, tokenizer_dir: Path, seed: int) -> Path:
-    import torch
-    import transformers as tf
-
-    config = tf.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, out / name)
-    return out
 
 
 def greedy_ids(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
@@ -74,7 +57,7 @@ def tiny_int4_build(cache: Path, tokenizer_dir: Path, seed: int) -> Path:
 
     out = cache / f"fleet-tiny-llama-s{seed}-int4"
     if not (out / "genai_config.json").is_file():
-        hf = _tiny_llama_hf(cache / f"fleet-tiny-llama-s{seed}-hf", tokenizer_dir, seed)
+        hf = make_tiny_model("llama", cache / f"fleet-tiny-llama-s{seed}-hf", tokenizer_dir=tokenizer_dir, seed=seed)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         run_ort_builder(hf, tmp, precision="int4", execution_provider="cpu", cache_dir=cache / "ort-cache",
