@@ -145,12 +145,16 @@ def make_fleet(root: Path, repo: TufRepo, repo_url: str, broker_url: str, fleet:
     The poll interval is long on purpose: updates then come from the doorbell, as in production.
     """
     agents: list[Agent] = []
+    ports: set[int] = set()
     for i in range(n):
         device_id = f"{prefix}-{i:03d}"
         state_dir = root / device_id / "state"
         (state_dir / "trust").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(repo.metadata_dir / "root.json", state_dir / "trust" / "root.json")
         port = free_port()
+        while port in ports:  # the kernel may hand the same free port out twice in a row
+            port = free_port()
+        ports.add(port)
         config_path = root / device_id / "agent.toml"
         config_path.write_text(
             f'device_id = "{device_id}"\nfleet = "{fleet}"\nchannel = "{channel}"\nrepo_url = "{repo_url}"\n'
