@@ -43,8 +43,9 @@ from agent.activation import HostActivator, serve_dir
 from agent.api import create_app
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, EdgefleetError
+from agent.hardware import probe, probe_onnxruntime_genai_in_subprocess
 from agent.host import ModelHost
-from agent.messages import Telemetry
+from agent.messages import Doorbell, Telemetry
 from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
 from agent.server import uvicorn_config
@@ -116,7 +117,9 @@ class Daemon:
         self._updater_thread: threading.Thread | None = None
         self._phase = Phase.IDLE
         self._probation_task: asyncio.Task[None] | None = None
+        self._probation_until = 0.0  # monotonic; checks wait until then (updater thread only)
         self._exit_code = 0
+        self._collector = TelemetryCollector(config.device_id, self.store.root, self._serving_metrics)
 
     # -- wiring ------------------------------------------------------------------
     def _make_link(self, config: AgentConfig) -> MqttLink | None:
@@ -171,6 +174,18 @@ class Daemon:
             item = self._requests.get()
             if isinstance(item, _Stop):
                 return
+            wait_s = self._probation_until - time.monotonic()
+            if isinstance(item, _Check) and wait_s > 0:
+                # Checks wait out the probation window: a check would move the machine out of
+                # ACTIVE, and a crash of the new model must still roll it back.
+                try:
+                    nxt: _Check | _ProbationFailed | _Stop | None = self._requests.get(timeout=wait_s)
+                except queue.Empty:
+                    nxt = None
+                if nxt is not None and not isinstance(nxt, _Check):
+                    self._requests.put(nxt)  # a probation failure or a stop goes first
+                self._requests.put(item)  # another check was coalesced into this one
+                continue
             if isinstance(item, _Check):
                 triggers = {item.trigger}
                 # Coalesce: everything already queued is answered by this one check.
@@ -191,6 +206,7 @@ class Daemon:
                         self.store.current() != Path(item.model_dir).resolve():
                     continue  # an older switch's worker: nothing to roll back any more
                 event = Event(kind=EventKind.PROBATION_FAILED, target=updater.state.active, reason=item.reason)
+                self._probation_until = 0.0  # the held checks may run once the rollback is done
             try:
                 updater.handle(event)
             except Exception:  # the loop must survive one bad update; the journal holds the state
@@ -200,6 +216,7 @@ class Daemon:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
         loop = self._loop
         assert loop is not None
+        self._probation_until = time.monotonic() + self.config.probation_s
         loop.call_soon_threadsafe(self._start_probation, model_dir)
 
     def _start_probation(self, model_dir: Path) -> None:
@@ -242,12 +259,11 @@ class Daemon:
                     item = link.incoming.get_nowait()
                 except queue.Empty:
                     break
-                kind = type(item).__name__
-                if kind == "Doorbell":
+                if isinstance(item, Doorbell):
                     self.request_check("doorbell")
-                elif getattr(item, "command", None) == "check_now":
+                elif item.command == "check_now":
                     self.request_check("check_now")
-                elif getattr(item, "command", None) == "report":
+                else:  # "report": what the operator sees now, without waiting for the timers
                     self._publish_status_to(link)
                     self._send_telemetry()
 
@@ -325,8 +341,6 @@ class Daemon:
         app = create_app(self.host, api_token=self.config.api_token)
         self._server = _Server(uvicorn_config(app, self.config.api_bind))
         server_task = loop.create_task(self._server.serve())
-        self._collector = TelemetryCollector(self.config.device_id, self.store.root, self._serving_metrics)
-
         current = self.store.current()
         sdnotify.status(f"starting: loading {current}" if current else "starting: no model installed")
         await serve_dir(self.host, current)
@@ -342,7 +356,9 @@ class Daemon:
                  identity.name if identity else None, identity.version if identity else None)
         sdnotify.ready(f"serving {identity.name} v{identity.version}" if identity else "running, no model installed")
 
-        self._source = TufUpdateSource(self.config, self.store)
+        # Measured once in a child process: the API process never maps onnxruntime (the workers do).
+        ort_genai = await asyncio.to_thread(probe_onnxruntime_genai_in_subprocess)
+        self._source = TufUpdateSource(self.config, self.store, hardware=lambda d: probe(d, ort_genai))
         activator = HostActivator(self.host, loop, mode=self.config.switch_mode, on_activated=self._on_activated)
         self._activator = activator
         self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,

@@ -147,11 +147,15 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def probe(state_dir: Path) -> HardwareReport:
-    """Probe this device. `state_dir` need not exist yet (its nearest existing parent is measured)."""
+def probe(state_dir: Path, ort_genai: tuple[str | None, list[str]] | None = None) -> HardwareReport:
+    """Probe this device. `state_dir` need not exist yet (its nearest existing parent is measured).
+
+    `ort_genai`: the (version, providers) of `probe_onnxruntime_genai()` measured earlier; the
+    daemon passes it so that its API process never imports onnxruntime-genai (~15 MB RSS).
+    """
     mem = psutil.virtual_memory()
     flags = read_cpu_flags()
-    version, providers = probe_onnxruntime_genai()
+    version, providers = ort_genai if ort_genai is not None else probe_onnxruntime_genai()
     return HardwareReport(
         total_ram_bytes=mem.total,
         available_ram_bytes=mem.available,
@@ -307,3 +311,25 @@ def raise_if_incompatible(manifest: Manifest, report: HardwareReport, disk_cap_b
     shortfalls = check_manifest(manifest, report, disk_cap_bytes)
     if shortfalls:
         raise IncompatibleModelError(format_shortfalls(manifest.name, manifest.version, shortfalls))
+
+
+def probe_onnxruntime_genai_in_subprocess(timeout_s: float = 60.0) -> tuple[str | None, list[str]]:
+    """`probe_onnxruntime_genai()` run in a short-lived child process, so the caller's
+    process does not keep onnxruntime's libraries mapped. Falls back to probing in-process."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json; from agent.hardware import probe_onnxruntime_genai as p; "
+            "v, e = p(); print(json.dumps([v, e]))")
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                             env=env, check=True).stdout
+        version, providers = json.loads(out.strip().splitlines()[-1])
+        return version, list(providers)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        log.warning("event=ort_genai_probe_subprocess_failed error=%r: probing in-process", str(e))
+        return probe_onnxruntime_genai()

@@ -151,7 +151,7 @@ class Agent:
         lines = {"device_id": device_id, "fleet": fleet, "channel": "stable", "repo_url": release.url,
                  "state_dir": str(self.state_dir), "api_bind": f"127.0.0.1:{self.port}",
                  "poll_interval_s": poll_interval_s, "telemetry_interval_s": telemetry_interval_s,
-                 "intra_op_num_threads": 1, "probation_s": 5.0, **(extra or {})}
+                 "intra_op_num_threads": 1, "probation_s": 1.0, **(extra or {})}
         if broker_url is not None:
             lines["broker_url"] = broker_url
         self.config_path = workdir / "agent.toml"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.messages import Doorbell, encode
+from agent.messages import Doorbell
+from agent.mqtt_link import BrokerCredentials
 from agent.statemachine import Phase
 from builder.fleet import ring_doorbell
-from agent.mqtt_link import BrokerCredentials
 from tests.brokers import Mosquitto, Recorder, mosquitto, publish_and_wait, wait_until  # noqa: F401
 from tests.daemon_kit import Agent, Release, release_repo, tiny_raw  # noqa: F401
 
@@ -197,13 +197,24 @@ def test_malformed_oversized_and_unknown_payloads_are_dropped_and_counted(
                            30, "telemetry counting 8 dropped payloads")
         log = agent.log()
         for _, reason in BAD_PAYLOADS:
-            assert log.count(f"event=mqtt_payload_dropped") == 8 and log.count(f"reason={reason}") == 2
+            assert log.count("event=mqtt_payload_dropped") == 8 and log.count(f"reason={reason}") == 2
         assert "triggers=doorbell" not in log and "triggers=check_now" not in log
         # Healthy: it serves, and a valid command still works.
         assert agent.chat().status_code == 200
         publish_and_wait(mosquitto.port, f"edgefleet/{FLEET}/devices/box-1/commands",
                          b'{"schema_version": 1, "command": "check_now"}')
         agent.wait(lambda: "triggers=check_now" in agent.log(), 30, "check_now handled")
+        # `report` answers with a fresh sample at once (the telemetry timer alone would take 0.3 s).
+        status = Recorder(mosquitto.port, [f"edgefleet/{FLEET}/devices/box-1/status"])
+        try:
+            status.wait_for(lambda ms: len(ms) >= 1, 10, "retained status")
+            n = len(status.messages)
+            publish_and_wait(mosquitto.port, f"edgefleet/{FLEET}/devices/box-1/commands",
+                             b'{"schema_version": 1, "command": "report"}')
+            status.wait_for(lambda ms: len(ms) > n, 10, "status republished on report")
+            assert json.loads(status.messages[-1].payload)["version"] == 1
+        finally:
+            status.close()
         telemetry.wait_for(lambda ms: json.loads(ms[-1].payload)["requests_total"] >= 1, 30, "a counted request")
         sample = json.loads(telemetry.messages[-1].payload)
         assert (sample["model"], sample["version"]) == ("tiny", 1) and sample["queue_depth"] == 0
@@ -258,3 +269,21 @@ def test_systemd_notify_watchdog_reload_and_clean_stop(tiny_raw: Path, release: 
         assert "event=stopped" in agent.log()
     finally:
         sock.close()
+
+
+def test_bad_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    toml = tmp_path / "agent.toml"
+    cases = [('device_id = "d"\nrepo_url = "http://127.0.0.1:9"\npoll_intervall_s = 5\n', "'poll_intervall_s': unknown key"),
+             ('device_id = "d"\nrepo_url = "ftp://x"\n', "'repo_url'"),
+             ('device_id = "d"\nrepo_url = "http://127.0.0.1:9"\nswitch_mode = "fast"\n', "'switch_mode'")]
+    for text, reason in cases:
+        toml.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(toml)], env=subprocess_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr.strip().count("\n") == 0 and reason in done.stderr, done.stderr

@@ -106,9 +106,10 @@ def test_signed_but_broken_releases_roll_back_while_the_old_model_serves(
         assert agent.store.current() == v1 and agent.store.check_invariants() == []
         # Refused: a new check does not download v4 again.
         gets = len(release.artifact_gets("tiny", 4))
-        n = _check_count(agent)
+        refusals = agent.log().count("is refused until a newer version")
         _switch_channel(agent, "stable")
-        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.FAILED, 60, "v4 refused again")
+        agent.wait(lambda: agent.log().count("is refused until a newer version") > refusals
+                   and agent.phase() is Phase.FAILED, 60, "v4 refused again")
         assert len(release.artifact_gets("tiny", 4)) == gets
         n_during = len(poller.results)
     assert n_during >= 10, "the client must have kept asking during the updates"
@@ -131,16 +132,24 @@ def _worker_of(agent: Agent, version: int) -> psutil.Process | None:
 def test_new_model_crashing_in_probation_rolls_back_to_previous(tiny_raw: Path, release: Release,
                                                                 agent: Agent) -> None:
     release.publish(tiny_raw, "tiny", 2)
-    _switch_channel(agent, "stable")
+    agent.write_config({**agent.config_values, "probation_s": 20.0})
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)  # the reload runs the check
     agent.wait_serving("tiny", 2)
     agent.wait(lambda: agent.store.current() == agent.store.model_dir("tiny", 2).resolve(), 30, "v2 current")
+    agent.proc.send_signal(signal.SIGHUP)  # a check requested during probation waits for its end
+    agent.wait(lambda: agent.log().count("event=config_reloaded") == 2, 10, "second reload")
     worker = _worker_of(agent, 2)
     assert worker is not None
-    worker.kill()  # a real crash of the new model's worker, inside its 5 s probation window
-    agent.wait(lambda: agent.phase() is Phase.FAILED, 60, "probation rollback")
+    worker.kill()  # a real crash of the new model's worker, inside its 20 s probation window
+    agent.wait(lambda: "trigger=PROBATION_FAILED" in agent.log() and agent.phase() is Phase.FAILED, 60,
+               "probation rollback")
     agent.wait_serving("tiny", 1)
+    # The held check runs after the rollback and refuses v2 without downloading it again.
+    agent.wait(lambda: "is refused until a newer version" in agent.log(), 30, "v2 refused by the held check")
     state = Journal(agent.store.journal_path).load()
-    assert "probation" in (state.reason or "") and ModelRef(name="tiny", version=2) in state.refused
+    assert ModelRef(name="tiny", version=2) in state.refused
+    assert "probation window" in agent.log().split("trigger=PROBATION_FAILED")[1].splitlines()[0]
     assert agent.store.current() == agent.store.model_dir("tiny", 1).resolve()
     assert agent.store.check_invariants() == [] and agent.chat().status_code == 200
     assert "event=probation_failed" in agent.log()
@@ -161,7 +170,9 @@ def test_refusals_name_the_requirement_and_download_nothing(tiny_raw: Path, rele
         release.publish(tiny_raw, "tiny", version, channel=channel, requirements=requirements)
         n = _check_count(agent)
         _switch_channel(agent, channel)
-        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.INCOMPATIBLE, 60, f"{channel} refused")
+        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.INCOMPATIBLE
+                   and f"model tiny v{version} " in (Journal(agent.store.journal_path).load().reason or ""),
+                   60, f"{channel} refused")
         state = Journal(agent.store.journal_path).load()
         assert reason in (state.reason or ""), state.reason
         assert f"model tiny v{version}" in (state.reason or "")

@@ -1,0 +1,223 @@
+"""What the agent daemon costs, against bare onnxruntime-genai:
+
+1. Idle memory of `edge-agent run` (API process + its model worker, MQTT connected) with
+   no model and with the SmolLM2 INT4 artifact loaded, against a bare Python process that
+   holds the same model with onnxruntime-genai (loaded, canary generated once, idle).
+   RSS double counts the shared libraries both of our processes map; PSS splits shared
+   pages between the processes that map them, so the PSS sum is what the box pays.
+   Goal: the agent adds < 40 MB.
+2. Time from ringing the MQTT doorbell to the new model serving (`/healthz` names the new
+   version) over loopback: real Mosquitto, the real repository server, a delta update
+   (only a small file changed), load + canary + switch. Baseline: `ModelHost.switch`
+   alone (load + canary + switch, no doorbell, TUF, download or install), same model,
+   same run.
+
+    python bench/agent.py [ARTIFACT_DIR] [-n 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
+from agent.messages import Doorbell  # noqa: E402
+from agent.mqtt_link import BrokerCredentials  # noqa: E402
+from builder.fleet import ring_doorbell  # noqa: E402
+from tests.brokers import Mosquitto  # noqa: E402
+from tests.daemon_kit import Agent, release_repo  # noqa: E402
+
+MiB = 1024 * 1024
+
+_BARE = """
+import sys, time
+import onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+tok = og.Tokenizer(model)
+ids = list(tok.encode(sys.argv[2]))
+params = og.GeneratorParams(model)
+params.set_search_options(do_sample=False, max_length=len(ids) + int(sys.argv[3]))
+gen = og.Generator(model, params)
+gen.append_tokens(ids)
+while not gen.is_done():
+    gen.generate_next_token()
+del gen
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def _mem(procs: list[psutil.Process]) -> tuple[float, float]:
+    rss = pss = 0
+    for p in procs:
+        info = p.memory_full_info()
+        rss += info.rss
+        pss += info.pss
+    return rss / MiB, pss / MiB
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    parent = psutil.Process(pid)
+    return [parent, *parent.children(recursive=True)]
+
+
+def _settle() -> None:
+    time.sleep(3.0)  # idle: let start-up garbage and arenas settle
+
+
+def bare_memory(model_dir: Path, canary_prompt: str, n_tokens: int) -> tuple[float, float]:
+    proc = subprocess.Popen([sys.executable, "-c", _BARE, str(model_dir), canary_prompt, str(n_tokens)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        _settle()
+        return _mem([psutil.Process(proc.pid)])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def bare_python_memory() -> tuple[float, float]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        return _mem([psutil.Process(proc.pid)])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def switch_baseline(model_dir: Path, n: int) -> list[float]:
+    from agent.host import ModelHost
+
+    manifest = Manifest.model_validate_json((model_dir / MANIFEST_FILENAME).read_bytes())
+    host = ModelHost(threads=2)
+    await host.switch(model_dir, canary=manifest.evaluation.canary)
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        twin = Path(tmp) / "twin"
+        twin.mkdir()
+        for f in model_dir.iterdir():
+            if f.is_file():
+                os.link(f, twin / f.name)
+        dirs = [twin, model_dir]
+        for i in range(n):
+            started = time.perf_counter()
+            await host.switch(dirs[i % 2], canary=manifest.evaluation.canary)
+            times.append(time.perf_counter() - started)
+    await host.close()
+    return times
+
+
+def main() -> None:
+    default = Path(os.environ.get("EDGEFLEET_TEST_CACHE", "/work/cache")) / "smollm2-artifact"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path, nargs="?", default=default)
+    parser.add_argument("-n", type=int, default=5)
+    args = parser.parse_args()
+    import onnxruntime_genai as og
+
+    manifest = Manifest.model_validate_json((args.artifact / MANIFEST_FILENAME).read_bytes())
+    canary = manifest.evaluation.canary
+    print(f"python {platform.python_version()}, onnxruntime-genai {og.__version__}, {platform.machine()},"
+          f" {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; model {manifest.name}"
+          f" v{manifest.version} ({manifest.build.precision}, {manifest.total_file_bytes / MiB:.0f} MiB of files)")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    broker = Mosquitto(work / "broker")
+    broker.start()
+    try:
+        with release_repo(work) as release:
+            # -- memory --------------------------------------------------------------------
+            empty = Agent(work / "empty", release, broker_url=broker.url, fleet="bench",
+                          extra={"intra_op_num_threads": 2})
+            empty.start()
+            try:
+                empty.wait(lambda: empty.health() is None and "event=ready" in empty.log(), 60, "ready, no model")
+                _settle()
+                assert empty.proc is not None
+                empty_rss, empty_pss = _mem(_tree(empty.proc.pid))
+            finally:
+                empty.stop()
+
+            release.repo.publish(args.artifact)
+            release.set_channel(manifest.name, manifest.version)
+            agent = Agent(work / "agent", release, broker_url=broker.url, fleet="bench",
+                          extra={"intra_op_num_threads": 2, "probation_s": 1.0})
+            agent.start()
+            try:
+                agent.wait_serving(manifest.name, manifest.version, timeout_s=300)
+                _settle()
+                assert agent.proc is not None
+                procs = _tree(agent.proc.pid)
+                agent_rss, agent_pss = _mem(procs)
+                api_rss, api_pss = _mem(procs[:1])
+                bare_rss, bare_pss = bare_memory(args.artifact, canary.prompt, canary.max_new_tokens)
+                py_rss, py_pss = bare_python_memory()
+
+                # -- doorbell -> serving ----------------------------------------------------------
+                doorbell_s: list[float] = []
+                for i in range(args.n):
+                    version = manifest.version + 1 + i
+                    release.publish(args.artifact, manifest.name, version)
+                    t0 = time.perf_counter()
+                    ring_doorbell(broker.url, BrokerCredentials(), "bench", Doorbell(repo_timestamp_version=version))
+                    agent.wait_serving(manifest.name, version, timeout_s=300)
+                    doorbell_s.append(time.perf_counter() - t0)
+                    agent.wait(lambda: agent.store.current() == agent.store.model_dir(manifest.name, version).resolve(),
+                               60, "current moved")
+                    time.sleep(1.5)  # past probation, before the next round
+                agent.kill(signal.SIGTERM)
+            finally:
+                agent.stop()
+        baseline_s = asyncio.run(switch_baseline(args.artifact, args.n))
+    finally:
+        broker.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n## Idle memory, MiB (after {3:.0f} s idle; PSS = shared pages split between processes)\n")
+    print("| process(es) | RSS | PSS |")
+    print("| --- | --- | --- |")
+    print(f"| bare python interpreter | {py_rss:.1f} | {py_pss:.1f} |")
+    print(f"| bare onnxruntime-genai holding the model (baseline) | {bare_rss:.1f} | {bare_pss:.1f} |")
+    print(f"| edge-agent run, no model (API process, MQTT connected) | {empty_rss:.1f} | {empty_pss:.1f} |")
+    print(f"| edge-agent run with the model: API process | {api_rss:.1f} | {api_pss:.1f} |")
+    print(f"| edge-agent run with the model: API + worker (candidate) | {agent_rss:.1f} | {agent_pss:.1f} |")
+    print(f"| agent adds over the baseline (candidate - baseline) | {agent_rss - bare_rss:+.1f} |"
+          f" {agent_pss - bare_pss:+.1f} |")
+    print(f"| candidate / baseline | {agent_rss / bare_rss:.2f} | {agent_pss / bare_pss:.2f} |")
+
+    print(f"\n## Doorbell -> new model serving over loopback, s (n={args.n}, delta update: one small file changed)\n")
+    print("| metric | ModelHost.switch alone (baseline) | doorbell -> /healthz names the new version | ratio |")
+    print("| --- | --- | --- | --- |")
+    b_med, d_med = statistics.median(baseline_s), statistics.median(doorbell_s)
+    b_p90, d_p90 = _p90(baseline_s), _p90(doorbell_s)
+    print(f"| median | {b_med:.2f} | {d_med:.2f} | {d_med / b_med:.2f} |")
+    print(f"| p90 | {b_p90:.2f} | {d_p90:.2f} | {d_p90 / b_p90:.2f} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
