@@ -10,7 +10,6 @@ the new symlink. Blobs are only ever added after their hash was verified.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from agent.errors import StoreError
+from agent.hashing import sha256_file
 from agent.manifest import MANIFEST_FILENAME, Manifest, check_sha256
 from agent.paths import check_relative_path
 
@@ -358,7 +358,7 @@ class Store:
             blob = self.blob_path(f.sha256)
             if not blob.is_file() or not os.path.samefile(blob, path):
                 problems.append(f"{model}: {f.path} is not a hard link to blob {f.sha256[:12]}")
-            if verify_hashes and st.st_size == f.size and _sha256_file(path) != f.sha256:
+            if verify_hashes and st.st_size == f.size and sha256_file(path) != f.sha256:
                 problems.append(f"{model}: {f.path} does not match its sha256 {f.sha256[:12]}")
         return problems
 
@@ -439,10 +439,3 @@ def _model_age_key(model: Path) -> tuple[int, str, int]:
     version = int(model.name) if model.name.isdigit() else 0
     return model.stat().st_mtime_ns, model.parent.name, version
 
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -12,6 +12,7 @@ COMMAND_MODULES: list[str] = [
     "builder.cmd_repo",
     "builder.fleet",
     "builder.cmd_build",
+    "builder.cmd_rollout",
 ]
 
 

@@ -95,6 +95,10 @@ class _Session:
         self.client.loop_stop()
 
 
+# Public name for the other operator commands of builder/ (rollout) that watch a fleet.
+OperatorSession = _Session
+
+
 @contextmanager
 def _fleet_session(broker_url: str, creds: BrokerCredentials, view: FleetView,
                    lock: threading.Lock, changed: threading.Event) -> Iterator[_Session]:

@@ -6,25 +6,14 @@ so the builder can never publish something the device would refuse.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from agent.errors import ManifestError
+from agent.hashing import sha256_file
 from agent.manifest import MANIFEST_FILENAME, Manifest, ManifestFile
-
-_CHUNK_BYTES = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def list_files(artifact_dir: Path) -> list[ManifestFile]:
     """Every regular file under `artifact_dir` except the manifest, sorted by path.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.errors import SourceError
+from agent.hashing import sha256_file
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,7 +25,6 @@ GGUF_MAGIC = b"GGUF"
 _HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # The files a build needs from a hub repository; skips other formats' weights.
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-_HASH_CHUNK_BYTES = 1 << 20
 
 SourceKind = Literal["hf_id", "hf_dir", "gguf"]
 
@@ -182,14 +182,6 @@ def check_architecture(hf_dir: Path) -> str:
     return arch
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_sha256(path: Path) -> str:
     """The source hash recorded in the manifest.
 
@@ -199,11 +191,11 @@ def source_sha256(path: Path) -> str:
     hidden entries (.cache, .git).
     """
     if path.is_file():
-        return _sha256_file(path)
+        return sha256_file(path)
     lines = []
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path)
         if any(part.startswith(".") for part in rel.parts) or not p.is_file():
             continue
-        lines.append(f"{_sha256_file(p)}  {rel.as_posix()}\n")
+        lines.append(f"{sha256_file(p)}  {rel.as_posix()}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest()

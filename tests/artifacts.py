@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.hashing import sha256_file
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.store import Store
 from builder.repo import RepoSettings, TufRepo
@@ -81,11 +82,7 @@ def make_artifact_from_dir(src: Path, out: Path, name: str, version: int) -> Pat
              and p.name != MANIFEST_FILENAME}
     entries: dict[str, tuple[int, str]] = {}
     for rel, p in files.items():
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        entries[rel] = (p.stat().st_size, h.hexdigest())
+        entries[rel] = (p.stat().st_size, sha256_file(p))
     manifest = Manifest.model_validate(manifest_dict(name, version, entries))
     (out / MANIFEST_FILENAME).write_text(manifest.model_dump_json(indent=2))
     return out

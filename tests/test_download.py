@@ -16,7 +16,7 @@ from agent.channel import ChannelFile
 from agent.download import DownloadPolicy, Downloader, ExpectedFile, partial_path
 from agent.errors import DownloadError, VerificationError
 from agent.store import Store
-from tests.artifacts import make_artifact, new_repo, provision_device, serving, write_agent_toml
+from tests.artifacts import new_repo, provision_device, serving, write_agent_toml
 from tests.conftest import subprocess_env
 from tests.daemon_kit import make_real_artifact, tiny_raw  # noqa: F401 (a fixture)
 
