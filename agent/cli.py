@@ -9,11 +9,11 @@ from agent.clikit import run_cli
 
 # Each module defines register(subparsers); one subcommand (or group) per module.
 COMMAND_MODULES: list[str] = [
-    "agent.cmd_doctor",
+    "agent.cmd_run",
     "agent.cmd_update",
+    "agent.cmd_doctor",
     "agent.serve_cli",
     "agent.prompt_cli",
-    "agent.cmd_run",
 ]
 
 

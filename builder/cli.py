@@ -9,10 +9,10 @@ from agent.clikit import run_cli
 
 # Each module defines register(subparsers); one subcommand (or group) per module.
 COMMAND_MODULES: list[str] = [
-    "builder.cmd_repo",
-    "builder.fleet",
     "builder.cmd_build",
+    "builder.cmd_repo",
     "builder.cmd_rollout",
+    "builder.fleet",
 ]
 
 

@@ -167,15 +167,6 @@ def _shown(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def has_command(tool: str, module: str) -> bool:
-    """Whether this checkout's `edge-agent`/`edge-builder` has the subcommand module (the daemon and
-    the rollout controller were written alongside the demo; without them it runs the steps it can)."""
-    import agent.cli
-    import builder.cli
-
-    return module in {"edge-agent": agent.cli, "edge-builder": builder.cli}[tool].COMMAND_MODULES
-
-
 def _run_command(run: _Run, name: str, argv: list[str], *, show_output: bool = True) -> tuple[int, str]:
     """Run a command to completion in its own process group, its output shown indented as it comes.
 
@@ -596,30 +587,22 @@ def run_demo(settings: _Settings) -> DemoSummary:
     run = _Run(settings, display, procs, summary)
     atexit.register(procs.stop_all)
     t0 = time.monotonic()
-    has_daemon = has_command("edge-agent", "agent.cmd_run")
-    has_rollout = has_command("edge-builder", "builder.cmd_rollout")
     steps = [
-        ("start the MQTT broker", step_broker, True),
-        ("build SmolLM2-135M v1 (INT4, CPU) and run the quality gate", step_build_v1, True),
-        ("sign v1 into a TUF repository, set channel stable, serve it", step_repository, True),
-        ("start two devices (edge-agent run), provisioned with root.json only", step_agents, has_daemon),
-        ("wait until both devices report ACTIVE over MQTT", step_wait_active, has_daemon),
-        ("ask each device through its OpenAI-compatible API", step_ask, has_daemon),
-        ("roll out v2 (k_quant_mixed) in waves of 50% and 100% while a client keeps prompting",
-         step_rollout, has_daemon and has_rollout),
-        ("where everything lives", step_where, True),
+        ("start the MQTT broker", step_broker),
+        ("build SmolLM2-135M v1 (INT4, CPU) and run the quality gate", step_build_v1),
+        ("sign v1 into a TUF repository, set channel stable, serve it", step_repository),
+        ("start two devices (edge-agent run), provisioned with root.json only", step_agents),
+        ("wait until both devices report ACTIVE over MQTT", step_wait_active),
+        ("ask each device through its OpenAI-compatible API", step_ask),
+        ("roll out v2 (k_quant_mixed) in waves of 50% and 100% while a client keeps prompting", step_rollout),
+        ("where everything lives", step_where),
     ]
     try:
         if settings.run_dir.exists():
             shutil.rmtree(settings.run_dir)  # last run's repo and devices: every run starts its fleet afresh
         settings.run_dir.mkdir(parents=True)
         display.info(f"work dir {settings.workdir} (builds are reused from {settings.artifacts_dir})")
-        for title, fn, available in steps:
-            if not available:
-                missing = "edge-agent run" if not has_daemon else "edge-builder rollout"
-                display.skip(title, f"this checkout has no `{missing}` yet")
-                summary.steps_skipped.append(fn.__name__)
-                continue
+        for title, fn in steps:
             with display.step(title):
                 fn(run)
             summary.steps_done.append(fn.__name__)

@@ -79,14 +79,6 @@ class Display:
                 self._end_text()
                 self._write(f"{head}: {'done' if ok else 'FAILED'} in {elapsed:.1f}s\n")
 
-    def skip(self, title: str, why: str) -> None:
-        """A step that cannot run in this checkout: numbered like the others, not timed."""
-        self._index += 1
-        with self._lock:
-            self._clear_live()
-            self._end_text()
-            self._write(f"\n[{self._index}/{self._total}] {title}: skipped ({why})\n")
-
     def info(self, line: str = "") -> None:
         """A lasting detail line (several lines keep their indent)."""
         with self._lock:

@@ -101,7 +101,6 @@ class DemoSummary(_Model):
     quick: bool
     workdir: str
     steps_done: list[str] = Field(default_factory=list)
-    steps_skipped: list[str] = Field(default_factory=list, description="steps whose commands this checkout lacks")
     step_durations_s: dict[str, float] = Field(default_factory=dict)
     duration_s: float = 0.0
     broker: BrokerInfo | None = None

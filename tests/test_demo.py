@@ -20,14 +20,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from builder.demo import has_command
 from builder.demo_procs import group_members
 from builder.demo_summary import DemoSummary
 from tests.brokers import Recorder, free_port, publish_and_wait, wait_until
 from tests.conftest import subprocess_env
 
-HAS_DAEMON = has_command("edge-agent", "agent.cmd_run")
-HAS_ROLLOUT = has_command("edge-builder", "builder.cmd_rollout")
 
 
 def _processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -91,11 +88,10 @@ def test_demo_quick_end_to_end_then_ctrl_c_leaves_nothing_running(tmp_path: Path
             assert Path(f"/proc/{p.pid}").exists(), f"{p.name} (pid {p.pid}) is not running while the fleet is up"
         assert up.repo is not None
         assert requests.get(f"{up.repo.url}/metadata/root.json", timeout=5).status_code == 200
-        if HAS_DAEMON:
-            for dev in up.devices:
-                health = requests.get(f"{dev.api_url}/healthz", timeout=5)
-                assert health.status_code == 200, health.text
-                assert health.json()["version"] == (2 if HAS_ROLLOUT else 1)
+        for dev in up.devices:
+            health = requests.get(f"{dev.api_url}/healthz", timeout=5)
+            assert health.status_code == 200, health.text
+            assert health.json()["version"] == 2
 
         # Ctrl-C: the demo stops everything and exits 0 (keep-running ends this way).
         os.kill(demo.pid, signal.SIGINT)
@@ -134,38 +130,34 @@ def test_demo_quick_end_to_end_then_ctrl_c_leaves_nothing_running(tmp_path: Path
     assert summary.repo is not None and summary.repo.channel == "stable"
     root = json.loads(Path(summary.repo.root_json).read_text())
     assert root["signed"]["_type"] == "root"
-    expected_steps = ["step_broker", "step_build_v1", "step_repository"]
-    if HAS_DAEMON:
-        expected_steps += ["step_agents", "step_wait_active", "step_ask"]
-        # 4.-6. two devices provisioned with root.json only, ACTIVE on v1, each answered
-        assert [d.device_id for d in summary.devices] == ["demo-box-1", "demo-box-2"]
-        assert len({d.api_url for d in summary.devices}) == 2 and len({d.state_dir for d in summary.devices}) == 2
-        for dev in summary.devices:
-            assert dev.first_active_version == 1
-            assert dev.answer and dev.answer.strip(), f"{dev.device_id} gave no answer"
-            assert (Path(dev.state_dir) / "trust" / "root.json").read_bytes() == Path(summary.repo.root_json).read_bytes()
-        assert summary.fleet_status_table and "demo-box-1" in summary.fleet_status_table
-        assert "ACTIVE" in summary.fleet_status_table
-    if HAS_DAEMON and HAS_ROLLOUT:
-        expected_steps.append("step_rollout")
-        # 7. v2 reached both devices in two waves with zero failed requests
-        v2 = summary.artifacts[1]
-        assert v2.version == 2 and "k_quant_mixed" in v2.recipe and v2.perplexity_ratio <= v2.max_perplexity_ratio
-        assert summary.repo.published_versions == [1, 2]
-        r = summary.rollout
-        assert r is not None
-        assert r.phase == "SUCCEEDED" and r.waves == [50, 100] and r.first_wave_devices == ["demo-box-1"]
-        assert r.requests_failed == 0, r.failures
-        assert all(n >= 2 for n in r.requests_by_device.values()), r.requests_by_device
-        for dev in summary.devices:
-            assert dev.final_state in ("ACTIVE", "UP_TO_DATE") and dev.final_version == 2
-            first_v2 = [c.t_s for c in r.timeline if c.device_id == dev.device_id and c.version == 2]
-            assert first_v2, f"{dev.device_id} never reported v2"
-        # the first wave's device got v2 before the second wave's device did
-        when = {d: min(c.t_s for c in r.timeline if c.device_id == d and c.version == 2)
-                for d in ("demo-box-1", "demo-box-2")}
-        assert when["demo-box-1"] < when["demo-box-2"]
-    expected_steps.append("step_where")
+    expected_steps = ["step_broker", "step_build_v1", "step_repository", "step_agents", "step_wait_active",
+                      "step_ask", "step_rollout", "step_where"]
+    # 4.-6. two devices provisioned with root.json only, ACTIVE on v1, each answered
+    assert [d.device_id for d in summary.devices] == ["demo-box-1", "demo-box-2"]
+    assert len({d.api_url for d in summary.devices}) == 2 and len({d.state_dir for d in summary.devices}) == 2
+    for dev in summary.devices:
+        assert dev.first_active_version == 1
+        assert dev.answer and dev.answer.strip(), f"{dev.device_id} gave no answer"
+        assert (Path(dev.state_dir) / "trust" / "root.json").read_bytes() == Path(summary.repo.root_json).read_bytes()
+    assert summary.fleet_status_table and "demo-box-1" in summary.fleet_status_table
+    assert "ACTIVE" in summary.fleet_status_table
+    # 7. v2 reached both devices in two waves with zero failed requests
+    v2 = summary.artifacts[1]
+    assert v2.version == 2 and "k_quant_mixed" in v2.recipe and v2.perplexity_ratio <= v2.max_perplexity_ratio
+    assert summary.repo.published_versions == [1, 2]
+    r = summary.rollout
+    assert r is not None
+    assert r.phase == "SUCCEEDED" and r.waves == [50, 100] and r.first_wave_devices == ["demo-box-1"]
+    assert r.requests_failed == 0, r.failures
+    assert all(n >= 2 for n in r.requests_by_device.values()), r.requests_by_device
+    for dev in summary.devices:
+        assert dev.final_state in ("ACTIVE", "UP_TO_DATE") and dev.final_version == 2
+        first_v2 = [c.t_s for c in r.timeline if c.device_id == dev.device_id and c.version == 2]
+        assert first_v2, f"{dev.device_id} never reported v2"
+    # the first wave's device got v2 before the second wave's device did
+    when = {d: min(c.t_s for c in r.timeline if c.device_id == d and c.version == 2)
+            for d in ("demo-box-1", "demo-box-2")}
+    assert when["demo-box-1"] < when["demo-box-2"]
     assert summary.steps_done == expected_steps
 
     # 8. nothing left running: the demo's own account, each process group, and /proc by work dir

@@ -26,21 +26,7 @@ from tests.brokers import Mosquitto, Recorder, mosquitto, wait_until  # noqa: F4
 from tests.conftest import subprocess_env
 from tests.fleet_kit import Fleet, make_fleet, make_fleet_artifact, retained_statuses, status_summary, tiny_int4_build
 
-
-
-def _has_run_command() -> bool:
-    import argparse
-
-    from agent.cli import COMMAND_MODULES
-    from agent.clikit import build_parser
-
-    parser = build_parser("edge-agent", "", COMMAND_MODULES)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return "run" in sub.choices
-
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _has_run_command(), reason="`edge-agent run` (the daemon) is not on this branch")]
+pytestmark = pytest.mark.slow
 
 FLEET = "fleet"
 N_AGENTS = 20
