@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import random
 import signal
 import threading
 import time
@@ -244,7 +245,9 @@ class Daemon:
     # -- main loop tasks ---------------------------------------------------------
     async def _poll_timer(self) -> None:
         while True:
-            await asyncio.sleep(self.config.poll_interval_s)
+            # +-10 % jitter: agents started together (a power cut, a fleet reboot) must not
+            # poll the repository in lockstep forever.
+            await asyncio.sleep(self.config.poll_interval_s * random.uniform(0.9, 1.1))
             self.request_check("poll")
 
     async def _incoming_pump(self) -> None:
