@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.errors import JournalError
 from agent.statemachine import UpdateState, initial_state
-from agent.store import atomic_write_bytes
+from agent.durable import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -47,14 +47,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import StoreError
+from agent.durable import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from agent.messages import DeviceEvent
-from agent.store import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_EVENTS = 10_000
 _EVENT_SUFFIX = ".json"
-_TMP_PREFIX = ".tmp-"
 
 
 class OutboxState(BaseModel):
@@ -105,7 +104,7 @@ class Outbox:
         seqs: list[int] = []
         for entry in os.scandir(self.events_dir):
             name = entry.name
-            if name.startswith(_TMP_PREFIX):
+            if name.startswith(TMP_PREFIX):
                 os.unlink(entry.path)  # an append that a crash interrupted before its rename
                 continue
             if not name.endswith(_EVENT_SUFFIX) or not name[: -len(_EVENT_SUFFIX)].isdigit():

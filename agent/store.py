@@ -19,33 +19,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from agent.durable import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from agent.errors import StoreError
 from agent.hashing import sha256_file
 from agent.manifest import MANIFEST_FILENAME, Manifest, check_sha256
 from agent.paths import check_relative_path
 
-_TMP_PREFIX = ".tmp-"
-
 log = logging.getLogger(__name__)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` so that a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class Store:
@@ -108,7 +88,7 @@ class Store:
         if missing:
             raise StoreError(f"cannot assemble {manifest.name} v{manifest.version}: blobs missing for {missing}")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{_TMP_PREFIX}{manifest.version}.{os.getpid()}"
+        tmp = final.parent / f"{TMP_PREFIX}{manifest.version}.{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -139,7 +119,7 @@ class Store:
 
     def _point(self, link: Path, target: Path) -> None:
         rel = os.path.relpath(target, link.parent)
-        tmp = link.with_name(f"{_TMP_PREFIX}{link.name}.{os.getpid()}")
+        tmp = link.with_name(f"{TMP_PREFIX}{link.name}.{os.getpid()}")
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         os.symlink(rel, tmp)
@@ -214,10 +194,10 @@ class Store:
         if not self.models_dir.is_dir():
             return out
         for name_dir in sorted(self.models_dir.iterdir()):
-            if not name_dir.is_dir() or name_dir.name.startswith(_TMP_PREFIX):
+            if not name_dir.is_dir() or name_dir.name.startswith(TMP_PREFIX):
                 continue
             for ver_dir in sorted(name_dir.iterdir()):
-                if ver_dir.is_dir() and not ver_dir.name.startswith(_TMP_PREFIX):
+                if ver_dir.is_dir() and not ver_dir.name.startswith(TMP_PREFIX):
                     out.append(ver_dir)
         return out
 
@@ -266,7 +246,7 @@ class Store:
             for f in _oldest_first(p for p in self.staging_dir.rglob("*") if p.is_file()):
                 if used <= disk_cap_bytes:
                     break
-                if not is_kept(f) and not f.name.startswith(_TMP_PREFIX):
+                if not is_kept(f) and not f.name.startswith(TMP_PREFIX):
                     drop_file(f)
         if used > disk_cap_bytes:
             drop_orphan_blobs()
@@ -275,7 +255,7 @@ class Store:
                 break
             if is_kept(model):
                 continue
-            doomed = model.parent / f"{_TMP_PREFIX}del-{model.name}.{os.getpid()}"
+            doomed = model.parent / f"{TMP_PREFIX}del-{model.name}.{os.getpid()}"
             os.replace(model, doomed)
             fsync_dir(model.parent)
             shutil.rmtree(doomed)
@@ -308,11 +288,11 @@ class Store:
         candidates: list[Path] = []
         for d in (self.root, self.blobs_dir, self.models_dir, self.staging_dir):
             if d.is_dir():
-                candidates.extend(p for p in d.iterdir() if p.name.startswith(_TMP_PREFIX))
+                candidates.extend(p for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
         if self.models_dir.is_dir():
             for name_dir in self.models_dir.iterdir():
                 if name_dir.is_dir() and not name_dir.is_symlink():
-                    candidates.extend(p for p in name_dir.iterdir() if p.name.startswith(_TMP_PREFIX))
+                    candidates.extend(p for p in name_dir.iterdir() if p.name.startswith(TMP_PREFIX))
         for p in candidates:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -386,14 +366,14 @@ class Store:
         for d in (self.root, self.blobs_dir, self.models_dir, self.staging_dir):
             if d.is_dir():
                 problems += [f"leftover {p.relative_to(self.root)}" for p in d.iterdir()
-                             if p.name.startswith(_TMP_PREFIX)]
+                             if p.name.startswith(TMP_PREFIX)]
         if self.models_dir.is_dir():
             for name_dir in self.models_dir.iterdir():
                 if not name_dir.is_dir():
                     problems.append(f"models/{name_dir.name} is not a directory")
                     continue
                 for ver_dir in name_dir.iterdir():
-                    if ver_dir.name.startswith(_TMP_PREFIX):
+                    if ver_dir.name.startswith(TMP_PREFIX):
                         problems.append(f"half-written model dir {ver_dir.relative_to(self.root)}")
                     else:
                         problems += self.check_model_dir(ver_dir, verify_hashes=False)

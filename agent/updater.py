@@ -47,7 +47,8 @@ from agent.hardware import HardwareReport, check_manifest, format_shortfalls, hu
 from agent.journal import Journal
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.statemachine import IN_PROGRESS, Action, Event, EventKind, ModelRef, Phase, UpdateState, step
-from agent.store import Store, atomic_write_bytes
+from agent.durable import atomic_write_bytes
+from agent.store import Store
 
 log = logging.getLogger(__name__)
 

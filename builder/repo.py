@@ -51,7 +51,7 @@ from agent.channel import ChannelFile, channel_target_path
 from agent.errors import ManifestError, RepositoryError, UsageError
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.paths import check_relative_path
-from agent.store import atomic_write_bytes
+from agent.durable import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.channel import ChannelFile
 from agent.errors import RepositoryError
-from agent.store import atomic_write_bytes
+from agent.durable import atomic_write_bytes
 
 ROLLOUTS_DIRNAME = "rollouts"
 

@@ -61,6 +61,36 @@ def test_connection_dropped_mid_file_resumes_with_range(tmp_path: Path) -> None:
         assert list(store.staging_dir.iterdir()) == []
 
 
+def test_disk_writeback_starts_while_downloading_and_after_a_resume(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush to disk runs along with the download, over each byte once, from every resume point."""
+    import agent.download
+    import agent.durable
+
+    if sys.platform.startswith("linux"):
+        assert agent.durable._sync_file_range is not None  # the real syscall is in use here
+    started: list[tuple[int, int]] = []
+    real = agent.durable.start_writeback
+    monkeypatch.setattr(agent.download, "start_writeback",
+                        lambda fd, offset, length: (started.append((offset, length)), real(fd, offset, length)))
+    www, data = _blob(tmp_path)
+    store = _store(tmp_path)
+    with serving(www) as (url, faults):
+        faults.drop_after_bytes, faults.drop_times, faults.drop_path = 100_000, 1, "blob.bin"
+        policy = DownloadPolicy(backoff_initial_s=0.01, writeback_bytes=32_768, chunk_bytes=16_384)
+        blob = Downloader(policy, sleep=lambda s: None).fetch_blob(_expected(url, data), store)
+    assert blob.read_bytes() == data
+    assert started[0][0] == 0 and all(length >= 32_768 for _, length in started)
+    resumed = [i for i, (offset, _) in enumerate(started) if offset == 100_000]
+    assert len(resumed) == 1, started  # the second attempt starts its ranges where the first one stopped
+    for i, ((offset, length), (next_offset, _)) in enumerate(zip(started, started[1:])):
+        if i + 1 not in resumed:
+            assert offset + length == next_offset, started  # contiguous: no byte skipped or flushed twice
+        else:
+            assert offset + length <= next_offset
+    assert started[-1][0] + started[-1][1] > SIZE - 32_768  # only a short tail left for the final fsync
+
+
 def test_present_blob_is_not_fetched_again(tmp_path: Path) -> None:
     www, data = _blob(tmp_path)
     store = _store(tmp_path)
