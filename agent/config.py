@@ -48,6 +48,10 @@ class AgentConfig(BaseModel):
     download_rate_limit_bytes_per_s: int | None = Field(default=None, gt=0)
     intra_op_num_threads: int | None = Field(default=None, gt=0,
                                              description="ORT threads per model; default: the CPU count")
+    stream_interval_ms: float = Field(default=50.0, ge=0, le=1000,
+                                      description="streamed tokens made within this many ms of the last chunk"
+                                                  " ride in the next chunk (the first never waits); 0: every token"
+                                                  " alone, at a cost in decode speed")
     probation_s: float = Field(default=60.0, ge=0,
                                description="a new model whose worker dies within this window is rolled back")
     switch_mode: Literal["auto", "both", "drain"] = Field(

@@ -103,7 +103,8 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.store = Store(config.state_dir)
-        self.host = ModelHost(threads=config.intra_op_num_threads)
+        self.host = ModelHost(threads=config.intra_op_num_threads,
+                              stream_interval_s=config.stream_interval_ms / 1000)
         self.link: MqttLink | None = None
         self.outbox: Outbox | None = None
         self._requests: queue.Queue[_Check | _ProbationFailed | _Stop] = queue.Queue()

@@ -48,8 +48,11 @@ class ModelHost:
     """Owns the worker processes of one device; the API and the update path share it."""
 
     def __init__(self, *, threads: int | None = None, parallel: int = 4, queue_size: int = 16,
-                 load_timeout_s: float = 300.0, drain_timeout_s: float = 600.0) -> None:
+                 load_timeout_s: float = 300.0, drain_timeout_s: float = 600.0,
+                 stream_interval_s: float = 0.05) -> None:
+        """`stream_interval_s`: see `GenerateCommand.stream_interval_s` (the API's streaming granularity)."""
         self.threads = threads
+        self.stream_interval_s = stream_interval_s
         self.parallel = parallel
         self.queue_size = queue_size
         self.load_timeout_s = load_timeout_s
@@ -299,7 +302,8 @@ class ModelHost:
             QueueFullError: all slots are busy and the queue is full.
         """
         worker = await self._acquire_slot()
-        command = GenerateCommand(id=uuid.uuid4().hex, prompt=prompt, messages=messages, options=options)
+        command = GenerateCommand(id=uuid.uuid4().hex, prompt=prompt, messages=messages, options=options,
+                                  stream_interval_s=self.stream_interval_s)
         admitted = time.perf_counter()
         first_token_at: float | None = None
         try:

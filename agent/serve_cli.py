@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="requests generating at once (they share the model token by token)")
     p.add_argument("--queue-size", type=int, default=16, metavar="N",
                    help="requests waiting for a slot before 429 Too Many Requests")
+    p.add_argument("--stream-interval-ms", type=float, default=50.0, metavar="MS",
+                   help="tokens made within MS of the last streamed chunk ride in the next one (the first token "
+                        "never waits); 0: a chunk per token, which costs decode speed on a busy CPU")
     # The env value is read in the handler, never shown as a default in --help: it is a secret.
     p.add_argument("--token", default=None, metavar="T",
                    help="bearer token required on /v1/*; None: no auth (env: EDGE_AGENT_API_TOKEN)")
@@ -62,7 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.parallel < 1 or args.queue_size < 0:
         raise UsageError(f"--parallel must be >= 1 and --queue-size >= 0 (got {args.parallel}, {args.queue_size})")
     bind = args.bind or f"{args.host}:{args.port}"
-    host = ModelHost(threads=args.threads, parallel=args.parallel, queue_size=args.queue_size)
+    if not 0 <= args.stream_interval_ms <= 1000:
+        raise UsageError(f"--stream-interval-ms must be between 0 and 1000 (got {args.stream_interval_ms})")
+    host = ModelHost(threads=args.threads, parallel=args.parallel, queue_size=args.queue_size,
+                     stream_interval_s=args.stream_interval_ms / 1000)
     load_failures: list[ActivationError] = []
 
     def stop_on_load_failure(error: ActivationError) -> None:

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Annotated, Literal
 
@@ -61,6 +62,9 @@ class GenerateCommand(_Wire):
     prompt: str | None = None  # raw text, used as is (completions, canary)
     messages: list[ChatMessage] | None = None  # chat: the model's template is applied
     options: SamplingOptions
+    # Tokens made within this many seconds of the last token event ride in the next one
+    # (the first token and the last are never held): 0 sends every token on its own.
+    stream_interval_s: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class CancelCommand(_Wire):
@@ -132,6 +136,41 @@ class WorkerDiedError(RuntimeModelError):
 
 # ---- the worker process ----
 
+@dataclass
+class _Active:
+    """One generation in the worker, with the tokens it holds back until its next event."""
+
+    generation: Generation
+    prompt_tokens: int
+    stream_interval_s: float
+    held_ids: list[int] = field(default_factory=list)
+    held_text: str = ""
+    last_sent: float | None = None  # monotonic time of the last token event; None: none yet
+
+    def hold(self, token_ids: list[int], text: str) -> None:
+        self.held_ids.extend(token_ids)
+        self.held_text += text
+
+    def take_due(self, request_id: str, now: float) -> TokenEvent | None:
+        """The held tokens as one event if they are due, else None.
+
+        Due: the first token (time to first token is never traded), the end of
+        the generation, or `stream_interval_s` passed since the last event.
+        Every token event wakes the API process and costs a write to the client:
+        at 200 tok/s on 2 cores that costs decode speed (measured: 0.92 of the
+        raw loop token by token, 0.96 with 50 ms).
+        """
+        if not (self.held_ids or self.held_text):
+            return None
+        is_due = (self.last_sent is None or self.generation.finish_reason is not None
+                  or now - self.last_sent >= self.stream_interval_s)
+        if not is_due:
+            return None
+        event = TokenEvent(id=request_id, token_ids=self.held_ids, text=self.held_text)
+        self.held_ids, self.held_text, self.last_sent = [], "", now
+        return event
+
+
 class _Worker:
     """Steps all active generations round-robin; reads commands between rounds."""
 
@@ -139,7 +178,7 @@ class _Worker:
         self.runtime = runtime
         self.out = out
         self.commands: queue.Queue[GenerateCommand | CancelCommand | ShutdownCommand] = queue.Queue()
-        self.active: dict[str, tuple[Generation, int]] = {}
+        self.active: dict[str, _Active] = {}
 
     def send(self, event: BaseModel) -> None:
         self.out.write(event.model_dump_json().encode() + b"\n")
@@ -158,11 +197,10 @@ class _Worker:
             return False
         if isinstance(command, CancelCommand):
             entry = self.active.pop(command.id, None)
-            if entry is not None:
-                generation, prompt_tokens = entry
-                generation.cancel()
-                self.send(DoneEvent(id=command.id, finish_reason="cancelled", prompt_tokens=prompt_tokens,
-                                    completion_tokens=len(generation.completion_ids)))
+            if entry is not None:  # held tokens are dropped: nobody is reading them
+                entry.generation.cancel()
+                self.send(DoneEvent(id=command.id, finish_reason="cancelled", prompt_tokens=entry.prompt_tokens,
+                                    completion_tokens=len(entry.generation.completion_ids)))
             return True
         self.admit(command)
         return True
@@ -188,7 +226,7 @@ class _Worker:
         except EdgefleetError as e:
             self.send(ErrorEvent(id=command.id, kind="runtime", message=str(e)))
             return
-        self.active[command.id] = (generation, len(prompt_ids))
+        self.active[command.id] = _Active(generation, len(prompt_ids), command.stream_interval_s)
         self.send(StartedEvent(id=command.id, prompt_tokens=len(prompt_ids)))
 
     def run(self) -> None:
@@ -204,19 +242,22 @@ class _Worker:
             for command in pending:
                 if not self.handle(command):
                     return
-            for request_id, (generation, prompt_tokens) in list(self.active.items()):
+            for request_id, entry in list(self.active.items()):
+                generation = entry.generation
                 try:
                     result = generation.step()
                 except RuntimeModelError as e:
                     del self.active[request_id]
                     self.send(ErrorEvent(id=request_id, kind="runtime", message=str(e)))
                     continue
-                if result.token_ids or result.text:
-                    self.send(TokenEvent(id=request_id, token_ids=result.token_ids, text=result.text))
+                entry.hold(result.token_ids, result.text)
+                tokens = entry.take_due(request_id, time.monotonic())
+                if tokens is not None:
+                    self.send(tokens)
                 if generation.finish_reason is not None:
                     del self.active[request_id]
                     self.send(DoneEvent(id=request_id, finish_reason=generation.finish_reason,
-                                        prompt_tokens=prompt_tokens,
+                                        prompt_tokens=entry.prompt_tokens,
                                         completion_tokens=len(generation.completion_ids)))
 
 

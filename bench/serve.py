@@ -1,13 +1,15 @@
 """What the serving layer costs: onnxruntime-genai's own loop in this process
 (baseline) against the same greedy generation through the model-worker pipe
 (WorkerClient, no HTTP) and through the HTTP API with streaming (candidate,
-`edge-agent serve` as a real subprocess, read with plain HTTP + SSE). Then
-aggregate tokens/s through the API with 1, 2 and 4 concurrent clients.
+`edge-agent serve` as a real subprocess, read with plain HTTP + SSE), once
+with the default stream interval (tokens made within it share one SSE chunk)
+and once with a chunk per token. Then aggregate tokens/s through the API
+with 1, 2 and 4 concurrent clients.
 
 Runs alternate raw / worker / API so the load of a shared machine hits all
-three alike.
+variants alike.
 
-    python bench/serve.py MODEL_DIR [-n 5] [--max-tokens 128] [--threads 2]
+    python bench/serve.py MODEL_DIR [-n 5] [--max-tokens 128] [--threads 2] [--stream-interval-ms 50]
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ class Raw:
         return first - started, (n - 1) / (last - first), n
 
 
-async def _worker_run(worker: WorkerClient, max_tokens: int) -> tuple[float, float, int]:
+async def _worker_run(worker: WorkerClient, max_tokens: int, interval_s: float) -> tuple[float, float, int]:
     command = GenerateCommand(id=os.urandom(8).hex(), messages=[ChatMessage(role="user", content=PROMPT)],
-                              options=SamplingOptions(temperature=0.0, max_tokens=max_tokens))
+                              options=SamplingOptions(temperature=0.0, max_tokens=max_tokens),
+                              stream_interval_s=interval_s)
     started = time.perf_counter()
     first = last = 0.0
     n = 0
@@ -116,12 +119,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(model_dir: Path, threads: int, interval_ms: float) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--threads", str(threads), "--parallel", "4"], env=env,
-                            stderr=subprocess.DEVNULL)
+                             str(port), "--threads", str(threads), "--parallel", "4",
+                             "--stream-interval-ms", str(interval_ms)], env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -141,30 +144,38 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=5, help="runs per variant")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--stream-interval-ms", type=float, default=50.0,
+                        help="the serve default; the per-token variant always uses 0")
     args = parser.parse_args()
+    interval_s = args.stream_interval_ms / 1000
+    api_names = {"api": f"API, {args.stream_interval_ms:g} ms chunks", "api_per_token": "API, chunk per token"}
 
     raw = Raw(args.model_dir, args.threads)
-    proc, url = start_server(args.model_dir, args.threads)
+    servers = {"api": start_server(args.model_dir, args.threads, args.stream_interval_ms),
+               "api_per_token": start_server(args.model_dir, args.threads, 0)}
     loop = asyncio.new_event_loop()
     worker = loop.run_until_complete(WorkerClient.start(args.model_dir, threads=args.threads))
-    results: dict[str, list[tuple[float, float, int]]] = {"raw": [], "worker": [], "api": []}
+    results: dict[str, list[tuple[float, float, int]]] = {"raw": [], "worker": [], **{k: [] for k in servers}}
+    api_cpu_s = dict.fromkeys(servers, 0.0)
     try:
         # one warm-up each: first runs allocate the KV cache and page the weights in
         raw.run(16)
-        loop.run_until_complete(_worker_run(worker, 16))
-        api_run(url, 16)
-        api_process = psutil.Process(proc.pid)
-        api_cpu_s = 0.0
+        loop.run_until_complete(_worker_run(worker, 16, interval_s))
+        for _, url in servers.values():
+            api_run(url, 16)
+        api_processes = {name: psutil.Process(proc.pid) for name, (proc, _) in servers.items()}
         for _ in range(args.n):
             results["raw"].append(raw.run(args.max_tokens))
-            results["worker"].append(loop.run_until_complete(_worker_run(worker, args.max_tokens)))
-            before = api_process.cpu_times()
-            results["api"].append(api_run(url, args.max_tokens))
-            after = api_process.cpu_times()
-            api_cpu_s += (after.user + after.system) - (before.user + before.system)
+            results["worker"].append(loop.run_until_complete(_worker_run(worker, args.max_tokens, interval_s)))
+            for name, (_, url) in servers.items():
+                before = api_processes[name].cpu_times()
+                results[name].append(api_run(url, args.max_tokens))
+                after = api_processes[name].cpu_times()
+                api_cpu_s[name] += (after.user + after.system) - (before.user + before.system)
         loop.run_until_complete(worker.stop())
         del raw  # only the server's worker uses the CPUs from here on
 
+        url = servers["api"][1]
         concurrency: dict[int, tuple[float, int]] = {}
         for clients in (1, 2, 4):
             started = time.perf_counter()
@@ -173,35 +184,40 @@ def main() -> int:
             wall_s = time.perf_counter() - started
             concurrency[clients] = (sum(r[2] for r in runs) / wall_s, sum(r[2] for r in runs))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            proc.wait(30)
 
     print(f"# bench/serve.py  model={args.model_dir.name} threads={args.threads} max_tokens={args.max_tokens} "
           f"n={args.n} cpus={os.cpu_count()} python={platform.python_version()} "
-          f"onnxruntime-genai={og.__version__} starlette={starlette.__version__} uvicorn={uvicorn.__version__}")
+          f"onnxruntime-genai={og.__version__} starlette={starlette.__version__} uvicorn={uvicorn.__version__} "
+          f"stream_interval_ms={args.stream_interval_ms:g}")
     tokens = {k: {r[2] for r in v} for k, v in results.items()}
-    print(f"# tokens per run: {tokens} (greedy, same output in all three)")
+    print(f"# tokens per run: {tokens} (greedy, same output in all variants)")
     print()
-    print("| metric | raw ORT-GenAI loop | worker pipe | API (HTTP+SSE) | worker/raw | API/raw |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for label, index, scale, unit in (("decode tok/s", 1, 1.0, ""), ("TTFT ms", 0, 1000.0, "")):
+    variants = ("raw", "worker", *servers)
+    headers = ["raw ORT-GenAI loop", "worker pipe", *api_names.values()]
+    print(f"| metric | {' | '.join(headers)} | worker/raw | {' | '.join(f'{api_names[k]} / raw' for k in servers)} |")
+    print("|" + " --- |" * (1 + len(variants) + len(variants) - 1))
+    medians: dict[str, dict[str, float]] = {}
+    for label, index, scale in (("decode tok/s", 1, 1.0), ("TTFT ms", 0, 1000.0)):
         cells = []
-        medians = {}
-        for name in ("raw", "worker", "api"):
+        medians[label] = {}
+        for name in variants:
             values = [r[index] * scale for r in results[name]]
-            medians[name] = statistics.median(values)
-            cells.append(f"median {medians[name]:.1f}, p90 {_p90(values):.1f}{unit}")
-        print(f"| {label} | {' | '.join(cells)} | {medians['worker'] / medians['raw']:.3f} | "
-              f"{medians['api'] / medians['raw']:.3f} |")
-    raw_ttft = statistics.median(r[0] for r in results["raw"]) * 1000
-    api_ttft = statistics.median(r[0] for r in results["api"]) * 1000
-    worker_ttft = statistics.median(r[0] for r in results["worker"]) * 1000
-    print(f"| added TTFT ms (median) | 0 | {worker_ttft - raw_ttft:+.2f} | {api_ttft - raw_ttft:+.2f} | | |")
-    api_tokens = sum(r[2] for r in results["api"])
-    print(f"| API process CPU per token (HTTP, SSE, routing; load-independent cost) | | | "
-          f"{api_cpu_s / api_tokens * 1e6:.0f} us | | |")
+            medians[label][name] = statistics.median(values)
+            cells.append(f"median {medians[label][name]:.1f}, p90 {_p90(values):.1f}")
+        ratios = [f"{medians[label][name] / medians[label]['raw']:.3f}" for name in variants[1:]]
+        print(f"| {label} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    ttft = medians["TTFT ms"]
+    added = [f"{ttft[name] - ttft['raw']:+.2f}" for name in variants[1:]]
+    print(f"| added TTFT ms (median) | 0 | {' | '.join(added)} |" + " |" * (len(variants) - 1))
+    cpu = [f"{api_cpu_s[name] / sum(r[2] for r in results[name]) * 1e6:.0f} us" for name in servers]
+    print(f"| API process CPU per token | | | {' | '.join(cpu)} |" + " |" * (len(variants) - 1))
     print()
-    raw_tps = statistics.median(r[1] for r in results["raw"])
+    raw_tps = medians["decode tok/s"]["raw"]
+    print(f"concurrency, {api_names['api']}:\n")
     print("| concurrent API clients | aggregate tok/s | total tokens | aggregate / raw single-stream decode |")
     print("| --- | --- | --- | --- |")
     for clients, (tps, total) in concurrency.items():

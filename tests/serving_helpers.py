@@ -56,10 +56,11 @@ def wait_listening(port: int, timeout_s: float = 30.0) -> None:
 
 class ServerThread:
     def __init__(self, model_dir: Path | None, *, threads: int = 2, parallel: int = 4, queue_size: int = 16,
-                 api_token: str | None = None) -> None:
+                 api_token: str | None = None, stream_interval_s: float = 0.05) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.host = ModelHost(threads=threads, parallel=parallel, queue_size=queue_size)
+        self.host = ModelHost(threads=threads, parallel=parallel, queue_size=queue_size,
+                              stream_interval_s=stream_interval_s)
         app = create_app(self.host, api_token=api_token, model_dir=model_dir)
         self.owns_host = model_dir is not None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",

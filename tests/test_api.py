@@ -55,18 +55,62 @@ def test_greedy_chat_equals_runtime_greedy(client: openai.OpenAI, runtime: Model
         [ChatMessage(**QUESTION[0])])))  # type: ignore[arg-type]
 
 
-def test_streamed_chat_equals_non_streamed(client: openai.OpenAI, runtime: ModelRuntime) -> None:
+def _runtime_steps(runtime: ModelRuntime, messages: list[dict[str, str]], max_tokens: int) -> list[str]:
+    """The text of each greedy step that shows text, as the worker makes them."""
+    prompt_ids = runtime.encode(runtime.apply_chat_template([ChatMessage(**m) for m in messages]))  # type: ignore[arg-type]
+    steps = runtime.generate(prompt_ids, SamplingOptions(temperature=0.0, max_tokens=max_tokens))
+    return [s.text for s in steps if s.text]
+
+
+def _stream_contents(client: openai.OpenAI, max_tokens: int) -> tuple[list[str], list[object]]:
     stream = client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                            temperature=0, max_tokens=24, stream=True,
+                                            temperature=0, max_tokens=max_tokens, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
-    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert content == _runtime_chat(runtime, QUESTION, temperature=0.0, max_tokens=24)
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 10  # really streamed
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], chunks
+
+
+def test_streamed_chat_equals_non_streamed(client: openai.OpenAI, runtime: ModelRuntime) -> None:
+    contents, chunks = _stream_contents(client, 24)
+    steps = _runtime_steps(runtime, QUESTION, 24)
+    assert "".join(contents) == "".join(steps) == _runtime_chat(runtime, QUESTION, temperature=0.0, max_tokens=24)
+    assert chunks[0].choices[0].delta.role == "assistant"  # type: ignore[attr-defined]
+    # The default stream interval (50 ms) lets later tokens share a chunk, never the first one.
+    assert contents[0] == steps[0] and len(contents) >= 2
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]  # type: ignore[attr-defined]
     assert finals == ["length"]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24  # type: ignore[attr-defined]
+
+
+def test_stream_interval_zero_sends_a_chunk_per_token(smollm2_int4_raw: Path, runtime: ModelRuntime) -> None:
+    with ServerThread(smollm2_int4_raw, threads=2, stream_interval_s=0.0) as srv:
+        per_token = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        contents, _ = _stream_contents(per_token, 24)
+    assert contents == _runtime_steps(runtime, QUESTION, 24)
+
+
+def test_stream_interval_holds_tokens_but_never_the_first_or_the_last(runtime: ModelRuntime) -> None:
+    from agent.worker import _Active
+
+    prompt_ids = runtime.encode(runtime.apply_chat_template([ChatMessage(role="user", content="Count to twenty.")]))
+    active = _Active(runtime.start(prompt_ids, SamplingOptions(temperature=0.0, max_tokens=12)), len(prompt_ids),
+                     stream_interval_s=0.05)
+    now, sent_at, events = 100.0, [], []
+    while active.generation.finish_reason is None:
+        step = active.generation.step()
+        active.hold(step.token_ids, step.text)
+        event = active.take_due("r1", now)  # a clock of 20 ms per token, stepped by hand
+        if event is not None:
+            sent_at.append(now)
+            events.append(event)
+        now += 0.02
+    assert len(events[0].token_ids) == 1  # the first token is never held
+    assert all(b - a >= 0.05 for a, b in zip(sent_at, sent_at[1:-1]))  # later ones wait for the interval
+    assert len(events) < 12 and sent_at[-1] == now - 0.02  # the last step sends what is held
+    assert [i for e in events for i in e.token_ids] == active.generation.completion_ids
+    assert "".join(e.text for e in events) == _runtime_chat(
+        runtime, [{"role": "user", "content": "Count to twenty."}], temperature=0.0, max_tokens=12)
+    assert {e.id for e in events} == {"r1"}
 
 
 def test_completions_endpoint_uses_raw_prompt(client: openai.OpenAI, runtime: ModelRuntime) -> None:
