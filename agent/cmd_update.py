@@ -24,10 +24,8 @@ from agent.activation import WorkerCanaryActivator
 from agent.clikit import HelpFormatter, print_json
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.errors import EdgefleetError, ExitCode, IncompatibleModelError, UpdateFailedError, UsageError
-from agent.fetch import CheckStatus, active_manifest, decide
 from agent.statemachine import Phase
 from agent.store import Store
-from agent.tuf_source import TufUpdateSource
 from agent.updater import Activator, Transition, Updater
 
 log = logging.getLogger(__name__)
@@ -105,6 +103,11 @@ def run_update_once(config: AgentConfig, store: Store, *, activator: Activator |
             DownloadError, IncompatibleModelError, ActivationError, DowngradeRefusedError, ...);
             `current` then still points at the previous complete model.
     """
+    # Imported here, not at the top: `edge-agent run` builds this subcommand's parser too,
+    # and the daemon keeps TUF, its crypto and the HTTP client out of its process.
+    from agent.fetch import CheckStatus, active_manifest, decide
+    from agent.tuf_source import TufUpdateSource
+
     store.ensure_layout()
     source = TufUpdateSource(config, store, progress=progress)
     errors = _ErrorRecorder()

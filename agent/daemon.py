@@ -4,7 +4,8 @@
  main thread, asyncio loop                              updater thread
  ─────────────────────────                              ──────────────
  API (uvicorn + ModelHost)   ◀── HostActivator ───────  Updater (journal, state machine)
- MQTT incoming -> wake-ups   ─── check requests ─────▶   TufUpdateSource (TUF + download)
+ MQTT incoming -> wake-ups   ─── check requests ─────▶   UpdateJobSource ─▶ update job process
+                                                          (TUF + download, one per pass)
  poll timer, telemetry, watchdog, probation watch         StoreInstaller
  signals: SIGTERM drain+exit, SIGHUP reload             EventSink -> outbox/status/sd_notify
 ```
@@ -44,7 +45,7 @@ from agent.activation import HostActivator, serve_dir
 from agent.api import create_app
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, EdgefleetError
-from agent.hardware import probe, probe_onnxruntime_genai_in_subprocess
+from agent.hardware import probe_onnxruntime_genai_in_subprocess
 from agent.host import ModelHost
 from agent.messages import Doorbell, Telemetry
 from agent.mqtt_link import MqttLink
@@ -53,7 +54,7 @@ from agent.server import uvicorn_config
 from agent.statemachine import Event, EventKind, Phase
 from agent.store import Store
 from agent.telemetry import ServingMetrics, TelemetryCollector
-from agent.tuf_source import TufUpdateSource
+from agent.update_job import UpdateJobSource
 from agent.updater import Transition, Updater
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Daemon:
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._updater: Updater | None = None
-        self._source: TufUpdateSource | None = None
+        self._source: UpdateJobSource | None = None
         self._activator: HostActivator | None = None
         self._updater_thread: threading.Thread | None = None
         self._phase = Phase.IDLE
@@ -213,6 +214,9 @@ class Daemon:
                 updater.handle(event)
             except Exception:  # the loop must survive one bad update; the journal holds the state
                 log.exception("event=update_pass_failed trigger=%s", event.kind.value)
+            finally:
+                assert self._source is not None
+                self._source.close()  # the pass is over: TUF and the downloader leave with their process
 
     def _on_activated(self, model_dir: Path) -> None:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
@@ -362,7 +366,7 @@ class Daemon:
 
         # Measured once in a child process: the API process never maps onnxruntime (the workers do).
         ort_genai = await asyncio.to_thread(probe_onnxruntime_genai_in_subprocess)
-        self._source = TufUpdateSource(self.config, self.store, hardware=lambda d: probe(d, ort_genai))
+        self._source = UpdateJobSource(self.config, self.store, ort_genai=ort_genai)
         activator = HostActivator(self.host, loop, mode=self.config.switch_mode, on_activated=self._on_activated)
         self._activator = activator
         self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,

@@ -38,7 +38,6 @@ from agent.store import Store
 log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_PARTIAL_SUFFIX = ".part"
 
 
 @dataclass(frozen=True)
@@ -335,7 +334,7 @@ class Downloader:
 
 def partial_path(store: Store, sha256: str) -> Path:
     """Where the partial download of blob `sha256` lives (survives restarts)."""
-    return store.staging_file(f"{sha256}{_PARTIAL_SUFFIX}")
+    return store.partial_path(sha256)
 
 
 def _content_range_start(header: str) -> int | None:

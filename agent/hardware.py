@@ -322,12 +322,11 @@ def probe_onnxruntime_genai_in_subprocess(timeout_s: float = 60.0) -> tuple[str 
 
     code = ("import json; from agent.hardware import probe_onnxruntime_genai as p; "
             "v, e = p(); print(json.dumps([v, e]))")
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from agent.childproc import python_child_env
+
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
-                             env=env, check=True).stdout
+                             env=python_child_env(), check=True).stdout
         version, providers = json.loads(out.strip().splitlines()[-1])
         return version, list(providers)
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:

@@ -53,6 +53,15 @@ class Store:
     def has_blob(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()
 
+    def partial_path(self, sha256: str) -> Path:
+        """Where the partial download of blob `sha256` lives (resumed after a restart)."""
+        return self.staging_file(f"{check_sha256(sha256)}.part")
+
+    def discard_partials(self, manifest: Manifest) -> None:
+        """Delete the partial downloads of `manifest`'s files (its update is over or abandoned)."""
+        for f in manifest.files:
+            self.partial_path(f.sha256).unlink(missing_ok=True)
+
     def staging_file(self, name: str) -> Path:
         check_relative_path(name)
         if "/" in name:

@@ -25,14 +25,14 @@ from tuf.api.metadata import TargetFile
 
 from agent.channel import ChannelFile
 from agent.config import AgentConfig
-from agent.download import DownloadPolicy, Downloader, ExpectedFile, partial_path
+from agent.download import DownloadPolicy, Downloader, ExpectedFile
 from agent.errors import VerificationError
 from agent.hardware import HardwareReport, probe
-from agent.manifest import MANIFEST_FILENAME, Manifest
+from agent.manifest import Manifest
 from agent.statemachine import ModelRef
 from agent.store import Store
 from agent.trust import TrustedRepository
-from agent.updater import CheckResult, decide_check
+from agent.updater import CheckResult, decide_check, local_manifest
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,10 @@ class TufUpdateSource:
         return release.manifest_bytes
 
     def discard(self, target: ModelRef) -> None:
-        manifest = self._local_manifest(target)
-        if manifest is None:
-            return
-        for f in manifest.files:
-            partial_path(self.store, f.sha256).unlink(missing_ok=True)
+        cached = self._releases.get(target)
+        manifest = cached.manifest if cached is not None else local_manifest(self.store, target)
+        if manifest is not None:
+            self.store.discard_partials(manifest)
 
     # -- helpers -----------------------------------------------------------------
     def _session(self) -> TrustedRepository:
@@ -151,19 +150,3 @@ class TufUpdateSource:
         release = _Release(manifest, data, targets, {p: trust.target_url(t) for p, t in targets.items()})
         self._releases[target] = release
         return release
-
-    def _local_manifest(self, target: ModelRef) -> Manifest | None:
-        cached = self._releases.get(target)
-        if cached is not None:
-            return cached.manifest
-        # After a restart: the updater keeps the planned/verified manifest in staging.
-        for path in sorted(self.store.staging_dir.glob(f"{target.name}-{target.version}.*json")):
-            try:
-                return Manifest.model_validate_json(path.read_bytes())
-            except (OSError, ValueError):
-                continue
-        model_manifest = self.store.model_dir(target.name, target.version) / MANIFEST_FILENAME
-        try:
-            return Manifest.model_validate_json(model_manifest.read_bytes())
-        except (OSError, ValueError):
-            return None

@@ -180,6 +180,19 @@ def decide_check(channel: ChannelFile, active: ModelRef | None, device_id: str,
     return CheckResult(outcome="update_available", target=offered, manifest=manifest)
 
 
+def local_manifest(store: Store, target: ModelRef) -> Manifest | None:
+    """The manifest of `target` without the network: the one staged by the check (also after
+    a restart mid-update), else the installed one; None when neither is readable."""
+    candidates = sorted(store.staging_dir.glob(f"{target.name}-{target.version}.*json"))
+    candidates.append(store.model_dir(target.name, target.version) / MANIFEST_FILENAME)
+    for path in candidates:
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class StoreInstaller:
     """The default Installer: `Store.assemble_model`, then a full check of the result."""
 

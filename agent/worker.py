@@ -33,6 +33,7 @@ from typing import IO, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from agent.childproc import python_child_env
 from agent.errors import ActivationError, EdgefleetError, RuntimeModelError
 from agent.runtime import (
     ChatMessage,
@@ -339,10 +340,7 @@ class WorkerClient:
         """
         cmd = [sys.executable, "-m", "agent.worker", str(model_dir)]
         if env is None:
-            # The worker must run the same code as this process, wherever `agent` was imported from.
-            env = dict(os.environ)
-            root = str(Path(__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env = python_child_env()
         if threads:
             cmd += ["--threads", str(threads)]
         proc = await asyncio.create_subprocess_exec(

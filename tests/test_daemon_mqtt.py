@@ -61,6 +61,11 @@ def test_update_rung_by_the_doorbell(tiny_raw: Path, release: Release, mosquitto
     assert agent.store.previous() == agent.store.model_dir("tiny", 1).resolve()
     assert agent.store.check_invariants() == []
     assert "triggers=doorbell" in agent.log()
+    # Two updates ran, each in its own job process: the daemon never mapped TUF's crypto.
+    assert agent.log().count("event=update_job_started") >= 2
+    assert agent.proc is not None
+    with open(f"/proc/{agent.proc.pid}/maps") as maps:
+        assert not [line for line in maps if "cryptography" in line or "_rust.abi3" in line]
     rec.wait_for(lambda ms: any(json.loads(m.payload).get("to_state") == "ACTIVE" and json.loads(m.payload).get(
         "version") == 2 for m in ms if m.topic.endswith("/events")), 30, "ACTIVE v2 event")
     rec.wait_for(lambda ms: any(m.topic.endswith("/status") and json.loads(m.payload).get("version") == 2
