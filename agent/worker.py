@@ -460,4 +460,9 @@ class WorkerClient:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    exit_code = worker_main()
+    logging.shutdown()
+    sys.stderr.flush()
+    # Not sys.exit: the stdin reader thread is blocked in read(), and finalizing the
+    # interpreter under it aborts ("could not acquire lock for <stdin>", SIGABRT).
+    os._exit(exit_code)

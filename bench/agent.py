@@ -172,6 +172,7 @@ def main() -> None:
                 _settle()
                 assert agent.proc is not None
                 procs = _tree(agent.proc.pid)
+                assert len(procs) == 2, [p.cmdline() for p in procs]  # API + one model worker, no update job
                 agent_rss, agent_pss = _mem(procs)
                 api_rss, api_pss = _mem(procs[:1])
                 bare_rss, bare_pss = bare_memory(args.artifact, canary.prompt, canary.max_new_tokens)
@@ -204,6 +205,7 @@ def main() -> None:
     print(f"| bare onnxruntime-genai holding the model (baseline) | {bare_rss:.1f} | {bare_pss:.1f} |")
     print(f"| edge-agent run, no model (API process, MQTT connected) | {empty_rss:.1f} | {empty_pss:.1f} |")
     print(f"| edge-agent run with the model: API process | {api_rss:.1f} | {api_pss:.1f} |")
+    print(f"| edge-agent run with the model: model worker | {agent_rss - api_rss:.1f} | {agent_pss - api_pss:.1f} |")
     print(f"| edge-agent run with the model: API + worker (candidate) | {agent_rss:.1f} | {agent_pss:.1f} |")
     print(f"| agent adds over the baseline (candidate - baseline) | {agent_rss - bare_rss:+.1f} |"
           f" {agent_pss - bare_pss:+.1f} |")

@@ -240,3 +240,20 @@ def test_daemon_mount_503_until_a_model_is_switched_in(smollm2_int4_raw: Path) -
         assert requests.get(f"{srv.url}/healthz", timeout=5).status_code == 200
         r = requests.post(f"{srv.url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200
+
+
+def test_worker_exits_cleanly_when_stopped(smollm2_int4_raw: Path) -> None:
+    """A worker told to shut down exits 0 even while its stdin stays open: its reader thread,
+    blocked in read(), must not abort interpreter shutdown (SIGABRT, "Fatal Python error")."""
+    import asyncio
+
+    from agent.worker import ShutdownCommand, WorkerClient
+
+    async def shut_down_with_stdin_open() -> int:
+        worker = await WorkerClient.start(smollm2_int4_raw, threads=1)
+        worker._send(ShutdownCommand())
+        code = await asyncio.wait_for(worker.proc.wait(), timeout=30)
+        await worker.stop()
+        return code
+
+    assert asyncio.run(shut_down_with_stdin_open()) == 0
