@@ -24,6 +24,7 @@ from agent.activation import WorkerCanaryActivator
 from agent.clikit import HelpFormatter, print_json
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from agent.errors import EdgefleetError, ExitCode, IncompatibleModelError, UpdateFailedError, UsageError
+from agent.statelock import StateLock
 from agent.statemachine import Phase
 from agent.store import Store
 from agent.updater import Activator, Transition, Updater
@@ -99,10 +100,17 @@ def run_update_once(config: AgentConfig, store: Store, *, activator: Activator |
     """One journaled update pass: finish an interrupted update, then check and install once.
 
     Raises:
+        StateDirBusyError: another edge-agent (the daemon) holds the state dir.
         EdgefleetError: the typed error of the step that refused or failed (VerificationError,
             DownloadError, IncompatibleModelError, ActivationError, DowngradeRefusedError, ...);
             `current` then still points at the previous complete model.
     """
+    with StateLock(store.root):
+        return _update_pass(config, store, activator, progress)
+
+
+def _update_pass(config: AgentConfig, store: Store, activator: Activator | None,
+                 progress: Callable[[int], None] | None) -> UpdateOutcome:
     # Imported here, not at the top: `edge-agent run` builds this subcommand's parser too,
     # and the daemon keeps TUF, its crypto and the HTTP client out of its process.
     from agent.fetch import CheckStatus, active_manifest, decide

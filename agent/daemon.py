@@ -52,6 +52,7 @@ from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
 from agent.server import uvicorn_config
 from agent.statemachine import Event, EventKind, Phase
+from agent.statelock import StateLock
 from agent.store import Store
 from agent.telemetry import ServingMetrics, TelemetryCollector
 from agent.update_job import UpdateJobSource
@@ -122,6 +123,7 @@ class Daemon:
         self._probation_task: asyncio.Task[None] | None = None
         self._probation_until = 0.0  # monotonic; checks wait until then (updater thread only)
         self._exit_code = 0
+        self._state_lock = StateLock(config.state_dir)
         self._collector = TelemetryCollector(config.device_id, self.store.root, self._serving_metrics)
 
     # -- wiring ------------------------------------------------------------------
@@ -341,6 +343,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         loop = self._loop
         self.store.ensure_layout()
+        self._state_lock.acquire()  # before recover(): it deletes what another agent may be writing
         self.store.recover()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -405,6 +408,7 @@ class Daemon:
             await asyncio.to_thread(self._updater_thread.join, 2.0)
         if self.link is not None:
             await asyncio.to_thread(self.link.stop)
+        self._state_lock.release()
         log.info("event=stopped")
 
 
