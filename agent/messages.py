@@ -194,5 +194,32 @@ def parse_payload(model: type[_M], payload: bytes, *,
         raise PayloadError("invalid", f"{model.__name__}.{where}: {first['msg']}") from e
 
 
+DeviceMessage = DeviceStatus | Telemetry | DeviceEvent
+DeviceMessageKind = Literal["status", "telemetry", "events"]
+_DEVICE_MESSAGES: dict[str, type[DeviceMessage]] = {"status": DeviceStatus, "telemetry": Telemetry,
+                                                     "events": DeviceEvent}
+
+
+def parse_device_message(fleet: str, kinds: tuple[DeviceMessageKind, ...], topic: str,
+                         payload: bytes) -> DeviceMessage | None:
+    """The message a device of `fleet` published on `topic`, if its kind is one of `kinds`.
+
+    None for any other topic, and for an empty payload (clearing a retained
+    message is not a message). A device may only speak for itself: a payload
+    naming another device than its topic is invalid.
+
+    Raises:
+        PayloadError: as `parse_payload`, or "invalid" for a device id that is not the topic's.
+    """
+    parsed = parse_device_topic(topic)
+    if parsed is None or parsed[0] != fleet or parsed[2] not in kinds or not payload:
+        return None
+    _, device_id, kind = parsed
+    message = parse_payload(_DEVICE_MESSAGES[kind], payload)
+    if message.device_id != device_id:
+        raise PayloadError("invalid", f"{kind} of {message.device_id!r} on the topic of {device_id!r}")
+    return message
+
+
 def encode(message: _Wire) -> bytes:
     return message.model_dump_json().encode()

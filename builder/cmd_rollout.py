@@ -9,8 +9,7 @@ from pathlib import Path
 
 from agent.clikit import HelpFormatter, print_json
 from agent.errors import ExitCode, UsageError
-from agent.mqtt_link import BrokerCredentials
-from builder.fleet import ENV_BROKER, ENV_PASSWORD, ENV_USERNAME
+from builder.fleet import ENV_BROKER, add_credential_args, broker_url_from_args, credentials_from_args
 from builder.repo import parse_duration_s
 from builder.rollout import Broker, RolloutController, RolloutPlan
 from builder.rollout_policy import parse_waves
@@ -23,19 +22,9 @@ def _progress(line: str) -> None:
 
 
 def _broker(args: argparse.Namespace, *, required: bool) -> Broker | None:
-    if not args.broker:
-        if required:
-            raise UsageError(f"no broker: pass --broker mqtt[s]://host:port or set {ENV_BROKER}")
+    if not args.broker and not required:
         return None
-    password = os.environ.get(ENV_PASSWORD)
-    if args.password_file is not None:
-        try:
-            password = Path(args.password_file).read_text().strip()
-        except OSError as e:
-            raise UsageError(f"cannot read --password-file {args.password_file}: {e}") from e
-    creds = BrokerCredentials(username=args.username, password=password, ca_file=args.ca_file,
-                              cert_file=args.cert_file, key_file=args.key_file)
-    return Broker(url=str(args.broker), creds=creds, fleet=args.fleet)
+    return Broker(url=broker_url_from_args(args), creds=credentials_from_args(args), fleet=args.fleet)
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:
@@ -72,12 +61,7 @@ def _broker_args(p: argparse.ArgumentParser, *, required_note: str) -> None:
     p.add_argument("--broker", default=os.environ.get(ENV_BROKER),
                    help=f"mqtt://host:port or mqtts://host:port; {required_note} (env: {ENV_BROKER})")
     p.add_argument("--fleet", default="default", help="topic prefix edgefleet/<fleet>")
-    p.add_argument("--username", default=os.environ.get(ENV_USERNAME), help=f"broker username (env: {ENV_USERNAME})")
-    p.add_argument("--password-file", default=None,
-                   help=f"file holding the broker password; None: env {ENV_PASSWORD}")
-    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts://; None: the system CAs")
-    p.add_argument("--cert-file", default=None, help="client certificate for mqtts://")
-    p.add_argument("--key-file", default=None, help="client key for mqtts://")
+    add_credential_args(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from builder.progress import run_stage
+
 _INDENT = "      "
-_TICK_S = 0.5
 
 
 class Display:
@@ -53,31 +54,21 @@ class Display:
         with self._lock:
             self._end_text()
             self._write(("\n" if self._index > 1 else "") + head + "\n")
-        t0 = time.monotonic()
-        ticker_stop = threading.Event()
-        ticker = None
-        if self.is_tty:
-            def tick() -> None:
-                while not ticker_stop.wait(_TICK_S):
-                    with self._lock:
-                        self._draw_live()
-            ticker = threading.Thread(target=tick, daemon=True)
-            ticker.start()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            ticker_stop.set()
-            if ticker is not None:
-                ticker.join()
-            elapsed = time.monotonic() - t0
+
+        def tick() -> None:
+            with self._lock:
+                self._draw_live()
+
+        def end(line: str, elapsed: float) -> None:
             self.durations_s[title] = round(elapsed, 2)
             with self._lock:
                 self._live = ""
                 self._clear_live()
                 self._end_text()
-                self._write(f"{head}: {'done' if ok else 'FAILED'} in {elapsed:.1f}s\n")
+                self._write(line)
+
+        with run_stage(head, tick if self.is_tty else None, end):
+            yield
 
     def info(self, line: str = "") -> None:
         """A lasting detail line (several lines keep their indent)."""

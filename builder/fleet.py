@@ -147,8 +147,17 @@ def ring_doorbell(broker_url: str, creds: BrokerCredentials, fleet: str, doorbel
         session.close()
 
 
-# -- CLI ---------------------------------------------------------------------
-def _credentials(args: argparse.Namespace) -> BrokerCredentials:
+# -- CLI (the broker options are shared with `edge-builder rollout`) ----------
+def add_credential_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--username", default=os.environ.get(ENV_USERNAME), help=f"broker username (env: {ENV_USERNAME})")
+    p.add_argument("--password-file", default=None,
+                   help=f"file holding the broker password; None: env {ENV_PASSWORD}")
+    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts://; None: the system CAs")
+    p.add_argument("--cert-file", default=None, help="client certificate for mqtts://")
+    p.add_argument("--key-file", default=None, help="client key for mqtts://")
+
+
+def credentials_from_args(args: argparse.Namespace) -> BrokerCredentials:
     password = os.environ.get(ENV_PASSWORD)
     if args.password_file is not None:
         try:
@@ -159,14 +168,14 @@ def _credentials(args: argparse.Namespace) -> BrokerCredentials:
                              cert_file=args.cert_file, key_file=args.key_file)
 
 
-def _broker(args: argparse.Namespace) -> str:
+def broker_url_from_args(args: argparse.Namespace) -> str:
     if not args.broker:
         raise UsageError(f"no broker: pass --broker mqtt[s]://host:port or set {ENV_BROKER}")
     return str(args.broker)
 
 
 def _status(args: argparse.Namespace) -> int:
-    view = collect_fleet(_broker(args), _credentials(args), args.fleet, args.timeout)
+    view = collect_fleet(broker_url_from_args(args), credentials_from_args(args), args.fleet, args.timeout)
     report = view.report(channel=args.channel, state=args.state)
     if args.json:
         print_json(report)
@@ -179,7 +188,7 @@ def _watch(args: argparse.Namespace) -> int:
     view, lock, changed = FleetView(args.fleet), threading.Lock(), threading.Event()
     is_tty = sys.stdout.isatty() and not args.json
     end = time.monotonic() + args.duration if args.duration else None
-    with _fleet_session(_broker(args), _credentials(args), view, lock, changed):
+    with _fleet_session(broker_url_from_args(args), credentials_from_args(args), view, lock, changed):
         time.sleep(QUIET_S)  # let the retained burst arrive before the first frame
         changed.set()
         while end is None or time.monotonic() < end:
@@ -204,12 +213,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channel", default=None, help="only devices following this channel")
     p.add_argument("--state", default=None, help="only devices in this state, e.g. ACTIVE or FAILED")
     p.add_argument("--json", action="store_true", help="print a FleetReport JSON object instead of the table")
-    p.add_argument("--username", default=os.environ.get(ENV_USERNAME), help=f"broker username (env: {ENV_USERNAME})")
-    p.add_argument("--password-file", default=None,
-                   help=f"file holding the broker password; None: env {ENV_PASSWORD}")
-    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts://; None: the system CAs")
-    p.add_argument("--cert-file", default=None, help="client certificate for mqtts://")
-    p.add_argument("--key-file", default=None, help="client key for mqtts://")
+    add_credential_args(p)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from agent.errors import PayloadError
-from agent.messages import DeviceStatus, Telemetry, parse_device_topic, parse_payload
+from agent.messages import DeviceStatus, Telemetry, parse_device_message
 
 
 class FleetRow(BaseModel):
@@ -51,25 +51,17 @@ class FleetView:
 
     def apply(self, topic: str, payload: bytes) -> bool:
         """Take one message; True if the view changed. Bad payloads are counted, not raised."""
-        parsed = parse_device_topic(topic)
-        if parsed is None or parsed[0] != self.fleet or not payload:
-            return False
-        _, device_id, kind = parsed
         try:
-            if kind == "status":
-                status = parse_payload(DeviceStatus, payload)
-                if status.device_id != device_id:
-                    raise PayloadError("invalid", f"status of {status.device_id!r} on the topic of {device_id!r}")
-                self._status[device_id] = status
-                return True
-            if kind == "telemetry":
-                telemetry = parse_payload(Telemetry, payload)
-                if telemetry.device_id != device_id:
-                    raise PayloadError("invalid", f"telemetry of {telemetry.device_id!r} on {device_id!r}")
-                self._telemetry[device_id] = telemetry
-                return device_id in self._status
+            message = parse_device_message(self.fleet, ("status", "telemetry"), topic, payload)
         except PayloadError:
             self.dropped_payloads += 1
+            return False
+        if isinstance(message, DeviceStatus):
+            self._status[message.device_id] = message
+            return True
+        if isinstance(message, Telemetry):
+            self._telemetry[message.device_id] = message
+            return message.device_id in self._status
         return False
 
     def rows(self, *, channel: str | None = None, state: str | None = None) -> list[FleetRow]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol, TextIO
 
@@ -31,6 +31,35 @@ class NullProgress:
 
     def update(self, done: int, total: int) -> None:
         pass
+
+
+@contextmanager
+def run_stage(head: str, tick: Callable[[], None] | None, end: Callable[[str, float], None]) -> Iterator[None]:
+    """Run a stage's block, then hand `end` its closing line (`<head>: done in 1.2s`, newline included) and its seconds.
+
+    `tick` (a live line's redraw; None off a TTY) is called every _TICK_S from a
+    thread meanwhile; that thread is stopped before `end`, so the closing line
+    is the stage's last write. Shared by the build's progress and the demo's display.
+    """
+    t0 = time.monotonic()
+    stop = threading.Event()
+    ticker = None
+    if tick is not None:
+        def run_ticks() -> None:
+            while not stop.wait(_TICK_S):
+                tick()
+        ticker = threading.Thread(target=run_ticks, daemon=True)
+        ticker.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        if ticker is not None:
+            ticker.join()
+        elapsed = time.monotonic() - t0
+        end(f"{head}: {'done' if ok else 'FAILED'} in {elapsed:.1f}s\n", elapsed)
 
 
 class StderrProgress:
@@ -62,28 +91,17 @@ class StderrProgress:
     def stage(self, name: str) -> Iterator[None]:
         self._index += 1
         self._name, self._done, self._total, self._t0 = name, None, None, time.monotonic()
-        stop = threading.Event()
-        ticker = None
-        if self._is_tty:
-            def tick() -> None:
-                while not stop.wait(_TICK_S):
-                    self._draw()
-            self._draw()
-            ticker = threading.Thread(target=tick, daemon=True)
-            ticker.start()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            stop.set()
-            if ticker is not None:
-                ticker.join()
-            status = "done" if ok else "FAILED"
-            line = f"[{self._index}/{self._total_stages}] {name}: {status} in {time.monotonic() - self._t0:.1f}s"
+        head = f"[{self._index}/{self._total_stages}] {name}"
+
+        def end(line: str, _elapsed: float) -> None:
             with self._lock:
-                self._stream.write(("\r\x1b[K" if self._is_tty else "") + line + "\n")
+                self._stream.write(("\r\x1b[K" if self._is_tty else "") + line)
                 self._stream.flush()
+
+        if self._is_tty:
+            self._draw()
+        with run_stage(head, self._draw if self._is_tty else None, end):
+            yield
 
     def update(self, done: int, total: int) -> None:
         self._done, self._total = done, total

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from agent.errors import PayloadError
-from agent.messages import DeviceEvent, DeviceStatus, parse_device_topic, parse_payload
+from agent.messages import DeviceEvent, DeviceStatus, parse_device_message
 
 _IN_PROGRESS = frozenset({"CHECKING", "DOWNLOADING", "VERIFYING", "INSTALLING", "ACTIVATING"})
 _SERVING_STATES = frozenset({"ACTIVE", "UP_TO_DATE"})
@@ -70,23 +70,15 @@ class RolloutObserver:
 
     def apply(self, topic: str, payload: bytes) -> bool:
         """Take one message; True if a device's facts changed. Bad payloads are counted, not raised."""
-        parsed = parse_device_topic(topic)
-        if parsed is None or parsed[0] != self.fleet or not payload:
-            return False
-        _, device_id, kind = parsed
         try:
-            if kind == "status":
-                status = parse_payload(DeviceStatus, payload)
-                if status.device_id != device_id:
-                    raise PayloadError("invalid", f"status of {status.device_id!r} on the topic of {device_id!r}")
-                return self._apply_status(status)
-            if kind == "events":
-                event = parse_payload(DeviceEvent, payload)
-                if event.device_id != device_id:
-                    raise PayloadError("invalid", f"event of {event.device_id!r} on the topic of {device_id!r}")
-                return self._apply_event(event)
+            message = parse_device_message(self.fleet, ("status", "events"), topic, payload)
         except PayloadError:
             self.dropped_payloads += 1
+            return False
+        if isinstance(message, DeviceStatus):
+            return self._apply_status(message)
+        if isinstance(message, DeviceEvent):
+            return self._apply_event(message)
         return False
 
     def _set(self, facts: DeviceFacts, outcome: str | None, reason: str | None) -> bool:

@@ -17,6 +17,7 @@ import pytest
 from agent.errors import ActivationError
 from agent.manifest import Manifest
 from agent.statemachine import ModelRef, Phase
+from tests.fleet_kit import greedy_ids
 from tests.storekit import manifest_for, publish_channel, write_artifact
 from tests.test_updater import LocalDirDownloader, make_updater
 
@@ -24,21 +25,6 @@ pytestmark = pytest.mark.slow
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 8
-
-
-def _greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    tokenizer = og.Tokenizer(model)
-    ids = list(tokenizer.encode(prompt))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + max_new_tokens)
-    generator = og.Generator(model, params)
-    generator.append_tokens(ids)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(ids):]
 
 
 class OrtCanaryActivator:
@@ -50,7 +36,7 @@ class OrtCanaryActivator:
     def activate(self, model_dir: Path, manifest: Manifest) -> None:
         canary = manifest.evaluation.canary
         try:
-            got = _greedy(model_dir, canary.prompt, canary.max_new_tokens)
+            got = greedy_ids(model_dir, canary.prompt, canary.max_new_tokens)
         except Exception as e:  # og raises plain RuntimeError/OrtException for a model that does not load
             raise ActivationError(f"{manifest.name} v{manifest.version} failed to load: {e}") from e
         if got != canary.expected_token_ids:
@@ -79,7 +65,7 @@ def _publish_real(repo: Path, raw: Path, version: int, expected_ids: list[int],
 
 def test_real_model_update_rollback_and_dedup(smollm2_int4_raw: Path, tmp_path: Path) -> None:
     repo, state_dir = tmp_path / "repo", tmp_path / "state"
-    expected = _greedy(smollm2_int4_raw, PROMPT, NEW_TOKENS)
+    expected = greedy_ids(smollm2_int4_raw, PROMPT, NEW_TOKENS)
     assert len(expected) == NEW_TOKENS
 
     u = make_updater(repo, state_dir)
