@@ -22,7 +22,8 @@ update is abandoned) and check for an update.
 
 Probation: for `probation_s` after a switch, a crash of the new model's worker is a
 PROBATION_FAILED event: the update rolls back to `previous` and that version is refused
-until a newer one is published.
+until a newer one is published. The window survives a restart (`agent.probation`): it is
+re-armed, and a second death of the daemon inside it rolls back too.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from agent.host import ModelHost
 from agent.messages import Doorbell, Telemetry
 from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
+from agent.probation import ProbationFile, ProbationRecord, decide_on_start
 from agent.server import uvicorn_config
 from agent.statemachine import Event, EventKind, Phase
 from agent.statelock import StateLock
@@ -124,6 +126,7 @@ class Daemon:
         self._probation_until = 0.0  # monotonic; checks wait until then (updater thread only)
         self._exit_code = 0
         self._state_lock = StateLock(config.state_dir)
+        self._probation_file = ProbationFile(config.state_dir)
         self._collector = TelemetryCollector(config.device_id, self.store.root, self._serving_metrics)
 
     # -- wiring ------------------------------------------------------------------
@@ -222,25 +225,50 @@ class Daemon:
 
     def _on_activated(self, model_dir: Path) -> None:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
+        probation_s = self.config.probation_s
+        if probation_s > 0:  # recorded, so that a restart of the daemon keeps the window open
+            self._probation_file.write(ProbationRecord(model_dir=str(model_dir.resolve()),
+                                                       until_unix=time.time() + probation_s))
+        self._arm_probation(model_dir, probation_s)
+
+    def _arm_probation(self, model_dir: Path, probation_s: float) -> None:
+        """Any thread: watch the current worker for `probation_s`; checks wait until then."""
         loop = self._loop
         assert loop is not None
-        self._probation_until = time.monotonic() + self.config.probation_s
-        loop.call_soon_threadsafe(self._start_probation, model_dir)
+        self._probation_until = time.monotonic() + probation_s
+        loop.call_soon_threadsafe(self._start_probation, model_dir, probation_s)
 
-    def _start_probation(self, model_dir: Path) -> None:
+    def _resume_probation(self) -> None:
+        """At start-up: re-arm a window the last run left open, or roll back after repeated deaths."""
+        current = self.store.current()
+        verdict = decide_on_start(self._probation_file.read(), current, time.time())
+        if verdict.record is None:
+            self._probation_file.clear()
+        else:
+            self._probation_file.write(verdict.record)
+        if verdict.action == "none" or current is None:
+            return
+        log.warning("event=probation_resumed action=%s model_dir=%s remaining_s=%.0f%s", verdict.action, current,
+                    verdict.remaining_s, f" reason={verdict.reason!r}" if verdict.reason else "")
+        if verdict.action == "rearm":
+            self._arm_probation(current, verdict.remaining_s)
+        else:
+            self._requests.put(_ProbationFailed(reason=verdict.reason, model_dir=str(current)))
+
+    def _start_probation(self, model_dir: Path, probation_s: float) -> None:
         if self._probation_task is not None:
             self._probation_task.cancel()
-        self._probation_task = asyncio.get_running_loop().create_task(self._probation(model_dir))
+        self._probation_task = asyncio.get_running_loop().create_task(self._probation(model_dir, probation_s))
 
-    async def _probation(self, model_dir: Path) -> None:
+    async def _probation(self, model_dir: Path, probation_s: float) -> None:
         worker = self.host.current_worker
         if worker is None:
             return
-        probation_s = self.config.probation_s
         try:
             await asyncio.wait_for(worker.wait_exited(), timeout=probation_s)
         except TimeoutError:
             log.info("event=probation_passed model_dir=%s probation_s=%.0f", model_dir, probation_s)
+            self._probation_file.clear()
             return
         if self.host.current_worker is not worker:
             return  # stopped on purpose (a later switch, a drain, shutdown)
@@ -375,6 +403,9 @@ class Daemon:
         self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,
                                 sink=DaemonSink(self), disk_cap_bytes=self.config.disk_cap_bytes)
         self._updater_thread = threading.Thread(target=self._updater_main, name="updater", daemon=True)
+        # Before the updater thread starts: its start-up recovery deletes `.tmp-*` files in the state
+        # dir, the record's atomic write among them. A roll back is queued first; a window holds checks.
+        self._resume_probation()
         self._updater_thread.start()
         self.request_check("startup")
 
@@ -408,6 +439,7 @@ class Daemon:
             await asyncio.to_thread(self._updater_thread.join, 2.0)
         if self.link is not None:
             await asyncio.to_thread(self.link.stop)
+        self._probation_file.mark_clean_stop()  # a restart inside the window is not a crash
         self._state_lock.release()
         log.info("event=stopped")
 

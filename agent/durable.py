@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"  # names the store's cleanup may delete: never a finished file
@@ -27,7 +28,8 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so that a reader sees the old or the new content, never a mix."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    # Unique per thread too: two threads writing the same file must not share a temp file.
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -244,6 +244,13 @@ def with_pg_kill(pgid: int) -> None:
         pass
 
 
+@pytest.fixture
+def release(tmp_path: Path) -> Iterator[Release]:
+    """A fresh signed repository, served over HTTP, for one test."""
+    with release_repo(tmp_path) as r:
+        yield r
+
+
 @pytest.fixture(scope="session")
 def tiny_raw(model_cache_dir: Path, smollm2_hf_dir: Path) -> Path:
     """A tiny random-weight llama (hidden 64, 2 layers) built to INT4 with onnxruntime-genai:

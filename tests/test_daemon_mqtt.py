@@ -21,15 +21,9 @@ from agent.mqtt_link import BrokerCredentials
 from agent.statemachine import Phase
 from builder.fleet import ring_doorbell
 from tests.brokers import Mosquitto, Recorder, mosquitto, publish_and_wait, wait_until  # noqa: F401
-from tests.daemon_kit import Agent, Release, release_repo, tiny_raw  # noqa: F401
+from tests.daemon_kit import Agent, Release, release, tiny_raw  # noqa: F401 (fixtures)
 
 FLEET = "test"
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Release]:
-    with release_repo(tmp_path) as r:
-        yield r
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import requests
 
 from agent.journal import Journal
 from agent.statemachine import ModelRef, Phase
-from tests.daemon_kit import Agent, Release, measured_canary, release_repo, tiny_raw  # noqa: F401
+from tests.daemon_kit import Agent, Release, measured_canary, release, tiny_raw  # noqa: F401 (fixtures)
 
 
 class Poller:
@@ -50,12 +50,6 @@ class Poller:
 
     def failures(self) -> list[tuple[int, str]]:
         return [r for r in self.results if r[0] != 200]
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Release]:
-    with release_repo(tmp_path) as r:
-        yield r
 
 
 @pytest.fixture

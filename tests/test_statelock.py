@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,7 @@ import pytest
 from agent.errors import ExitCode
 from agent.statelock import StateDirBusyError, StateLock
 from tests.conftest import subprocess_env
-from tests.daemon_kit import Agent, Release, release_repo, tiny_raw  # noqa: F401 (a fixture)
-
-
-@pytest.fixture
-def release(tmp_path: Path) -> Iterator[Release]:
-    with release_repo(tmp_path) as r:
-        yield r
+from tests.daemon_kit import Agent, Release, release, tiny_raw  # noqa: F401 (fixtures)
 
 
 def _update_once(config_path: Path) -> subprocess.CompletedProcess[str]:
