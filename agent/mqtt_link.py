@@ -242,6 +242,9 @@ class MqttLink:
         self._sent_up_to = 0                 # highest seq handed to paho
         self._offline_mid: int | None = None
         self._offline_acked = threading.Event()
+        # The model the will names (network thread only): the will is fixed at CONNECT.
+        self._will_model: tuple[str | None, int | None] = (None, None)
+        self._refreshing_will = False  # a clean reconnect under way, to give the will the new model
 
         self._connected = threading.Event()
         self._stop = threading.Event()
@@ -403,6 +406,9 @@ class MqttLink:
             self._serve_connection()
             if self._stop.is_set():
                 break
+            if self._refreshing_will:
+                self._refreshing_will = False
+                continue  # reconnect at once, with the new will
             delay = self._backoff.next_delay_s()
             log.warning("event=mqtt_connection_lost retry_in_s=%.2f", delay)
             self._stop.wait(delay)
@@ -413,7 +419,21 @@ class MqttLink:
         # device was doing when it vanished.
         with self._lock:
             offline = self._status.model_copy(update={"online": False, "timestamp": utc_now()})
+        self._will_model = (offline.model, offline.version)
         self._client.will_set(self.topic_status, encode(offline), qos=1, retain=True)
+
+    def _refresh_will_if_stale(self) -> None:
+        """MQTT fixes the will at CONNECT: when the model it names is no longer the one serving
+        (a first install, an update, a rollback), reconnect cleanly so that a later crash reports
+        the right model. A normal DISCONNECT discards the old will; the persistent session keeps
+        the subscriptions and paho resends whatever QoS 1 message was still in flight."""
+        with self._lock:
+            serving = (self._status.model, self._status.version)
+            is_idle = not self._inflight
+        if serving != self._will_model and is_idle and not self._refreshing_will:
+            log.info("event=mqtt_will_refresh model=%s version=%s", *serving)
+            self._refreshing_will = True
+            self._client.disconnect()
 
     def _serve_connection(self) -> None:
         """Run the socket loop until the connection drops or stop() is called."""
@@ -459,6 +479,7 @@ class MqttLink:
                 else:
                     self._counters.telemetry_skipped += 1
         self._pump_outbox()
+        self._refresh_will_if_stale()
 
     def _pump_outbox(self) -> None:
         with self._lock:
@@ -522,7 +543,7 @@ class MqttLink:
         with self._lock:
             if was_connected:
                 self._counters.disconnects += 1
-        if was_connected and not self._stop.is_set():
+        if was_connected and not self._stop.is_set() and not self._refreshing_will:
             log.warning("event=mqtt_disconnected reason=%s", reason_code)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,

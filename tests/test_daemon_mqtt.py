@@ -158,12 +158,17 @@ def test_sigkill_publishes_the_will_and_a_restart_is_online_with_the_right_model
     try:
         rec.wait_for(lambda ms: any(json.loads(m.payload)["online"] and json.loads(m.payload)["version"] == 1
                                     for m in ms), 30, "online status with v1")
+        # MQTT fixes the will at CONNECT and v1 came after the first connect: the link reconnects
+        # cleanly to give its will the new model (a crash before that names the old one).
+        agent.wait(lambda: "event=mqtt_will_refresh model=tiny version=1" in agent.log()
+                   and agent.log().split("event=mqtt_will_refresh")[1].count("event=mqtt_connected") == 1,
+                   30, "will refreshed")
         agent.kill(signal.SIGKILL)
         rec.wait_for(lambda ms: not json.loads(ms[-1].payload)["online"], 30, "the will: online false")
         will = json.loads(rec.messages[-1].payload)
-        # The will is fixed at CONNECT time (MQTT cannot update it): it names the device, and the
-        # model only if one served when the link connected (v1 was installed after that here).
         assert will["device_id"] == "box-1" and will["online"] is False
+        assert (will["model"], will["version"]) == ("tiny", 1)
+        assert "event=mqtt_disconnected" not in agent.log()  # the refresh is not a lost connection
     finally:
         rec.close()
     # A new subscriber sees the retained status: offline.
