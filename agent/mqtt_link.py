@@ -37,17 +37,13 @@ counted in `counters().dropped` by reason and logged at WARNING.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import random
 import select
 import socket
 import ssl
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import paho.mqtt.client as mqtt
@@ -58,6 +54,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import __version__ as AGENT_VERSION
+from agent.broker import Backoff, BrokerCredentials, configure_client, parse_broker_url
 from agent.config import AgentConfig
 from agent.errors import ConfigError, PayloadError
 from agent.messages import (
@@ -86,93 +83,6 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 OUTBOX_WINDOW = 64
 _OFFLINE_ACK_WAIT_S = 2.0
 STATUS_REFRESH_S = 300.0
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    is_tls: bool
-
-
-def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://host[:1883]` or `mqtts://host[:8883]`.
-
-    Raises:
-        ConfigError: another scheme, no host, or a bad port.
-    """
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"broker_url {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parsed.hostname:
-        raise ConfigError(f"broker_url {url!r} has no host: write mqtt://host:port")
-    try:
-        port = parsed.port
-    except ValueError as e:
-        raise ConfigError(f"broker_url {url!r}: {e}") from e
-    is_tls = parsed.scheme == "mqtts"
-    return BrokerAddress(parsed.hostname, port or (8883 if is_tls else 1883), is_tls)
-
-
-@dataclass(frozen=True)
-class BrokerCredentials:
-    """Everything needed to authenticate to a broker, from config or a CLI."""
-
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-
-    @classmethod
-    def from_config(cls, config: AgentConfig) -> BrokerCredentials:
-        return cls(config.broker_username, config.broker_password,
-                   str(config.broker_ca_file) if config.broker_ca_file else None,
-                   str(config.broker_cert_file) if config.broker_cert_file else None,
-                   str(config.broker_key_file) if config.broker_key_file else None)
-
-
-def configure_client(client: mqtt.Client, address: BrokerAddress, creds: BrokerCredentials) -> None:
-    """Apply TLS and username/password to a paho client (shared with `edge-builder fleet`).
-
-    Raises:
-        ConfigError: a named certificate or key file does not exist, or a
-            client certificate is given for a plain mqtt:// URL.
-    """
-    for what, path in (("broker_ca_file", creds.ca_file), ("broker_cert_file", creds.cert_file),
-                       ("broker_key_file", creds.key_file)):
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"{what} {path} does not exist: fix the path or remove the key")
-    if (creds.cert_file is None) != (creds.key_file is None):
-        raise ConfigError("broker_cert_file and broker_key_file must be given together")
-    if address.is_tls:
-        client.tls_set(ca_certs=creds.ca_file, certfile=creds.cert_file, keyfile=creds.key_file,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    elif creds.ca_file or creds.cert_file:
-        raise ConfigError("TLS files are set but broker_url is mqtt://: use mqtts:// to enable TLS")
-    if creds.username is not None:
-        client.username_pw_set(creds.username, creds.password)
-
-
-class Backoff:
-    """Exponential backoff with jitter: the n-th consecutive failure waits
-    min(max_s, initial_s * 2**n) scaled by a random factor in [0.5, 1.0], so a
-    fleet that lost its broker at the same instant does not return in lockstep.
-    `reset()` after a successful CONNACK, as paho's reconnect_delay_set does."""
-
-    def __init__(self, initial_s: float = 1.0, max_s: float = 60.0, rng: random.Random | None = None) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next_delay_s(self) -> float:
-        base = min(self.max_s, self.initial_s * (2 ** min(self.failures, 32)))
-        self.failures += 1
-        return base * self._rng.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class LinkCounters(BaseModel):

@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from agent.broker import BrokerCredentials  # noqa: E402
 from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
 from agent.messages import Doorbell  # noqa: E402
-from agent.mqtt_link import BrokerCredentials  # noqa: E402
 from builder.fleet import ring_doorbell  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 from tests.daemon_kit import Agent, release_repo  # noqa: E402

@@ -35,15 +35,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import onnxruntime_genai  # noqa: E402
 import paho.mqtt  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-import onnxruntime_genai  # noqa: E402
+from agent.broker import BrokerCredentials  # noqa: E402
 from agent.channel import ChannelFile  # noqa: E402
 from agent.messages import Doorbell, parse_device_topic  # noqa: E402
-from agent.mqtt_link import BrokerCredentials  # noqa: E402
 from builder.fleet import ring_doorbell  # noqa: E402
 from tests.artifacts import new_repo, serving  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402

@@ -27,8 +27,9 @@ import paho.mqtt  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from agent.broker import Backoff  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
-from agent.mqtt_link import Backoff, MqttLink  # noqa: E402
+from agent.mqtt_link import MqttLink  # noqa: E402
 from agent.outbox import Outbox  # noqa: E402
 from tests.brokers import Mosquitto, mosquitto_binary  # noqa: E402
 

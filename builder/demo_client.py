@@ -24,9 +24,9 @@ import requests
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict
 
-from builder.demo_procs import DemoError
+from agent.broker import parse_broker_url
 from agent.messages import all_devices_topic
-from agent.mqtt_link import parse_broker_url
+from builder.demo_procs import DemoError
 from builder.fleetview import FleetReport, FleetView
 
 _TIMEOUT_S = (5.0, 120.0)  # connect, read

@@ -23,10 +23,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.broker import BrokerCredentials, configure_client, parse_broker_url
 from agent.clikit import HelpFormatter, print_json
 from agent.errors import BrokerError, UsageError
 from agent.messages import Doorbell, all_devices_topic, encode, releases_topic, utc_now
-from agent.mqtt_link import BrokerCredentials, configure_client, parse_broker_url
 from builder.fleetview import FleetView, render_table
 
 log = logging.getLogger(__name__)

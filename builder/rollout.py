@@ -44,10 +44,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.broker import BrokerCredentials
 from agent.channel import ChannelFile, Rollout
 from agent.errors import RepositoryError, UsageError
 from agent.messages import Doorbell, all_devices_topic
-from agent.mqtt_link import BrokerCredentials
 from builder.fleet import QUIET_S, OperatorSession, ring_doorbell
 from builder.repo import TufRepo
 from builder.rollout_observer import RolloutObserver

@@ -19,8 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
+from agent.broker import Backoff
 from agent.config import AgentConfig
-from agent.mqtt_link import Backoff, MqttLink
+from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
 
 

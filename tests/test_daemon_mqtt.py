@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.broker import BrokerCredentials
 from agent.messages import Doorbell
-from agent.mqtt_link import BrokerCredentials
 from agent.statemachine import Phase
 from builder.fleet import ring_doorbell
 from tests.brokers import Mosquitto, Recorder, mosquitto, publish_and_wait, wait_until  # noqa: F401

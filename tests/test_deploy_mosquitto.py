@@ -25,9 +25,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.broker import Backoff
 from agent.config import AgentConfig
 from agent.messages import Doorbell, device_topic, releases_topic
-from agent.mqtt_link import Backoff, MqttLink
+from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
 from tests.brokers import Mosquitto, free_port, wait_until
 from tests.conftest import REPO_ROOT

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.broker import BrokerCredentials
 from agent.messages import DeviceStatus, Doorbell, Telemetry, device_topic
-from agent.mqtt_link import BrokerCredentials
 from builder.fleet import ring_doorbell
 from tests.brokers import Mosquitto, Recorder, mosquitto, publish_and_wait  # noqa: F401
 from tests.conftest import subprocess_env
