@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -35,188 +35,28 @@ from starlette.types import Receive, Scope, Send
 
 from agent.errors import ActivationError
 from agent.host import ModelHost, ModelNotReadyError, QueueFullError
-from agent.runtime import MAX_STOP_SEQUENCES, ChatMessage, SamplingOptions
+from agent.openai_wire import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ErrorBody,
+    ErrorDetail,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from agent.runtime import ChatMessage
 from agent.worker import DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent, WorkerClient
 
 log = logging.getLogger(__name__)
-
-# ---- request models (OpenAI's shape; unknown fields are accepted and logged) ----
-
-
-class _ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class ApiMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[_ContentPart] | None = None
-
-    def to_chat_message(self) -> ChatMessage:
-        if isinstance(self.content, list):
-            text = "".join(p.text or "" for p in self.content if p.type == "text")
-        else:
-            text = self.content or ""
-        return ChatMessage(role=self.role, content=text)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
-
-
-class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, description="extension")
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0)
-    stop: str | list[str] | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0.0, description="extension")
-    num_beams: int | None = Field(default=None, ge=1, le=8, description="extension: beam search")
-    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
-            raise ValueError(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings")
-        return value
-
-    def sampling_options(self) -> SamplingOptions:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        defaults = SamplingOptions()
-        return SamplingOptions(
-            temperature=defaults.temperature if self.temperature is None else self.temperature,
-            top_p=self.top_p or defaults.top_p,
-            top_k=defaults.top_k if self.top_k is None else self.top_k,
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            seed=self.seed,
-            stop=stops,
-            repetition_penalty=self.repetition_penalty or defaults.repetition_penalty,
-            num_beams=self.num_beams or 1,
-        )
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ApiMessage] = Field(min_length=1)
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("only one prompt per request is supported")
-        return value
-
-    @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-
-# ---- response models ----
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class _AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class _ChatChoice(BaseModel):
-    index: int = 0
-    message: _AssistantMessage
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[_ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class _Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class _ChunkChoice(BaseModel):
-    index: int = 0
-    delta: _Delta
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[_ChunkChoice]
-    usage: Usage | None = None
-
-
-class _CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[_CompletionChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "edgefleet"
-    version: int | None = Field(description="extension: the manifest version")
-    context_length: int = Field(description="extension")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
 
 # ---- errors ----
 
@@ -285,7 +125,7 @@ class _Api:
             raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <api_token>'",
                            "authentication_error", code="invalid_api_key")
 
-    async def _parse(self, request: Request, model: type[_GenerationRequest]) -> Any:
+    async def _parse(self, request: Request, model: type[GenerationRequest]) -> Any:
         body = await request.body()
         try:
             data = json.loads(body)
@@ -352,7 +192,7 @@ class _Api:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         return await self._generate(request, req, messages=None, prompt=req.prompt_text, is_chat=False)
 
-    async def _generate(self, request: Request, req: _GenerationRequest, *, messages: list[ChatMessage] | None,
+    async def _generate(self, request: Request, req: GenerationRequest, *, messages: list[ChatMessage] | None,
                         prompt: str | None, is_chat: bool) -> Response:
         try:
             options = req.sampling_options()
@@ -401,10 +241,10 @@ class _Api:
         if is_chat:
             result: BaseModel = ChatCompletion(
                 id=request_id, created=created, model=model_name, usage=usage,
-                choices=[_ChatChoice(message=_AssistantMessage(content=text), finish_reason=done_event.finish_reason)])
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done_event.finish_reason)])
         else:
             result = Completion(id=request_id, created=created, model=model_name, usage=usage,
-                                choices=[_CompletionChoice(text=text, finish_reason=done_event.finish_reason)])
+                                choices=[CompletionChoice(text=text, finish_reason=done_event.finish_reason)])
         return JSONResponse(result.model_dump())
 
     async def _collect(self, events: AsyncIterator[tuple[Any, RequestEvent]]) -> tuple[str, DoneEvent]:
@@ -424,13 +264,13 @@ class _Api:
         def chunk(text: str | None, finish_reason: str | None, *, first: bool = False) -> bytes:
             obj: BaseModel
             if is_chat:
-                delta = _Delta(role="assistant", content="") if first else _Delta(content=text)
+                delta = Delta(role="assistant", content="") if first else Delta(content=text)
                 obj = ChatCompletionChunk(id=request_id, created=created, model=model_name,
-                                          choices=[_ChunkChoice(delta=delta if finish_reason is None else _Delta(),
+                                          choices=[ChunkChoice(delta=delta if finish_reason is None else Delta(),
                                                                 finish_reason=finish_reason)])
             else:
                 obj = Completion(id=request_id, created=created, model=model_name,
-                                 choices=[_CompletionChoice(text=text or "", finish_reason=finish_reason)])
+                                 choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)])
             return b"data: " + obj.model_dump_json(exclude_none=is_chat).encode() + b"\n\n"
 
         # The per-token chunk is the hot path: the model's JSON cut once around the text.

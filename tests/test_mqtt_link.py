@@ -21,14 +21,7 @@ from agent.errors import ConfigError
 from agent.messages import Command, Doorbell, device_topic, releases_topic
 from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox
-from tests.brokers import (  # noqa: F401
-    Mosquitto,
-    Recorder,
-    mosquitto,
-    persistent_mosquitto,
-    publish_and_wait,
-    wait_until,
-)
+from tests.brokers import Mosquitto, Recorder, mosquitto, persistent_mosquitto, publish_and_wait, wait_until  # noqa: F401
 from tests.conftest import REPO_ROOT, subprocess_env
 
 FLEET = "test"
