@@ -25,7 +25,8 @@ from agent.errors import ActivationError, EdgefleetError, RuntimeModelError
 from agent.manifest import Canary
 from agent.metrics import ServingMetrics
 from agent.runtime import ChatMessage, ModelIdentity, SamplingOptions
-from agent.worker import DoneEvent, GenerateCommand, RequestEvent, TokenEvent, WorkerClient
+from agent.worker import DoneEvent, GenerateCommand, RequestEvent, TokenEvent
+from agent.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ import starlette  # noqa: E402
 import uvicorn  # noqa: E402
 
 from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
-from agent.worker import GenerateCommand, TokenEvent, WorkerClient  # noqa: E402
+from agent.worker import GenerateCommand, TokenEvent  # noqa: E402
+from agent.worker_client import WorkerClient  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
