@@ -34,6 +34,7 @@ import urllib3  # noqa: E402
 from agent.channel import ChannelFile  # noqa: E402
 from agent.download import Downloader, ExpectedFile  # noqa: E402
 from agent.store import Store  # noqa: E402
+from builder.ports import free_port  # noqa: E402
 
 
 def _p90(values: list[float]) -> float:
@@ -42,9 +43,7 @@ def _p90(values: list[float]) -> float:
 
 
 def _start_server(www: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "serve", str(www), "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import uvicorn  # noqa: E402
 from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
 from agent.worker import GenerateCommand, TokenEvent  # noqa: E402
 from agent.worker_client import WorkerClient  # noqa: E402
+from builder.ports import free_port  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
@@ -114,14 +114,8 @@ def api_run(url: str, max_tokens: int) -> tuple[float, float, int]:
     return first - started, (n - 1) / (last - first), n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(model_dir: Path, threads: int, interval_ms: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--model", str(model_dir), "--port",
                              str(port), "--threads", str(threads), "--parallel", "4",

@@ -51,6 +51,7 @@ from builder.demo_summary import (
     ArtifactFigures, BrokerInfo, DemoSummary, DeviceInfo, ProcessInfo, RepoInfo, RolloutInfo, StatusChangeInfo,
 )
 from builder.fleetview import FleetReport
+from builder.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,6 @@ class _Run:
 
 
 # -- helpers -------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _child_env() -> dict[str, str]:
     """This checkout first on sys.path, unbuffered output, and no EDGE_AGENT_* of the caller:
     the demo's agents are configured by their agent.toml alone."""

@@ -17,14 +17,9 @@ import uvicorn
 
 from agent.api import create_app
 from agent.host import ModelHost
+from builder.ports import free_port
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> None:

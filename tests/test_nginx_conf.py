@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from agent.channel import ChannelFile
+from builder.ports import free_port
 from tests.artifacts import run_update_once_unloaded as run_update_once
 from tests.artifacts import make_artifact, new_repo, provision_device
 
@@ -28,9 +29,7 @@ pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (a
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     repo = new_repo(tmp_path / "repo")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = CONF.read_text()
     server = re.sub(r"^\s*listen \[::\]:80;\n", "", server, flags=re.M)
     server = server.replace("listen 80;", f"listen 127.0.0.1:{port};")

@@ -17,6 +17,7 @@ import requests
 from tuf.api.metadata import Metadata
 
 from agent.errors import ExitCode
+from builder.ports import free_port
 from builder.repo import TufRepo, parse_duration_s
 from builder.serve import parse_range
 from tests.artifacts import make_artifact
@@ -28,10 +29,6 @@ def _builder(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_init_keeps_keys_private_and_out_of_www(tmp_path: Path) -> None:
@@ -137,7 +134,7 @@ def served_www(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
     (www / "targets").mkdir(parents=True)
     data = bytes(range(256)) * 40
     (www / "targets" / "f.bin").write_bytes(data)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "serve", str(www), "--port", str(port)],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

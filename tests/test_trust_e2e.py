@@ -18,6 +18,7 @@ import pytest
 
 from agent.errors import ExitCode
 from agent.manifest import MANIFEST_FILENAME, Manifest
+from builder.ports import free_port
 from tests.daemon_kit import make_real_artifact
 from tests.conftest import subprocess_env
 
@@ -31,9 +32,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
 def served_repo(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     repo = tmp_path / "repo"
     assert _run("builder.cli", "repo", "init", str(repo)).returncode == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "serve", str(repo / "www"), "--port", str(port)],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
