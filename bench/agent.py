@@ -41,6 +41,7 @@ from agent.messages import Doorbell  # noqa: E402
 from builder.fleet import ring_doorbell  # noqa: E402
 from tests.brokers import Mosquitto  # noqa: E402
 from tests.daemon_kit import Agent, release_repo  # noqa: E402
+from tests.storekit import hardlinked_twin  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -117,11 +118,7 @@ async def switch_baseline(model_dir: Path, n: int) -> list[float]:
     await host.switch(model_dir, canary=manifest.evaluation.canary)
     times = []
     with tempfile.TemporaryDirectory() as tmp:
-        twin = Path(tmp) / "twin"
-        twin.mkdir()
-        for f in model_dir.iterdir():
-            if f.is_file():
-                os.link(f, twin / f.name)
+        twin = hardlinked_twin(model_dir, Path(tmp) / "twin")
         dirs = [twin, model_dir]
         for i in range(n):
             started = time.perf_counter()

@@ -40,6 +40,7 @@ from agent.host import ModelHost  # noqa: E402
 from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
 from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
 from agent.worker import DoneEvent, ErrorEvent  # noqa: E402
+from tests.storekit import hardlinked_twin  # noqa: E402
 
 CLIENTS = 2
 MAX_TOKENS = 8
@@ -132,12 +133,7 @@ async def bench_switch(model_dir: Path, n: int, threads: int) -> None:
     manifest = Manifest.model_validate_json((model_dir / MANIFEST_FILENAME).read_bytes())
     canary = manifest.evaluation.canary
     with tempfile.TemporaryDirectory() as tmp:
-        # A second dir of the same files (hard links): two "versions" to switch between.
-        twin = Path(tmp) / "twin"
-        twin.mkdir()
-        for f in model_dir.iterdir():
-            if f.is_file():
-                os.link(f, twin / f.name)
+        twin = hardlinked_twin(model_dir, Path(tmp) / "twin")
         host = ModelHost(threads=threads)
         await host.switch(model_dir, canary=canary)
         results: dict[str, list[dict[str, float]]] = {"none": [], "both": [], "drain": []}

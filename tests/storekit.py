@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -85,3 +86,13 @@ def install(store: Store, manifest: Manifest, files: dict[str, bytes]) -> Path:
             staged.write_bytes(files[f.path])
             store.adopt_blob(staged, f.sha256)
     return store.assemble_model(manifest, manifest.model_dump_json(indent=1).encode())
+
+
+def hardlinked_twin(model_dir: Path, dest: Path) -> Path:
+    """`dest`, a second model dir with the same files as `model_dir` (hard links): two
+    "versions" to switch between without copying the weights."""
+    dest.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file():
+            os.link(f, dest / f.name)
+    return dest

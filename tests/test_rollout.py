@@ -160,6 +160,12 @@ def test_wave_that_never_reports_times_out_and_rolls_back(setup: Setup, tmp_path
         fleet.close()
 
 
+def _in_wave_2(s: Setup) -> bool:
+    """The controller has signed wave 2 and saved when it started."""
+    st = load_state(s.repo.dir, "stable")
+    return st is not None and st.wave_index == 1 and st.wave_started_at is not None
+
+
 def test_killed_controller_resumes_from_saved_wave(setup: Setup, tmp_path: Path) -> None:
     s = setup
     later = set(s.ids) - s.wave(WAVES[0])
@@ -167,10 +173,7 @@ def test_killed_controller_resumes_from_saved_wave(setup: Setup, tmp_path: Path)
     first = subprocess.Popen(_rollout_args(s, 2, wait="60s"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, env=subprocess_env())
     try:
-        def in_wave_2() -> bool:
-            st = load_state(s.repo.dir, "stable")
-            return st is not None and st.wave_index == 1 and st.wave_started_at is not None
-        wait_until(in_wave_2, 60, "the controller to sign wave 2")
+        wait_until(lambda: _in_wave_2(s), 60, "the controller to sign wave 2")
         # One controller per channel.
         second = _run(_rollout_args(s, 2))
         assert second.returncode == 2 and "another rollout controller" in second.stderr
@@ -213,10 +216,7 @@ def test_rollback_while_controller_runs_stops_it(setup: Setup, tmp_path: Path) -
     controller = subprocess.Popen(_rollout_args(s, 2, wait="60s"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=subprocess_env())
     try:
-        def in_wave_2() -> bool:
-            st = load_state(s.repo.dir, "stable")
-            return st is not None and st.wave_index == 1 and st.wave_started_at is not None
-        wait_until(in_wave_2, 60, "the controller to sign wave 2")
+        wait_until(lambda: _in_wave_2(s), 60, "the controller to sign wave 2")
         back = _run(_cli("rollback", "stable", "--repo", str(s.repo.dir), "--broker", s.broker.url, "--fleet", FLEET))
         assert back.returncode == 0, back.stderr
         _out, err = controller.communicate(timeout=30)
