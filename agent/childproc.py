@@ -8,11 +8,11 @@ orphan holding a model or a half-written download.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
-import sys
 from pathlib import Path
+
+from agent import libc
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -31,10 +31,6 @@ def die_with_parent() -> None:
     Call it first thing in a child: the child may block in network I/O, where it would
     not notice that the pipe to its parent closed (it does notice between requests).
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
+    prctl = libc.function("prctl", [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

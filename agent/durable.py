@@ -9,11 +9,11 @@ wait for (a download flushes as it goes instead of all at the end).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import sys
 import threading
 from pathlib import Path
+
+from agent import libc
 
 TMP_PREFIX = ".tmp-"  # names the store's cleanup may delete: never a finished file
 
@@ -39,22 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-
-
-def _load_sync_file_range() -> "ctypes._CFuncPtr | None":
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = libc.function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
