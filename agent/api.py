@@ -54,7 +54,7 @@ from agent.openai_wire import (
     Usage,
 )
 from agent.runtime import ChatMessage
-from agent.worker import DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent
+from agent.worker_wire import DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent
 from agent.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from typing import Any, Literal
 from agent.errors import ActivationError, EdgefleetError, RuntimeModelError
 from agent.manifest import Canary
 from agent.metrics import ServingMetrics
-from agent.runtime import ChatMessage, ModelIdentity, SamplingOptions
-from agent.worker import DoneEvent, GenerateCommand, RequestEvent, TokenEvent
+from agent.identity import ModelIdentity
+from agent.runtime import ChatMessage, SamplingOptions
+from agent.worker_wire import DoneEvent, GenerateCommand, RequestEvent, TokenEvent
 from agent.worker_client import WorkerClient
 
 log = logging.getLogger(__name__)

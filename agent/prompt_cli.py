@@ -4,6 +4,7 @@ through the running agent's API (`--url`) or straight from a model dir (`--model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,8 +49,9 @@ class _HttpBackend:
     def stream(self, messages: list[ChatMessage], options: SamplingOptions) -> Iterator[str]:
         import requests
 
-        body = {"model": "default", "messages": [m.model_dump() for m in messages], "stream": True,
-                **options.model_dump(exclude_none=True)}
+        sampling = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+        body = {"model": "default", "messages": [dataclasses.asdict(m) for m in messages], "stream": True,
+                **sampling}
         try:
             response = requests.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers,
                                      stream=True, timeout=_TIMEOUT_S)

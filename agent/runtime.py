@@ -1,10 +1,10 @@
 """The runtime around onnxruntime-genai: load a model dir, apply its chat
 template, map OpenAI search options onto `GeneratorParams`, step generators.
 
-This module holds the model in the calling process. `generate_next_token`
-holds the GIL, so the API never calls it: the model-worker process
-(`agent/worker.py`) does. Tools that run one generation at a time
-(`edge-agent prompt --model`, the canary health check) use it directly.
+This module holds the model in the calling process, through the C API of
+onnxruntime-genai (`agent.oga`). The API process never loads a model: the
+model-worker process (`agent/worker.py`) does. Tools that run one generation
+at a time (`edge-agent prompt --model`, the canary health check) use it directly.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from agent import oga, wirecheck
 from agent.errors import ActivationError, RuntimeModelError
-from agent.manifest import MANIFEST_FILENAME, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -37,43 +35,56 @@ class ContextLengthError(RuntimeModelError):
     """Prompt plus requested completion do not fit the model's context (an HTTP 400)."""
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+_ROLES: frozenset[str] = frozenset(get_args(Role))
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+
+@dataclass(frozen=True, kw_only=True)
+class ChatMessage:
+    """One chat turn. A stdlib dataclass, not a pydantic model, because the model worker
+    builds it and stays free of pydantic (`agent.worker_wire`); pydantic validates it
+    wherever it is part of a pydantic model, running these same checks."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    role: Role
     content: str
 
+    def __post_init__(self) -> None:
+        if self.role not in _ROLES:
+            raise ValueError(f"role must be one of {sorted(_ROLES)}, not {self.role!r}")
+        wirecheck.expect(self, "content", str)
 
-class SamplingOptions(BaseModel):
-    """The search options of one request, already validated (wire format of the worker)."""
 
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """The search options of one request (part of the worker's wire, so a stdlib
+    dataclass like `ChatMessage`). Invalid values raise ValueError at construction."""
 
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=50, ge=0)
-    max_tokens: int | None = Field(default=None, gt=0,
-                                   description="None: DEFAULT_MAX_NEW_TOKENS, within the context length")
-    seed: int | None = Field(default=None, ge=0)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    num_beams: int = Field(default=1, ge=1, le=8)
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    temperature: float = 1.0  # [0, 2]; 0 is greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 50  # >= 0
+    max_tokens: int | None = None  # > 0; None: DEFAULT_MAX_NEW_TOKENS, within the context length
+    seed: int | None = None  # >= 0
+    stop: list[str] = field(default_factory=list)  # at most MAX_STOP_SEQUENCES
+    repetition_penalty: float = 1.0  # > 0
+    num_beams: int = 1  # [1, 8]
+
+    def __post_init__(self) -> None:
+        wirecheck.number(self, "temperature", ge=0.0, le=2.0)
+        wirecheck.number(self, "top_p", gt=0.0, le=1.0)
+        wirecheck.number(self, "top_k", ge=0, integer=True)
+        wirecheck.number(self, "max_tokens", gt=0, integer=True, optional=True)
+        wirecheck.number(self, "seed", ge=0, integer=True, optional=True)
+        wirecheck.number(self, "repetition_penalty", gt=0.0)
+        wirecheck.number(self, "num_beams", ge=1, le=8, integer=True)
+        wirecheck.expect_items(self, "stop", str, max_items=MAX_STOP_SEQUENCES)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.num_beams > 1
-
-
-class ModelIdentity(BaseModel):
-    """What `/v1/models` reports: the manifest's name and version, else the dir name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    schema_version: Literal[1] = 1
-    name: str
-    version: int | None
-    model_dir: str
-    context_length: int
 
 
 def default_threads() -> int:
@@ -84,8 +95,8 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def read_identity(model_dir: Path) -> ModelIdentity:
-    """Name/version from `manifest.json` when present and valid, else the dir name.
+def read_context_length(model_dir: Path) -> int:
+    """The model's context length from its `genai_config.json`.
 
     Raises:
         ActivationError: the dir has no readable `genai_config.json`.
@@ -93,21 +104,12 @@ def read_identity(model_dir: Path) -> ModelIdentity:
     config_path = model_dir / "genai_config.json"
     try:
         genai_config = json.loads(config_path.read_text())
-        context_length = int(genai_config["model"]["context_length"])
+        return int(genai_config["model"]["context_length"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ActivationError(
             f"{config_path} is missing or not an onnxruntime-genai config ({e}): "
             "pass a model dir built by edge-builder"
         ) from e
-    name, version = model_dir.resolve().name, None
-    manifest_path = model_dir / MANIFEST_FILENAME
-    if manifest_path.is_file():
-        try:
-            manifest = Manifest.model_validate_json(manifest_path.read_bytes())
-            name, version = manifest.name, manifest.version
-        except (OSError, ValidationError) as e:
-            log.warning("event=manifest_unreadable path=%s error=%s", manifest_path, str(e).splitlines()[0])
-    return ModelIdentity(name=name, version=version, model_dir=str(model_dir), context_length=context_length)
 
 
 def stop_split(text: str, stops: Sequence[str]) -> tuple[int, bool]:
@@ -151,8 +153,8 @@ class Generation:
     runtime: ModelRuntime
     prompt_ids: list[int]
     options: SamplingOptions
-    _generator: Any = None
-    _stream: Any = None
+    _generator: oga.Generator | None = None
+    _stream: oga.TokenizerStream | None = None
     completion_ids: list[int] = field(default_factory=list)
     _pending_text: str = ""
     finish_reason: FinishReason | None = None
@@ -160,13 +162,13 @@ class Generation:
     _budget: int = 0
 
     def __post_init__(self) -> None:
-        og = self.runtime.og
-        params = og.GeneratorParams(self.runtime.model)
         search = self.runtime.search_options(len(self.prompt_ids), self.options)
         self._budget = int(search["max_length"]) - len(self.prompt_ids)
-        params.set_search_options(**search)
-        self._generator = og.Generator(self.runtime.model, params)
-        self._stream = self.runtime.tokenizer.create_stream()
+        try:
+            self._generator = oga.Generator(self.runtime.model, search)
+            self._stream = self.runtime.tokenizer.create_stream()
+        except oga.OgaError as e:
+            raise RuntimeModelError(f"onnxruntime-genai cannot start a generation: {e}") from e
 
     @property
     def is_done(self) -> bool:
@@ -182,25 +184,27 @@ class Generation:
             return self._step()
         except RuntimeModelError:
             raise
-        except Exception as e:  # onnxruntime-genai raises plain RuntimeError
+        except oga.OgaError as e:
             raise RuntimeModelError(f"generation failed in onnxruntime-genai: {e}") from e
 
     def _step(self) -> StepResult:
         g = self._generator
+        if g is None:
+            raise RuntimeModelError("this generation was cancelled")
         if not self._is_prefilled:
             g.append_tokens(self.prompt_ids)
             self._is_prefilled = True
         if self.options.num_beams > 1:
             while not g.is_done():
                 g.generate_next_token()
-            new_ids = [int(t) for t in g.get_sequence(0)[len(self.prompt_ids):]]
+            new_ids = g.sequence(0)[len(self.prompt_ids):]
             new_text = self.runtime.tokenizer.decode(new_ids) if new_ids else ""
         else:
             if g.is_done():
                 new_ids, new_text = [], ""
             else:
                 g.generate_next_token()
-                new_ids = [int(g.get_next_tokens()[0])]
+                new_ids = [g.next_token()]
                 new_text = self._stream.decode(new_ids[0])
         self.completion_ids.extend(new_ids)
         self._pending_text += new_text
@@ -217,7 +221,9 @@ class Generation:
 
     def cancel(self) -> None:
         self.finish_reason = "cancelled"
-        self._generator = None  # frees the KV cache now, not at the next GC
+        if self._generator is not None:
+            self._generator.close()  # frees the KV cache now, not at the next GC
+            self._generator = None
 
 
 class ModelRuntime:
@@ -228,40 +234,34 @@ class ModelRuntime:
     """
 
     def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None) -> None:
-        import onnxruntime_genai as og  # imported here so --help works without the native library
-
-        self.og = og
         self.model_dir = Path(model_dir)
-        self.identity = read_identity(self.model_dir)
+        self.context_length = read_context_length(self.model_dir)
         self.threads = intra_op_num_threads or default_threads()
         try:
-            config = og.Config(str(self.model_dir))
             # The decoder runs on one intra-op thread unless told: measured 1.5x decode
             # and 2x prefill with 2 threads on 2 cores.
-            config.overlay(json.dumps(
-                {"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
-            self.model = og.Model(config)
-            self.tokenizer = og.Tokenizer(self.model)
-        except Exception as e:  # onnxruntime-genai raises plain RuntimeError
+            self.model = oga.Model(self.model_dir, overlay={
+                "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}})
+            self.tokenizer = oga.Tokenizer(self.model)
+            self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        except oga.OgaError as e:
             raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
-        self.context_length = self.identity.context_length
-        self.eos_token_ids = {int(t) for t in self.tokenizer.eos_token_ids}
-        log.info("event=model_loaded dir=%s name=%s version=%s threads=%d context_length=%d",
-                 self.model_dir, self.identity.name, self.identity.version, self.threads, self.context_length)
+        log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
+                 self.context_length)
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
         """The model's own chat template (chat_template.jinja / tokenizer_config.json)."""
         payload = json.dumps([{"role": m.role, "content": m.content} for m in messages])
         try:
-            return str(self.tokenizer.apply_chat_template(payload, add_generation_prompt=True))
-        except Exception as e:
+            return self.tokenizer.apply_chat_template(payload, add_generation_prompt=True)
+        except oga.OgaError as e:
             raise RuntimeModelError(f"chat template of {self.model_dir} failed: {e}") from e
 
     def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
+        return self.tokenizer.encode(text)
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids))) if token_ids else ""
+        return self.tokenizer.decode(token_ids) if token_ids else ""
 
     def check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
         """The completion budget for this prompt.

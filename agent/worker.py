@@ -1,14 +1,20 @@
-"""The model-worker process and its wire (its client in the API process: `agent.worker_client`).
+"""The model-worker process (its client in the API process: `agent.worker_client`,
+its wire: `agent.worker_wire`).
 
-Why a process: `generate_next_token` holds the GIL for the whole step, so an
-HTTP event loop in the same process stalls for every token and threads give no
-parallel speed-up. One worker process per loaded model owns the `og.Model`
-and steps every active generator in turn, one token each per round (fair
-sharing, like a slot scheduler); the API process only routes and streams.
+Why a process: the model's memory and its native code stay apart from the API
+process. A crash or a hang in onnxruntime-genai kills a worker, not the agent;
+a model switch loads the new model in a new worker and drops the old one
+whole; and the API's event loop never waits on a step. One worker process per
+loaded model owns the model and steps every active generation in turn, one
+token each per round (fair sharing, like a slot scheduler); the API process
+only routes and streams.
 
-Wire: JSON lines, one pydantic model per line, commands on the worker's stdin,
-events on a private copy of its stdout. The worker points fd 1 at stderr
-before loading, so anything native code prints cannot corrupt the stream.
+Lean on purpose: the worker imports neither pydantic nor numpy (it uses the C
+API of onnxruntime-genai through `agent.oga`), since its memory is counted
+against a bare onnxruntime-genai process holding the same model.
+
+Events go to a private copy of stdout. The worker points fd 1 at stderr before
+loading, so anything native code prints cannot corrupt the stream.
 
 Crash behaviour: the worker exits when its stdin closes (the API process died,
 even by `kill -9`); when the worker dies, its client fails every open request
@@ -26,105 +32,25 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from typing import IO
 
 from agent.errors import EdgefleetError, RuntimeModelError
-from agent.runtime import (
-    ChatMessage,
-    ContextLengthError,
-    FinishReason,
-    Generation,
-    ModelIdentity,
-    ModelRuntime,
-    SamplingOptions,
+from agent.runtime import ContextLengthError, Generation, ModelRuntime
+from agent.worker_wire import (
+    CancelCommand,
+    Command,
+    DoneEvent,
+    ErrorEvent,
+    GenerateCommand,
+    LoadFailedEvent,
+    ReadyEvent,
+    ShutdownCommand,
+    StartedEvent,
+    TokenEvent,
+    parse_command,
 )
 
 log = logging.getLogger(__name__)
-
-ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died"]
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    schema_version: Literal[1] = 1
-
-
-# ---- commands (API process -> worker) ----
-
-class GenerateCommand(_Wire):
-    type: Literal["generate"] = "generate"
-    id: str
-    prompt: str | None = None  # raw text, used as is (completions, canary)
-    messages: list[ChatMessage] | None = None  # chat: the model's template is applied
-    options: SamplingOptions
-    # Tokens made within this many seconds of the last token event ride in the next one
-    # (the first token and the last are never held): 0 sends every token on its own.
-    stream_interval_s: float = Field(default=0.0, ge=0.0, le=1.0)
-
-
-class CancelCommand(_Wire):
-    type: Literal["cancel"] = "cancel"
-    id: str
-
-
-class ShutdownCommand(_Wire):
-    type: Literal["shutdown"] = "shutdown"
-
-
-Command = Annotated[GenerateCommand | CancelCommand | ShutdownCommand, Field(discriminator="type")]
-_COMMAND = TypeAdapter(Command)
-
-
-# ---- events (worker -> API process) ----
-
-class ReadyEvent(_Wire):
-    type: Literal["ready"] = "ready"
-    identity: ModelIdentity
-    threads: int
-    pid: int
-    load_s: float
-
-
-class LoadFailedEvent(_Wire):
-    type: Literal["load_failed"] = "load_failed"
-    error_type: str
-    message: str
-
-
-class StartedEvent(_Wire):
-    type: Literal["started"] = "started"
-    id: str
-    prompt_tokens: int
-
-
-class TokenEvent(_Wire):
-    type: Literal["token"] = "token"
-    id: str
-    token_ids: list[int]
-    text: str
-
-
-class DoneEvent(_Wire):
-    type: Literal["done"] = "done"
-    id: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class ErrorEvent(_Wire):
-    type: Literal["error"] = "error"
-    id: str
-    kind: ErrorKind
-    message: str
-
-
-Event = Annotated[ReadyEvent | LoadFailedEvent | StartedEvent | TokenEvent | DoneEvent | ErrorEvent,
-                  Field(discriminator="type")]
-EVENT_LINE = TypeAdapter(Event)  # parses one line of the worker's event stream
-RequestEvent = StartedEvent | TokenEvent | DoneEvent | ErrorEvent
 
 
 # ---- the worker process ----
@@ -170,22 +96,22 @@ class _Worker:
     def __init__(self, runtime: ModelRuntime, out: IO[bytes]) -> None:
         self.runtime = runtime
         self.out = out
-        self.commands: queue.Queue[GenerateCommand | CancelCommand | ShutdownCommand] = queue.Queue()
+        self.commands: queue.Queue[Command] = queue.Queue()
         self.active: dict[str, _Active] = {}
 
-    def send(self, event: BaseModel) -> None:
-        self.out.write(event.model_dump_json().encode() + b"\n")
+    def send(self, event: StartedEvent | TokenEvent | DoneEvent | ErrorEvent | ReadyEvent) -> None:
+        self.out.write(event.to_line())
         self.out.flush()
 
     def read_stdin(self) -> None:
         for line in sys.stdin.buffer:
             try:
-                self.commands.put(_COMMAND.validate_json(line))
-            except ValidationError as e:
-                log.warning("event=bad_command error=%s", str(e).splitlines()[0])
+                self.commands.put(parse_command(line))
+            except ValueError as e:
+                log.warning("event=bad_command error=%s", e)
         self.commands.put(ShutdownCommand())  # the API process is gone
 
-    def handle(self, command: GenerateCommand | CancelCommand | ShutdownCommand) -> bool:
+    def handle(self, command: Command) -> bool:
         if isinstance(command, ShutdownCommand):
             return False
         if isinstance(command, CancelCommand):
@@ -225,7 +151,7 @@ class _Worker:
     def run(self) -> None:
         while True:
             # Idle: block for work. Busy: take what arrived since the last round.
-            pending: list[GenerateCommand | CancelCommand | ShutdownCommand] = []
+            pending: list[Command] = []
             try:
                 pending.append(self.commands.get(block=not self.active))
                 while True:
@@ -269,10 +195,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         runtime = ModelRuntime(args.model_dir, intra_op_num_threads=args.threads)
     except EdgefleetError as e:
-        out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).model_dump_json().encode() + b"\n")
+        out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).to_line())
         return 1
     worker = _Worker(runtime, out)
-    worker.send(ReadyEvent(identity=runtime.identity, threads=runtime.threads, pid=os.getpid(),
+    worker.send(ReadyEvent(threads=runtime.threads, pid=os.getpid(),
                            load_s=time.perf_counter() - started))
     threading.Thread(target=worker.read_stdin, name="commands", daemon=True).start()
     try:

@@ -16,17 +16,20 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from agent.childproc import python_child_env
 from agent.errors import ActivationError, RuntimeModelError
+from agent.identity import ModelIdentity, read_identity
 from agent.runtime import SamplingOptions
-from agent.worker import (
-    EVENT_LINE,
+from agent.worker_wire import (
     CancelCommand,
+    Command,
     DoneEvent,
     ErrorEvent,
+    Event,
     GenerateCommand,
     LoadFailedEvent,
     ReadyEvent,
@@ -36,6 +39,9 @@ from agent.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+# One line of the worker's event stream, validated by pydantic (the worker itself has no pydantic).
+EVENT_LINE: TypeAdapter[Event] = TypeAdapter(Annotated[Event, Field(discriminator="type")])
 
 
 class WorkerDiedError(RuntimeModelError):
@@ -70,9 +76,9 @@ class _EventBox:
 class WorkerClient:
     """One model-worker subprocess seen from asyncio: send commands, route events by request id."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, ready: ReadyEvent) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, ready: ReadyEvent, identity: ModelIdentity) -> None:
         self.proc = proc
-        self.identity = ready.identity
+        self.identity = identity
         self.threads = ready.threads
         self.load_s = ready.load_s
         self._queues: dict[str, _EventBox] = {}
@@ -88,6 +94,7 @@ class WorkerClient:
             ActivationError: the model does not load (the worker's typed error is in the message),
                 or loading took longer than `load_timeout_s`.
         """
+        identity = read_identity(model_dir)  # raises ActivationError for a dir that is not a model
         cmd = [sys.executable, "-m", "agent.worker", str(model_dir)]
         if env is None:
             env = python_child_env()
@@ -106,9 +113,9 @@ class WorkerClient:
                                   "check the model dir and the device's memory") from e
         event = EVENT_LINE.validate_json(line) if line else None
         if isinstance(event, ReadyEvent):
-            log.info("event=worker_ready model=%s version=%s pid=%d threads=%d load_s=%.2f", event.identity.name,
-                     event.identity.version, event.pid, event.threads, event.load_s)
-            return cls(proc, event)
+            log.info("event=worker_ready model=%s version=%s pid=%d threads=%d load_s=%.2f", identity.name,
+                     identity.version, event.pid, event.threads, event.load_s)
+            return cls(proc, event, identity)
         await proc.wait()
         if isinstance(event, LoadFailedEvent):
             raise ActivationError(f"model {model_dir} failed to load ({event.error_type}): {event.message}")
@@ -145,10 +152,10 @@ class WorkerClient:
             box.put(ErrorEvent(id=request_id, kind="worker_died",
                                     message=f"the model worker exited with code {code}: retry the request"))
 
-    def _send(self, command: BaseModel) -> None:
+    def _send(self, command: Command) -> None:
         assert self.proc.stdin is not None
         if self.is_alive and not self.proc.stdin.is_closing():
-            self.proc.stdin.write(command.model_dump_json().encode() + b"\n")
+            self.proc.stdin.write(command.to_line())
 
     async def generate(self, command: GenerateCommand) -> AsyncIterator[RequestEvent]:
         """Events of one request up to and including its `done` or `error`.

@@ -36,7 +36,7 @@ import starlette  # noqa: E402
 import uvicorn  # noqa: E402
 
 from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
-from agent.worker import GenerateCommand, TokenEvent  # noqa: E402
+from agent.worker_wire import GenerateCommand, TokenEvent  # noqa: E402
 from agent.worker_client import WorkerClient  # noqa: E402
 from builder.ports import free_port  # noqa: E402
 

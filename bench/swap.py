@@ -39,7 +39,7 @@ import onnxruntime_genai as og  # noqa: E402
 from agent.host import ModelHost  # noqa: E402
 from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
 from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
-from agent.worker import DoneEvent, ErrorEvent  # noqa: E402
+from agent.worker_wire import DoneEvent, ErrorEvent  # noqa: E402
 from tests.storekit import hardlinked_twin  # noqa: E402
 
 CLIENTS = 2

@@ -247,7 +247,7 @@ def test_worker_exits_cleanly_when_stopped(smollm2_int4_raw: Path) -> None:
     blocked in read(), must not abort interpreter shutdown (SIGABRT, "Fatal Python error")."""
     import asyncio
 
-    from agent.worker import ShutdownCommand
+    from agent.worker_wire import ShutdownCommand
     from agent.worker_client import WorkerClient
 
     async def shut_down_with_stdin_open() -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ActivationError
-from agent.runtime import ChatMessage, ContextLengthError, ModelRuntime, SamplingOptions, read_identity, stop_split
+from agent.identity import read_identity
+from agent.runtime import ChatMessage, ContextLengthError, ModelRuntime, SamplingOptions, stop_split
 
 
 @pytest.mark.parametrize(("text", "stops", "expected"), [
