@@ -25,6 +25,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,19 @@ def library() -> ctypes.CDLL:
     """
     global _library
     if _library is None:
-        ort_libs = sorted(glob.glob(str(_package_dir("onnxruntime") / "capi" / "libonnxruntime.so*")))
+        # The agent runs on Linux; macOS names are here so `edge-agent prompt --model` works on a laptop.
+        is_mac = sys.platform == "darwin"
+        suffix, ort_pattern = (".dylib", "libonnxruntime.*dylib") if is_mac else (".so", "libonnxruntime.so*")
+        ort_libs = sorted(glob.glob(str(_package_dir("onnxruntime") / "capi" / ort_pattern)))
         if not ort_libs:
-            raise OgaError("onnxruntime's libonnxruntime.so is missing: reinstall onnxruntime")
+            raise OgaError(f"onnxruntime's {ort_pattern} is missing: reinstall onnxruntime")
         os.environ["ORT_LIB_PATH"] = ort_libs[0]  # where libonnxruntime-genai looks for it
-        ctypes.CDLL(ort_libs[0])
-        lib = ctypes.CDLL(str(_package_dir("onnxruntime_genai") / "libonnxruntime-genai.so"))
+        genai_lib = _package_dir("onnxruntime_genai") / f"libonnxruntime-genai{suffix}"
+        try:
+            ctypes.CDLL(ort_libs[0])
+            lib = ctypes.CDLL(str(genai_lib))
+        except OSError as e:
+            raise OgaError(f"cannot load {genai_lib} ({e}): reinstall onnxruntime-genai") from e
         for name, (argtypes, restype) in _SIGNATURES.items():
             try:
                 function = getattr(lib, name)
@@ -124,7 +132,8 @@ def _check(result: int | None) -> None:
 def _create(function: Callable[..., Any], *args: Any) -> int:
     out = _P()
     _check(function(*args, ctypes.byref(out)))
-    assert out.value is not None
+    if out.value is None:
+        raise OgaError(f"{function.__name__} reported success but returned nothing")
     return out.value
 
 

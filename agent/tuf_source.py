@@ -32,7 +32,7 @@ from agent.manifest import Manifest
 from agent.statemachine import ModelRef
 from agent.store import Store
 from agent.trust import TrustedRepository
-from agent.updater import CheckResult, decide_check, local_manifest
+from agent.update_check import CheckResult, decide_check, local_manifest
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from agent.config import AgentConfig
 from agent.errors import EdgefleetError
 from agent.statemachine import ModelRef
 from agent.store import Store
-from agent.updater import CheckResult, local_manifest
+from agent.update_check import CheckResult, local_manifest
 
 if TYPE_CHECKING:
     from agent.tuf_source import TufUpdateSource

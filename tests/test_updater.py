@@ -29,7 +29,8 @@ from agent.journal import Journal
 from agent.manifest import MANIFEST_FILENAME, Manifest
 from agent.statemachine import MAX_STORE_COUNT, Event, EventKind, ModelRef, Phase, UpdateState
 from agent.store import Store
-from agent.updater import TEST_STOP_AT_ENV, CheckResult, Transition, Updater, decide_check
+from agent.update_check import CheckResult, decide_check
+from agent.updater import TEST_STOP_AT_ENV, Transition, Updater
 from tests.conftest import subprocess_env
 from tests.storekit import manifest_for, model_files, publish_channel, write_artifact
 
