@@ -41,6 +41,7 @@ from agent.worker_wire import (
     Command,
     DoneEvent,
     ErrorEvent,
+    Event,
     GenerateCommand,
     LoadFailedEvent,
     ReadyEvent,
@@ -99,7 +100,7 @@ class _Worker:
         self.commands: queue.Queue[Command] = queue.Queue()
         self.active: dict[str, _Active] = {}
 
-    def send(self, event: StartedEvent | TokenEvent | DoneEvent | ErrorEvent | ReadyEvent) -> None:
+    def send(self, event: Event) -> None:
         self.out.write(event.to_line())
         self.out.flush()
 
