@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.edgefleet-installed
 
-.PHONY: demo test venv system-deps clean bench
+.PHONY: demo test lint venv system-deps clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,14 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: venv system-deps
-	$(PY) -m pytest -q tests
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade, no assert in production code) and
+# mypy (strict on the wire formats and the update core), both configured in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: venv system-deps lint
+	$(PY) -m pytest -q
 
 # make demo DEMO_ARGS="--keep-running" (see python -m builder.demo --help)
 DEMO_ARGS ?=
@@ -50,4 +56,4 @@ bench: venv
 	$(PY) bench/build.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

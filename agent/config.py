@@ -11,19 +11,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from agent.errors import ConfigError
+from agent.wire.base import StrictModel
+from agent.wire.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 
 
-class AgentConfig(BaseModel):
+class AgentConfig(StrictModel):
     """Every key of `agent.toml`. The field descriptions are the reference documentation."""
-
-    model_config = ConfigDict(extra="forbid")
 
     device_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                            description="unique id of this device; also the MQTT client id")

@@ -22,7 +22,7 @@ update is abandoned) and check for an update.
 
 Probation: for `probation_s` after a switch, a crash of the new model's worker is a
 PROBATION_FAILED event: the update rolls back to `previous` and that version is refused
-until a newer one is published. The window survives a restart (`agent.probation`): it is
+until a newer one is published. The window survives a restart (`agent.update.probation`): it is
 re-armed, and a second death of the daemon inside it rolls back too.
 """
 
@@ -36,29 +36,30 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Generator
 from pathlib import Path
 
 import uvicorn
 
-from agent import libc, sdnotify
-from agent.activation import HostActivator, serve_dir
-from agent.api import create_app
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, EdgefleetError
-from agent.hardware import probe_onnxruntime_genai_in_subprocess
-from agent.host import ModelHost
-from agent.messages import Doorbell, Telemetry
-from agent.mqtt_link import MqttLink
-from agent.outbox import Outbox
-from agent.probation import ProbationFile, ProbationRecord, decide_on_start
-from agent.server import uvicorn_config
-from agent.statemachine import Event, EventKind, Phase
-from agent.statelock import StateLock
-from agent.store import Store
-from agent.telemetry import ServingMetrics, TelemetryCollector
-from agent.update_job import UpdateJobSource
-from agent.updater import Transition, Updater
+from agent.link.mqtt import MqttLink
+from agent.link.outbox import Outbox
+from agent.link.telemetry import ServingMetrics, TelemetryCollector
+from agent.serving.api import create_app
+from agent.serving.host import ModelHost
+from agent.serving.server import uvicorn_config
+from agent.store.lock import StateLock
+from agent.store.store import Store
+from agent.system import libc, sdnotify
+from agent.system.hardware import probe_onnxruntime_genai_in_subprocess
+from agent.update.activation import HostActivator, serve_dir
+from agent.update.job import UpdateJobSource
+from agent.update.probation import ProbationFile, ProbationRecord, decide_on_start
+from agent.update.requests import CheckRequest, UpdateRequests
+from agent.update.statemachine import Event, EventKind, Phase
+from agent.update.updater import Transition, Updater
+from agent.wire.errors import ConfigError, EdgefleetError, require
+from agent.wire.mqtt import Doorbell, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,8 @@ class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the daemon owns SIGTERM/SIGHUP."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def,override]
+    def capture_signals(self) -> Generator[None, None, None]:
         yield
-
-
-@dataclass(frozen=True)
-class _Check:
-    trigger: str
-
-
-@dataclass(frozen=True)
-class _ProbationFailed:
-    reason: str
-    model_dir: str
-
-
-class _Stop:
-    pass
 
 
 class DaemonSink:
@@ -111,7 +97,7 @@ class Daemon:
                               stream_interval_s=config.stream_interval_ms / 1000)
         self.link: MqttLink | None = None
         self.outbox: Outbox | None = None
-        self._requests: queue.Queue[_Check | _ProbationFailed | _Stop] = queue.Queue()
+        self._requests = UpdateRequests()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._incoming = asyncio.Event()
@@ -123,7 +109,6 @@ class Daemon:
         self._updater_thread: threading.Thread | None = None
         self._phase = Phase.IDLE
         self._probation_task: asyncio.Task[None] | None = None
-        self._probation_until = 0.0  # monotonic; checks wait until then (updater thread only)
         self._exit_code = 0
         self._state_lock = StateLock(config.state_dir)
         self._probation_file = ProbationFile(config.state_dir)
@@ -136,8 +121,7 @@ class Daemon:
             return None
         if self.outbox is None:
             self.outbox = Outbox(self.store.outbox_dir)
-        loop = self._loop
-        assert loop is not None
+        loop = require(self._loop, "the daemon's event loop")
         link = MqttLink(config, self.outbox, on_incoming=lambda: loop.call_soon_threadsafe(self._incoming.set))
         self._publish_status_to(link)
         link.start()
@@ -169,59 +153,31 @@ class Daemon:
 
     # -- updater thread ----------------------------------------------------------
     def request_check(self, trigger: str) -> None:
-        self._requests.put(_Check(trigger))
+        self._requests.check(trigger)
 
     def _updater_main(self) -> None:
-        assert self._updater is not None
-        updater = self._updater
+        updater = require(self._updater, "the daemon's updater")
         try:
             updater.start()
         except Exception:  # a broken journal must not kill serving; the log says what to do
             log.exception("event=updater_start_failed")
-        while True:
-            item = self._requests.get()
-            if isinstance(item, _Stop):
-                return
-            wait_s = self._probation_until - time.monotonic()
-            if isinstance(item, _Check) and wait_s > 0:
-                # Checks wait out the probation window: a check would move the machine out of
-                # ACTIVE, and a crash of the new model must still roll it back.
-                try:
-                    nxt: _Check | _ProbationFailed | _Stop | None = self._requests.get(timeout=wait_s)
-                except queue.Empty:
-                    nxt = None
-                if nxt is not None and not isinstance(nxt, _Check):
-                    self._requests.put(nxt)  # a probation failure or a stop goes first
-                self._requests.put(item)  # another check was coalesced into this one
-                continue
-            if isinstance(item, _Check):
-                triggers = {item.trigger}
-                # Coalesce: everything already queued is answered by this one check.
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        more = self._requests.get_nowait()
-                        if isinstance(more, _Stop):
-                            return
-                        if isinstance(more, _Check):
-                            triggers.add(more.trigger)
-                        else:
-                            self._requests.put(more)
-                            break
-                log.info("event=check_requested triggers=%s", ",".join(sorted(triggers)))
+        while (request := self._requests.next()) is not None:
+            if isinstance(request, CheckRequest):
+                log.info("event=check_requested triggers=%s", ",".join(sorted(request.triggers)))
                 event = Event(kind=EventKind.CHECK_REQUESTED)
             else:
                 if updater.state.phase is not Phase.ACTIVE or updater.state.active is None or \
-                        self.store.current() != Path(item.model_dir).resolve():
+                        self.store.current() != Path(request.model_dir).resolve():
                     continue  # an older switch's worker: nothing to roll back any more
-                event = Event(kind=EventKind.PROBATION_FAILED, target=updater.state.active, reason=item.reason)
-                self._probation_until = 0.0  # the held checks may run once the rollback is done
+                event = Event(kind=EventKind.PROBATION_FAILED, target=updater.state.active, reason=request.reason)
+                self._requests.release_checks()  # the held checks may run once the rollback is done
             try:
                 updater.handle(event)
             except Exception:  # the loop must survive one bad update; the journal holds the state
                 log.exception("event=update_pass_failed trigger=%s", event.kind.value)
             finally:
-                assert self._source is not None
-                self._source.close()  # the pass is over: TUF and the downloader leave with their process
+                # The pass is over: TUF and the downloader leave with their process.
+                require(self._source, "the daemon's update source").close()
 
     def _on_activated(self, model_dir: Path) -> None:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
@@ -233,9 +189,8 @@ class Daemon:
 
     def _arm_probation(self, model_dir: Path, probation_s: float) -> None:
         """Any thread: watch the current worker for `probation_s`; checks wait until then."""
-        loop = self._loop
-        assert loop is not None
-        self._probation_until = time.monotonic() + probation_s
+        loop = require(self._loop, "the daemon's event loop")
+        self._requests.hold_checks(probation_s)
         loop.call_soon_threadsafe(self._start_probation, model_dir, probation_s)
 
     def _resume_probation(self) -> None:
@@ -253,7 +208,7 @@ class Daemon:
         if verdict.action == "rearm":
             self._arm_probation(current, verdict.remaining_s)
         else:
-            self._requests.put(_ProbationFailed(reason=verdict.reason, model_dir=str(current)))
+            self._requests.probation_failed(verdict.reason, str(current))
 
     def _start_probation(self, model_dir: Path, probation_s: float) -> None:
         if self._probation_task is not None:
@@ -275,7 +230,7 @@ class Daemon:
         reason = (f"the model worker exited with code {worker.proc.returncode} within the {probation_s:.0f} s"
                   " probation window")
         log.error("event=probation_failed model_dir=%s reason=%r", model_dir, reason)
-        self._requests.put(_ProbationFailed(reason=reason, model_dir=str(model_dir)))
+        self._requests.probation_failed(reason, str(model_dir))
 
     # -- main loop tasks ---------------------------------------------------------
     async def _poll_timer(self) -> None:
@@ -427,10 +382,9 @@ class Daemon:
         sdnotify.stopping("draining requests")
         for task in self._tasks:
             task.cancel()
-        self._requests.put(_Stop())
+        self._requests.stop()
         # Requests in flight finish (uvicorn's graceful shutdown), then the workers stop.
-        assert self._server is not None
-        self._server.should_exit = True
+        require(self._server, "the daemon's API server").should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.host.wait_idle(60.0), timeout=61.0)
         with contextlib.suppress(Exception):

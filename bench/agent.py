@@ -37,15 +37,14 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from agent.broker import BrokerCredentials  # noqa: E402
-from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
-from agent.messages import Doorbell  # noqa: E402
-from builder.fleet import ring_doorbell  # noqa: E402
-from tests.brokers import Mosquitto  # noqa: E402
-from tests.daemon_kit import Agent, release_repo  # noqa: E402
-from tests.storekit import hardlinked_twin  # noqa: E402
-
+from agent.wire.broker import BrokerCredentials  # noqa: E402
+from agent.wire.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
+from agent.wire.mqtt import Doorbell  # noqa: E402
 from bench.resident import resident_mib  # noqa: E402
+from builder.fleet.session import ring_doorbell  # noqa: E402
+from testkit.agents import Agent, release_repo  # noqa: E402
+from testkit.brokers import Mosquitto  # noqa: E402
+from testkit.store import hardlinked_twin  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -123,7 +122,7 @@ def bare_python_memory() -> Memory:
 
 
 async def switch_baseline(model_dir: Path, n: int) -> list[float]:
-    from agent.host import ModelHost
+    from agent.serving.host import ModelHost
 
     manifest = Manifest.model_validate_json((model_dir / MANIFEST_FILENAME).read_bytes())
     host = ModelHost(threads=2)
@@ -215,7 +214,7 @@ def main() -> None:
     _row("edge-agent run with the model: API process", api_mem)
     _row("edge-agent run with the model: model worker", worker_mem)
     _row("edge-agent run with the model: API + worker (candidate)", agent_mem)
-    adds = [a - b if a is not None and b is not None else None for a, b in zip(agent_mem, bare_mem)]
+    adds = [a - b if a is not None and b is not None else None for a, b in zip(agent_mem, bare_mem, strict=True)]
     print("| agent adds over the baseline (candidate - baseline) |"
           + "|".join(f" {d:+.1f} " if d is not None else " n/a " for d in (adds[2], adds[0], adds[1])) + "|")
     if agent_mem[2] is not None and bare_mem[2] is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.build import BuildRequest, build_artifact  # noqa: E402
+from builder.build.pipeline import BuildRequest, build_artifact  # noqa: E402
 
 VARIANTS: list[tuple[str, dict]] = [
     ("fp32", dict(precision="fp32")),
@@ -35,7 +35,7 @@ DECODE_TOKENS = 64
 def _speeds(model_dir: Path, repeats: int) -> tuple[list[float], list[float]]:
     import onnxruntime_genai as og
 
-    from builder.evaluate import eval_text
+    from builder.build.evaluate import eval_text
 
     model = og.Model(str(model_dir))
     ids = list(og.Tokenizer(model).encode(eval_text()))[:PROMPT_TOKENS]

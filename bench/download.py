@@ -31,10 +31,10 @@ import requests  # noqa: E402
 import tuf  # noqa: E402
 import urllib3  # noqa: E402
 
-from agent.channel import ChannelFile  # noqa: E402
-from agent.download import Downloader, ExpectedFile  # noqa: E402
-from agent.store import Store  # noqa: E402
-from builder.ports import free_port  # noqa: E402
+from agent.store.store import Store  # noqa: E402
+from agent.update.download import Downloader, ExpectedFile  # noqa: E402
+from agent.wire.channel import ChannelFile  # noqa: E402
+from builder.demo.ports import free_port  # noqa: E402
 
 
 def _p90(values: list[float]) -> float:
@@ -132,8 +132,8 @@ def bench_throughput(work: Path, size_mb: int, n: int) -> None:
 
 
 def bench_delta(work: Path) -> None:
-    from builder.repo import TufRepo, RepoSettings
-    from tests.artifacts import make_artifact
+    from builder.release.repository import RepoSettings, TufRepo
+    from testkit.artifacts import make_artifact
 
     repo = TufRepo.init(work / "repo", RepoSettings())
     files = {"model.onnx.data": os.urandom(40 * 1024 * 1024), "model.onnx": os.urandom(200_000),
@@ -146,7 +146,7 @@ def bench_delta(work: Path) -> None:
     try:
         # The files are random bytes, not a loadable model: the update pass runs with the
         # no-load activator test double, since only the bytes transferred are measured here.
-        from tests.artifacts import provision_device, run_update_once_unloaded
+        from testkit.artifacts import provision_device, run_update_once_unloaded
 
         config, store = provision_device(work / "device", repo, url)
         first = run_update_once_unloaded(config, store)

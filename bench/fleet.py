@@ -1,7 +1,7 @@
 """A fleet update, end to end, with N real `edge-agent run` processes.
 
 For each N: one real Mosquitto, the real repository server, N agents (tiny
-random-weight INT4 Llama, tests/fleet_kit.py) installed on v1. Then two
+random-weight INT4 Llama, testkit/fleet.py) installed on v1. Then two
 updates of the same fleet, each a channel change to 100%:
 
   baseline   v1 -> v2 signed, no doorbell: devices find it on their poll
@@ -41,13 +41,13 @@ import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.broker import BrokerCredentials  # noqa: E402
-from agent.channel import ChannelFile  # noqa: E402
-from agent.messages import Doorbell, parse_device_topic  # noqa: E402
-from builder.fleet import ring_doorbell  # noqa: E402
-from tests.artifacts import new_repo, serving  # noqa: E402
-from tests.brokers import Mosquitto  # noqa: E402
-from tests.fleet_kit import make_fleet, make_fleet_artifact, tiny_int4_build  # noqa: E402
+from agent.wire.broker import BrokerCredentials  # noqa: E402
+from agent.wire.channel import ChannelFile  # noqa: E402
+from agent.wire.mqtt import Doorbell, parse_device_topic  # noqa: E402
+from builder.fleet.session import ring_doorbell  # noqa: E402
+from testkit.artifacts import new_repo, serving  # noqa: E402
+from testkit.brokers import Mosquitto  # noqa: E402
+from testkit.fleet import make_fleet, make_fleet_artifact, tiny_int4_build  # noqa: E402
 
 FLEET = "bench"
 _PHASES = ("wait_check", "check", "download_verify_install", "activate")
@@ -210,8 +210,8 @@ def main() -> None:
     cache = Path(args.cache)
     tokenizer_dir = cache / "smollm2-hf"
     if not (tokenizer_dir / "tokenizer.json").is_file():
-        from builder.convert import gguf_to_hf_dir
-        from builder.sources import smollm2_gguf_path
+        from builder.build.convert import gguf_to_hf_dir
+        from builder.build.sources import smollm2_gguf_path
         gguf_to_hf_dir(smollm2_gguf_path(), tokenizer_dir)
     print(f"python {platform.python_version()}, onnxruntime-genai {onnxruntime_genai.__version__}, "
           f"paho-mqtt {paho.mqtt.__version__}, {platform.machine()}, {psutil.cpu_count()} CPUs, "

@@ -3,7 +3,7 @@ MqttLink.publish_event, which fsyncs the event into the outbox first and
 removes it on PUBACK (candidate). Both against the same local Mosquitto, the
 latency from the publish call until a subscriber has the message.
 
-Then the footprint of an idle, connected link process (tests/link_process.py)
+Then the footprint of an idle, connected link process (testkit/link_process.py)
 against a bare Python interpreter: RSS and CPU seconds over an idle window.
 
     python bench/mqtt_link.py [-n 200]
@@ -27,11 +27,11 @@ import paho.mqtt  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.broker import Backoff  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
-from agent.mqtt_link import MqttLink  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
-from tests.brokers import Mosquitto, mosquitto_binary  # noqa: E402
+from agent.link.backoff import Backoff  # noqa: E402
+from agent.link.mqtt import MqttLink  # noqa: E402
+from agent.link.outbox import Outbox  # noqa: E402
+from testkit.brokers import Mosquitto, mosquitto_binary  # noqa: E402
 
 
 class Arrivals:
@@ -148,7 +148,7 @@ def idle_footprint(tmp: Path) -> tuple[tuple[float, float], tuple[float, float]]
                           "ready")
         link = _footprint([sys.executable, "-c", f"import sys; sys.path.insert(0, {env_root!r}); "
                            "sys.argv[0] = 'link_process'; import runpy; "
-                           f"runpy.run_path({env_root + '/tests/link_process.py'!r}, run_name='__main__')",
+                           f"runpy.run_path({env_root + '/testkit/link_process.py'!r}, run_name='__main__')",
                            "--broker", broker.url, "--device", "bench-idle", "--state-dir", str(tmp / "idle")],
                           "ready")
         return bare, link

@@ -35,10 +35,9 @@ import requests  # noqa: E402
 import starlette  # noqa: E402
 import uvicorn  # noqa: E402
 
-from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
-from agent.worker_wire import GenerateCommand, TokenEvent  # noqa: E402
-from agent.worker_client import WorkerClient  # noqa: E402
-from builder.ports import free_port  # noqa: E402
+from agent.serving.worker.client import WorkerClient  # noqa: E402
+from agent.wire.worker import ChatMessage, GenerateCommand, SamplingOptions, TokenEvent  # noqa: E402  # noqa: E402
+from builder.demo.ports import free_port  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import platform
 import statistics
@@ -36,11 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxruntime_genai as og  # noqa: E402
 
-from agent.host import ModelHost  # noqa: E402
-from agent.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
-from agent.runtime import ChatMessage, SamplingOptions  # noqa: E402
-from agent.worker_wire import DoneEvent, ErrorEvent  # noqa: E402
-from tests.storekit import hardlinked_twin  # noqa: E402
+from agent.serving.host import ModelHost  # noqa: E402
+from agent.wire.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
+from agent.wire.worker import ChatMessage, DoneEvent, ErrorEvent, SamplingOptions  # noqa: E402  # noqa: E402
+from testkit.store import hardlinked_twin  # noqa: E402
 
 CLIENTS = 2
 MAX_TOKENS = 8
@@ -167,7 +167,8 @@ async def bench_switch(model_dir: Path, n: int, threads: int) -> None:
             ("p90 request latency in the window, s (median of runs)", "p90_wait_s", med)]
     for label, key, agg in rows:
         base, both, drain = agg("none", key), agg("both", key), agg("drain", key)
-        print(f"| {label} | {_fmt(base)} | {_fmt(both)} | {_fmt(drain)} | {_ratio(both, base)} | {_ratio(drain, base)} |")
+        print(f"| {label} | {_fmt(base)} | {_fmt(both)} | {_fmt(drain)} | {_ratio(both, base)}"
+              f" | {_ratio(drain, base)} |")
     failed = {m: int(sum(r["failed"] for r in results[m])) for m in results}
     total = {m: int(sum(r["requests"] for r in results[m])) for m in results}
     print(f"| failed requests / requests | {failed['none']}/{total['none']} | {failed['both']}/{total['both']} |"
@@ -195,7 +196,7 @@ def bench_gil(model_dir: Path) -> None:
         stop.set()
         t.join()
         inside = [x for x in ticks if started - 0.01 <= x <= started + duration + 0.01]
-        gaps = [b - a for a, b in zip(inside, inside[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(inside)]
         return duration, max(gaps) if gaps else duration
 
     def load() -> None:
@@ -233,7 +234,8 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime
 
-    print(f"python {platform.python_version()}, onnxruntime-genai {og.__version__}, onnxruntime {onnxruntime.__version__},"
+    print(f"python {platform.python_version()}, onnxruntime-genai {og.__version__},"
+          f" onnxruntime {onnxruntime.__version__},"
           f" {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     bench_gil(args.model_dir)
     asyncio.run(bench_switch(args.model_dir, args.n, args.threads))

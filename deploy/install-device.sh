@@ -114,7 +114,7 @@ install -d -m 0750 "$STATE_DIR/trust"
 if [ -n "$CONFIG" ] && { [ ! -f "$ETC_DIR/agent.toml" ] || [ "$FORCE_CONFIG" -eq 1 ]; }; then
     # Validate before it replaces anything: a bad key must not reach the running service.
     "$VENV/bin/python" -c 'import sys; from pathlib import Path; from agent.config import load_config
-from agent.errors import ConfigError
+from agent.wire.errors import ConfigError
 try:
     load_config(Path(sys.argv[1]), environ={})
 except ConfigError as e:

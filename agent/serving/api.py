@@ -1,0 +1,397 @@
+"""The local OpenAI-compatible API (design section 7), a Starlette app.
+
+The API process never runs the model: it parses requests at the boundary,
+routes them through the ModelHost's slots to a model-worker process and
+streams the worker's events back as OpenAI JSON or server-sent events.
+
+Trust: the API listens on 127.0.0.1 or a unix socket. With `api_token` set,
+every `/v1/*` request needs `Authorization: Bearer <token>`; `/healthz` and
+`/metrics` stay open for local supervisors, as in llama.cpp's server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from agent.serving.host import ModelHost
+from agent.serving.worker.client import WorkerClient
+from agent.wire.errors import ActivationError, ApiError, ModelNotReadyError, QueueFullError
+from agent.wire.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ErrorBody,
+    ErrorDetail,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from agent.wire.worker import ChatMessage, DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent
+
+log = logging.getLogger(__name__)
+
+# ---- errors ----
+
+
+def _error_body(error: ApiError) -> ErrorBody:
+    return ErrorBody(error=ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code))
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(_error_body(error).model_dump(), status_code=error.status, headers=error.headers)
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code=code, param=param)
+
+
+_EVENT_ERRORS: dict[str, tuple[int, str, str]] = {
+    "context_length": (400, "invalid_request_error", "context_length_exceeded"),
+    "invalid_request": (400, "invalid_request_error", "invalid_request"),
+    "runtime": (500, "server_error", "generation_failed"),
+    "worker_died": (503, "unavailable_error", "worker_died"),
+}
+
+
+def _event_error(event: ErrorEvent) -> ApiError:
+    status, type_, code = _EVENT_ERRORS[event.kind]
+    return ApiError(status, event.message, type_, code=code)
+
+
+class _CancellingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always watches for the client going away.
+
+    Starlette's own only notices a disconnect at the next write under ASGI
+    2.4; we cancel the generation as soon as the disconnect arrives, so the
+    slot is freed even while the model is between tokens.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as task_group:
+            async def run_then_cancel(func: Callable[[], Any]) -> None:
+                await func()
+                task_group.cancel_scope.cancel()
+
+            task_group.start_soon(run_then_cancel, partial(self.stream_response, send))
+            await run_then_cancel(partial(self.listen_for_disconnect, receive))
+
+
+# ---- the app ----
+
+class _Api:
+    def __init__(self, host: ModelHost, api_token: str | None) -> None:
+        self.host = host
+        self.api_token = api_token
+
+    def _check_auth(self, request: Request) -> None:
+        if self.api_token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_token.encode()):
+            raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <api_token>'",
+                           "authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[GenerationRequest]) -> Any:
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _invalid(f"the request body is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): "
+                           "send a JSON object") from e
+        if not isinstance(data, dict):
+            raise _invalid("the request body must be a JSON object")
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise _invalid(f"{param}: {first['msg']}", param=param) from e
+        if parsed.model_extra:
+            log.info("event=unknown_request_fields endpoint=%s fields=%s", request.url.path,
+                     ",".join(sorted(parsed.model_extra)))
+        if not self.host.accepts_model(parsed.model):
+            active = self.host.identity.name if self.host.identity else None
+            raise ApiError(404, f"the model {parsed.model!r} does not exist: this server runs {active!r} "
+                           "(see GET /v1/models)", "invalid_request_error", code="model_not_found", param="model")
+        return parsed
+
+    async def _first_event(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]
+                           ) -> tuple[WorkerClient, StartedEvent]:
+        try:
+            worker, event = await events.__anext__()
+        except QueueFullError as e:
+            raise ApiError(429, str(e), "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after_s)}) from e
+        except ModelNotReadyError as e:
+            raise ApiError(503, str(e), "unavailable_error", code=503) from e
+        if isinstance(event, ErrorEvent):
+            raise _event_error(event)
+        if not isinstance(event, StartedEvent):
+            raise ApiError(500, f"the model worker answered {type(event).__name__} before it started the request",
+                           "server_error")
+        return worker, event
+
+    async def _guarded(self, request: Request, endpoint: str,
+                       handler: Callable[[Request], Any]) -> Response:
+        try:
+            self._check_auth(request)
+            response: Response = await handler(request)
+        except ApiError as e:
+            self.host.metrics.observe_request(endpoint, e.status)
+            self.host.metrics.observe_error(str(e.code or e.type))
+            log.info("event=request_refused endpoint=%s status=%d code=%s", endpoint, e.status, e.code)
+            return _error_response(e)
+        self.host.metrics.observe_request(endpoint, response.status_code)
+        return response
+
+    # -- generation endpoints --
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._guarded(request, "/v1/chat/completions", self._chat)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._guarded(request, "/v1/completions", self._complete)
+
+    async def _chat(self, request: Request) -> Response:
+        req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        messages = [m.to_chat_message() for m in req.messages]
+        return await self._generate(request, req, messages=messages, prompt=None, is_chat=True)
+
+    async def _complete(self, request: Request) -> Response:
+        req: CompletionRequest = await self._parse(request, CompletionRequest)
+        return await self._generate(request, req, messages=None, prompt=req.prompt_text, is_chat=False)
+
+    async def _generate(self, request: Request, req: GenerationRequest, *, messages: list[ChatMessage] | None,
+                        prompt: str | None, is_chat: bool) -> Response:
+        try:
+            options = req.sampling_options()
+        except ValidationError as e:
+            raise _invalid(str(e.errors()[0]["msg"])) from e
+        events = self.host.generate(prompt=prompt, messages=messages, options=options)
+        # A client may give up while its request waits in the queue: watch for that from here on.
+        disconnected = asyncio.ensure_future(_wait_disconnect(request))
+        first = asyncio.ensure_future(self._first_event(events))
+        try:
+            await asyncio.wait({first, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            if not first.done():
+                first.cancel()  # leaves the queue, or cancels the generation in the worker
+                await asyncio.wait({first})
+                log.info("event=client_disconnected stage=queued")
+                return Response(status_code=499)
+            worker, started = first.result()
+        except BaseException:
+            disconnected.cancel()
+            if not first.done():  # we were cancelled ourselves (shutdown): stop the generator's task first
+                first.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait({first})
+            await events.aclose()
+            raise
+        # The worker's model, not the host's current one: a switch may happen mid-request.
+        model_name = worker.identity.name
+        request_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if req.stream:
+            disconnected.cancel()  # the streaming response watches for itself
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = self._sse(events, started, request_id, created, model_name, is_chat, include_usage)
+            return _CancellingStreamingResponse(body, media_type="text/event-stream",
+                                                headers={"Cache-Control": "no-cache"})
+        collect = asyncio.ensure_future(self._collect(events))
+        done, _ = await asyncio.wait({collect, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        if collect not in done:
+            collect.cancel()  # the client went away: free the slot now
+            log.info("event=client_disconnected id=%s", request_id)
+            return Response(status_code=499)
+        disconnected.cancel()
+        text, done_event = collect.result()
+        usage = Usage(prompt_tokens=done_event.prompt_tokens, completion_tokens=done_event.completion_tokens,
+                      total_tokens=done_event.prompt_tokens + done_event.completion_tokens)
+        if is_chat:
+            result: BaseModel = ChatCompletion(
+                id=request_id, created=created, model=model_name, usage=usage,
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done_event.finish_reason)])
+        else:
+            result = Completion(id=request_id, created=created, model=model_name, usage=usage,
+                                choices=[CompletionChoice(text=text, finish_reason=done_event.finish_reason)])
+        return JSONResponse(result.model_dump())
+
+    async def _collect(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]) -> tuple[str, DoneEvent]:
+        parts: list[str] = []
+        async with aclosing(events):
+            async for _, event in events:
+                if isinstance(event, TokenEvent):
+                    parts.append(event.text)
+                elif isinstance(event, DoneEvent):
+                    return "".join(parts), event
+                elif isinstance(event, ErrorEvent):
+                    raise _event_error(event)
+        raise ApiError(500, "the generation ended without a result", "server_error")
+
+    async def _sse(self, events: AsyncGenerator[tuple[Any, RequestEvent], None], started: StartedEvent, request_id: str,
+                   created: int, model_name: str, is_chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+        def chunk(text: str | None, finish_reason: str | None, *, first: bool = False) -> bytes:
+            obj: BaseModel
+            if is_chat:
+                delta = Delta(role="assistant", content="") if first else Delta(content=text)
+                obj = ChatCompletionChunk(id=request_id, created=created, model=model_name,
+                                          choices=[ChunkChoice(delta=delta if finish_reason is None else Delta(),
+                                                                finish_reason=finish_reason)])
+            else:
+                obj = Completion(id=request_id, created=created, model=model_name,
+                                 choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)])
+            return b"data: " + obj.model_dump_json(exclude_none=is_chat).encode() + b"\n\n"
+
+        # The per-token chunk is the hot path: the model's JSON cut once around the text.
+        marker = "\u0000marker\u0000"
+        head, _, tail = chunk(marker, None).decode().partition(json.dumps(marker)[1:-1])
+        head_bytes, tail_bytes = head.encode(), tail.encode()
+
+        def token_chunk(text: str) -> bytes:
+            return head_bytes + json.dumps(text)[1:-1].encode() + tail_bytes
+
+        async with aclosing(events):
+            if is_chat:
+                yield chunk(None, None, first=True)
+            async for _, event in events:
+                if isinstance(event, TokenEvent):
+                    if event.text:
+                        yield token_chunk(event.text)
+                elif isinstance(event, DoneEvent):
+                    yield chunk(None, event.finish_reason)
+                    if include_usage:
+                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                                      total_tokens=event.prompt_tokens + event.completion_tokens)
+                        obj: BaseModel = (ChatCompletionChunk if is_chat else Completion)(
+                            id=request_id, created=created, model=model_name, choices=[], usage=usage)
+                        yield b"data: " + obj.model_dump_json().encode() + b"\n\n"
+                    yield b"data: [DONE]\n\n"
+                    return
+                elif isinstance(event, ErrorEvent):
+                    # Headers are sent already: the error goes in the stream, as OpenAI does.
+                    error = _event_error(event)
+                    self.host.metrics.observe_error(str(error.code))
+                    yield b"data: " + _error_body(error).model_dump_json().encode() + b"\n\n"
+                    return
+
+    # -- status endpoints --
+
+    async def models(self, request: Request) -> Response:
+        async def handler(_: Request) -> Response:
+            identity = self.host.identity
+            cards = [] if identity is None else [ModelCard(id=identity.name, version=identity.version,
+                                                           context_length=identity.context_length,
+                                                           created=int(_dir_mtime(identity.model_dir)))]
+            return JSONResponse(ModelList(data=cards).model_dump())
+        return await self._guarded(request, "/v1/models", handler)
+
+    async def healthz(self, request: Request) -> Response:
+        # llama.cpp server's shape: 503 + "Loading model" until the model serves.
+        identity = self.host.identity
+        if identity is not None and self.host.is_serving:
+            return JSONResponse({"status": "ok", "model": identity.name, "version": identity.version})
+        if self.host.state in ("loading", "empty"):
+            body = ErrorBody(error=ErrorDetail(message="Loading model", type="unavailable_error", code=503))
+        else:
+            body = ErrorBody(error=ErrorDetail(message=f"model failed to load: {self.host.last_error}",
+                                               type="unavailable_error", code=503))
+        return JSONResponse(body.model_dump(), status_code=503)
+
+    async def metrics(self, request: Request) -> Response:
+        identity = self.host.identity
+        text = self.host.metrics.render_prometheus(identity.name if identity else None,
+                                                   identity.version if identity else None)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _dir_mtime(path: str) -> float:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, HTTPException):
+        raise exc
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_,
+                                    code=exc.status_code))
+
+
+def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path | None = None,
+               on_load_failure: Callable[[ActivationError], None] | None = None) -> Starlette:
+    """The API over `host`.
+
+    With `model_dir`, the app owns the host: its startup begins loading that
+    model in the background (`/healthz` answers 503 until it serves) and its
+    shutdown stops the workers; `on_load_failure` hears when that model does
+    not load. Without, the caller (the agent daemon) loads models with
+    `host.switch()` and closes the host itself.
+    """
+    api = _Api(host, api_token)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        load: asyncio.Task[Any] | None = None
+        if model_dir is not None:
+            async def load_initial() -> None:
+                try:
+                    await host.switch(model_dir)
+                except ActivationError as e:  # logged by the host; /healthz reports it
+                    if on_load_failure is not None:
+                        on_load_failure(e)
+            host.state = "loading"
+            load = asyncio.create_task(load_initial())
+        try:
+            yield
+        finally:
+            if model_dir is not None:
+                if load is not None and not load.done():
+                    load.cancel()
+                await host.close()
+
+    routes = [
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})

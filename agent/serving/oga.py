@@ -1,0 +1,282 @@
+"""onnxruntime-genai through its C API (ctypes), for the model worker.
+
+Why not the `onnxruntime_genai` Python module: it hands every token array to
+Python as a numpy array, so the first `encode` imports numpy and OpenBLAS
+(measured: a worker holding SmolLM2 INT4 takes 10.6 MB less RSS through this
+module, 203 vs 214 MB), and its `generate_next_token` holds the GIL for the
+whole step. ctypes releases the GIL around every C call, so the worker's
+command reader runs while a token is being computed.
+
+The C library is the one the installed `onnxruntime-genai` wheel ships
+(`libonnxruntime-genai.so`, beside the Python module), loaded the way that
+module loads it: onnxruntime's own `libonnxruntime.so` first, named in
+`ORT_LIB_PATH`. Only the calls the runtime needs are bound; each object owns
+its C handle and frees it on `close()` (or when collected), children keep
+their parents alive.
+
+Threading: the C API is not thread-safe; use one model's objects from one
+thread at a time (the worker steps generators on its main thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.wire.errors import OgaError
+
+_P = ctypes.c_void_p
+_PP = ctypes.POINTER(ctypes.c_void_p)
+_I32P = ctypes.POINTER(ctypes.c_int32)
+_SIZE = ctypes.c_size_t
+_STR = ctypes.c_char_p
+
+# name: (argtypes, restype); every OgaResult* return is checked by `_check`.
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "OgaResultGetError": ([_P], _STR),
+    "OgaDestroyResult": ([_P], None),
+    "OgaDestroyString": ([_P], None),
+    "OgaCreateConfig": ([_STR, _PP], _P),
+    "OgaConfigOverlay": ([_P, _STR], _P),
+    "OgaDestroyConfig": ([_P], None),
+    "OgaCreateModelFromConfig": ([_P, _PP], _P),
+    "OgaDestroyModel": ([_P], None),
+    "OgaCreateTokenizer": ([_P, _PP], _P),
+    "OgaDestroyTokenizer": ([_P], None),
+    "OgaTokenizerEncode": ([_P, _STR, _P], _P),
+    "OgaTokenizerDecode": ([_P, _I32P, _SIZE, _PP], _P),
+    "OgaTokenizerApplyChatTemplate": ([_P, _STR, _STR, _STR, ctypes.c_bool, _PP], _P),
+    "OgaTokenizerGetEosTokenIds": ([_P, ctypes.POINTER(_I32P), ctypes.POINTER(_SIZE)], _P),
+    "OgaCreateTokenizerStream": ([_P, _PP], _P),
+    "OgaDestroyTokenizerStream": ([_P], None),
+    "OgaTokenizerStreamDecode": ([_P, ctypes.c_int32, ctypes.POINTER(_STR)], _P),
+    "OgaCreateSequences": ([_PP], _P),
+    "OgaDestroySequences": ([_P], None),
+    "OgaSequencesGetSequenceCount": ([_P, _SIZE], _SIZE),
+    "OgaSequencesGetSequenceData": ([_P, _SIZE], _I32P),
+    "OgaCreateGeneratorParams": ([_P, _PP], _P),
+    "OgaDestroyGeneratorParams": ([_P], None),
+    "OgaGeneratorParamsSetSearchNumber": ([_P, _STR, ctypes.c_double], _P),
+    "OgaGeneratorParamsSetSearchBool": ([_P, _STR, ctypes.c_bool], _P),
+    "OgaCreateGenerator": ([_P, _P, _PP], _P),
+    "OgaDestroyGenerator": ([_P], None),
+    "OgaGenerator_AppendTokens": ([_P, _I32P, _SIZE], _P),
+    "OgaGenerator_IsDone": ([_P], ctypes.c_bool),
+    "OgaGenerator_GenerateNextToken": ([_P], _P),
+    "OgaGenerator_GetNextTokens": ([_P, ctypes.POINTER(_I32P), ctypes.POINTER(_SIZE)], _P),
+    "OgaGenerator_GetSequenceCount": ([_P, _SIZE], _SIZE),
+    "OgaGenerator_GetSequenceData": ([_P, _SIZE], _I32P),
+}
+
+
+_library: ctypes.CDLL | None = None
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise OgaError(f"the Python package {name!r} is not installed: pip install onnxruntime-genai")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def library() -> ctypes.CDLL:
+    """The onnxruntime-genai C library, loaded once per process.
+
+    Raises:
+        OgaError: onnxruntime or onnxruntime-genai is not installed, or a bound symbol is missing
+            (an onnxruntime-genai older than this module knows).
+    """
+    global _library
+    if _library is None:
+        # The agent runs on Linux; macOS names are here so `edge-agent prompt --model` works on a laptop.
+        is_mac = sys.platform == "darwin"
+        suffix, ort_pattern = (".dylib", "libonnxruntime.*dylib") if is_mac else (".so", "libonnxruntime.so*")
+        ort_libs = sorted(glob.glob(str(_package_dir("onnxruntime") / "capi" / ort_pattern)))
+        if not ort_libs:
+            raise OgaError(f"onnxruntime's {ort_pattern} is missing: reinstall onnxruntime")
+        os.environ["ORT_LIB_PATH"] = ort_libs[0]  # where libonnxruntime-genai looks for it
+        genai_lib = _package_dir("onnxruntime_genai") / f"libonnxruntime-genai{suffix}"
+        try:
+            ctypes.CDLL(ort_libs[0])
+            lib = ctypes.CDLL(str(genai_lib))
+        except OSError as e:
+            raise OgaError(f"cannot load {genai_lib} ({e}): reinstall onnxruntime-genai") from e
+        for name, (argtypes, restype) in _SIGNATURES.items():
+            try:
+                function = getattr(lib, name)
+            except AttributeError as e:
+                raise OgaError(f"libonnxruntime-genai has no {name}: install onnxruntime-genai 0.18 or newer") from e
+            function.argtypes = argtypes
+            function.restype = restype
+        _library = lib
+    return _library
+
+
+def _check(result: int | None) -> None:
+    if result:
+        lib = library()
+        message = lib.OgaResultGetError(result)
+        lib.OgaDestroyResult(result)
+        raise OgaError((message or b"unknown error").decode("utf-8", "replace"))
+
+
+def _create(function: Callable[..., Any], *args: Any) -> int:
+    out = _P()
+    _check(function(*args, ctypes.byref(out)))
+    if out.value is None:
+        raise OgaError(f"{function.__name__} reported success but returned nothing")
+    return out.value
+
+
+def _owned_string(function: Callable[..., Any], *args: Any) -> str:
+    """Call a function that returns a string the caller must free with OgaDestroyString."""
+    out = _P()
+    _check(function(*args, ctypes.byref(out)))
+    try:
+        return ctypes.string_at(out.value).decode("utf-8", "replace") if out.value else ""
+    finally:
+        if out.value:
+            library().OgaDestroyString(out.value)
+
+
+def _int32_array(ids: Sequence[int]) -> ctypes.Array[ctypes.c_int32]:
+    return (ctypes.c_int32 * len(ids))(*ids)
+
+
+class _Handle:
+    """Owns one C object; `close()` frees it once, children hold their parent."""
+
+    _destroy_name = ""
+    _handle: int | None = None  # set once the C object exists: a failed constructor frees nothing
+    _parent: _Handle | None = None
+
+    def __init__(self, handle: int, parent: _Handle | None = None) -> None:
+        self._handle: int | None = handle
+        self._parent = parent
+
+    @property
+    def handle(self) -> int:
+        if self._handle is None:
+            raise OgaError(f"{type(self).__name__} is closed")
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            getattr(library(), self._destroy_name)(self._handle)
+            self._handle = None
+            self._parent = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the library may be gone
+            pass
+
+
+class Model(_Handle):
+    """A model dir loaded with its `genai_config.json`, plus a JSON overlay of that config."""
+
+    _destroy_name = "OgaDestroyModel"
+
+    def __init__(self, model_dir: str | Path, overlay: dict[str, Any] | None = None) -> None:
+        lib = library()
+        config = _create(lib.OgaCreateConfig, str(model_dir).encode())
+        try:
+            if overlay:
+                _check(lib.OgaConfigOverlay(config, json.dumps(overlay).encode()))
+            super().__init__(_create(lib.OgaCreateModelFromConfig, config))
+        finally:
+            lib.OgaDestroyConfig(config)
+
+
+class TokenizerStream(_Handle):
+    """Decodes one token at a time, returning text only once it is whole."""
+
+    _destroy_name = "OgaDestroyTokenizerStream"
+
+    def decode(self, token_id: int) -> str:
+        out = _STR()
+        _check(library().OgaTokenizerStreamDecode(self.handle, token_id, ctypes.byref(out)))
+        return out.value.decode("utf-8", "replace") if out.value else ""
+
+
+class Tokenizer(_Handle):
+    _destroy_name = "OgaDestroyTokenizer"
+
+    def __init__(self, model: Model) -> None:
+        super().__init__(_create(library().OgaCreateTokenizer, model.handle), parent=model)
+
+    def encode(self, text: str) -> list[int]:
+        lib = library()
+        sequences = _create(lib.OgaCreateSequences)
+        try:
+            _check(lib.OgaTokenizerEncode(self.handle, text.encode(), sequences))
+            count = lib.OgaSequencesGetSequenceCount(sequences, 0)
+            return lib.OgaSequencesGetSequenceData(sequences, 0)[:count] if count else []
+        finally:
+            lib.OgaDestroySequences(sequences)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return _owned_string(library().OgaTokenizerDecode, self.handle, _int32_array(token_ids), len(token_ids))
+
+    def apply_chat_template(self, messages_json: str, *, add_generation_prompt: bool = True) -> str:
+        """The model's own chat template applied to a JSON list of {role, content} messages."""
+        return _owned_string(library().OgaTokenizerApplyChatTemplate, self.handle, None, messages_json.encode(),
+                             None, add_generation_prompt)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        data, count = _I32P(), _SIZE()
+        _check(library().OgaTokenizerGetEosTokenIds(self.handle, ctypes.byref(data), ctypes.byref(count)))
+        return data[:count.value] if count.value else []
+
+    def create_stream(self) -> TokenizerStream:
+        return TokenizerStream(_create(library().OgaCreateTokenizerStream, self.handle), parent=self)
+
+
+class Generator(_Handle):
+    """One sequence being generated, with its search options (`max_length`, `do_sample`, ...)."""
+
+    _destroy_name = "OgaDestroyGenerator"
+
+    def __init__(self, model: Model, search_options: dict[str, float | int | bool]) -> None:
+        lib = library()
+        params = _create(lib.OgaCreateGeneratorParams, model.handle)
+        try:
+            for name, value in search_options.items():
+                if isinstance(value, bool):
+                    _check(lib.OgaGeneratorParamsSetSearchBool(params, name.encode(), value))
+                else:
+                    _check(lib.OgaGeneratorParamsSetSearchNumber(params, name.encode(), float(value)))
+            super().__init__(_create(lib.OgaCreateGenerator, model.handle, params), parent=model)
+        finally:
+            lib.OgaDestroyGeneratorParams(params)
+
+    def append_tokens(self, token_ids: Sequence[int]) -> None:
+        _check(library().OgaGenerator_AppendTokens(self.handle, _int32_array(token_ids), len(token_ids)))
+
+    def is_done(self) -> bool:
+        return bool(library().OgaGenerator_IsDone(self.handle))
+
+    def generate_next_token(self) -> None:
+        _check(library().OgaGenerator_GenerateNextToken(self.handle))
+
+    def next_token(self) -> int:
+        """The token the last `generate_next_token` chose (the first sequence's)."""
+        data, count = _I32P(), _SIZE()
+        _check(library().OgaGenerator_GetNextTokens(self.handle, ctypes.byref(data), ctypes.byref(count)))
+        if not count.value:
+            raise OgaError("onnxruntime-genai returned no next token")
+        return int(data[0])
+
+    def sequence(self, index: int = 0) -> list[int]:
+        lib = library()
+        count = lib.OgaGenerator_GetSequenceCount(self.handle, index)
+        return lib.OgaGenerator_GetSequenceData(self.handle, index)[:count] if count else []

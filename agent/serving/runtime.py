@@ -1,0 +1,266 @@
+"""The runtime around onnxruntime-genai: load a model dir, apply its chat
+template, map OpenAI search options onto `GeneratorParams`, step generators.
+
+This module holds the model in the calling process, through the C API of
+onnxruntime-genai (`agent.serving.oga`). The API process never loads a model: the
+model-worker process (`agent/serving/worker/process.py`) does. Tools that run one generation
+at a time (`edge-agent prompt --model`, the canary health check) use it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.serving import oga
+from agent.wire.errors import ActivationError, ContextLengthError, OgaError, RuntimeModelError
+from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions
+
+log = logging.getLogger(__name__)
+
+# A request without max_tokens gets at most this many: with past_present_share_buffer the
+# KV cache is allocated for the whole max_length up front, and a full 8k context of
+# SmolLM2 would take ~0.4 GB per request on a small box.
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (cgroup/affinity aware where Linux tells us)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def read_context_length(model_dir: Path) -> int:
+    """The model's context length from its `genai_config.json`.
+
+    Raises:
+        ActivationError: the dir has no readable `genai_config.json`.
+    """
+    config_path = model_dir / "genai_config.json"
+    try:
+        genai_config = json.loads(config_path.read_text())
+        return int(genai_config["model"]["context_length"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ActivationError(
+            f"{config_path} is missing or not an onnxruntime-genai config ({e}): "
+            "pass a model dir built by edge-builder"
+        ) from e
+
+
+def stop_split(text: str, stops: Sequence[str]) -> tuple[int, bool]:
+    """How much of `text` (not yet emitted) may be emitted now, and whether a stop matched.
+
+    Returns (n, stopped): emit `text[:n]`. When a stop sequence occurs, `n` is
+    where it starts and `stopped` is True. Otherwise `n` holds back the longest
+    tail that could still grow into a stop sequence, so no client ever sees
+    part of one.
+    """
+    if not stops:
+        return len(text), False
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if first >= 0:
+        return first, True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold, False
+
+
+@dataclass
+class StepResult:
+    """What one step produced: the new token ids and the text now safe to show."""
+
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Generation:
+    """One request's generator with its text bookkeeping (stop sequences, deltas).
+
+    Greedy and sampling stream token by token; beam search only knows its best
+    sequence at the end, so it emits everything in its last step.
+    """
+
+    runtime: ModelRuntime
+    prompt_ids: list[int]
+    options: SamplingOptions
+    _generator: oga.Generator | None = None
+    _stream: oga.TokenizerStream | None = None
+    completion_ids: list[int] = field(default_factory=list)
+    _pending_text: str = ""
+    finish_reason: FinishReason | None = None
+    _is_prefilled: bool = False
+    _budget: int = 0
+
+    def __post_init__(self) -> None:
+        search = self.runtime.search_options(len(self.prompt_ids), self.options)
+        self._budget = int(search["max_length"]) - len(self.prompt_ids)
+        try:
+            self._generator = oga.Generator(self.runtime.model, search)
+            self._stream = self.runtime.tokenizer.create_stream()
+        except OgaError as e:
+            raise RuntimeModelError(f"onnxruntime-genai cannot start a generation: {e}") from e
+
+    @property
+    def is_done(self) -> bool:
+        return self.finish_reason is not None
+
+    def step(self) -> StepResult:
+        """Prefill on the first call, then one decode step (all of them for beam search).
+
+        Raises:
+            RuntimeModelError: onnxruntime-genai failed.
+        """
+        try:
+            return self._step()
+        except OgaError as e:  # before its parent RuntimeModelError: say where it failed
+            raise RuntimeModelError(f"generation failed in onnxruntime-genai: {e}") from e
+
+    def _step(self) -> StepResult:
+        g, stream = self._generator, self._stream
+        if g is None or stream is None:
+            raise RuntimeModelError("this generation was cancelled")
+        if not self._is_prefilled:
+            g.append_tokens(self.prompt_ids)
+            self._is_prefilled = True
+        if self.options.num_beams > 1:
+            while not g.is_done():
+                g.generate_next_token()
+            new_ids = g.sequence(0)[len(self.prompt_ids):]
+            new_text = self.runtime.tokenizer.decode(new_ids) if new_ids else ""
+        else:
+            if g.is_done():
+                new_ids, new_text = [], ""
+            else:
+                g.generate_next_token()
+                new_ids = [g.next_token()]
+                new_text = stream.decode(new_ids[0])
+        self.completion_ids.extend(new_ids)
+        self._pending_text += new_text
+        n, stopped = stop_split(self._pending_text, self.options.stop)
+        emit, self._pending_text = self._pending_text[:n], self._pending_text[n:]
+        if stopped:
+            self.finish_reason = "stop"
+        elif g.is_done() or self.options.num_beams > 1:
+            emit += self._pending_text  # a held-back tail that never became a stop sequence
+            self._pending_text = ""
+            is_eos = bool(self.completion_ids) and self.completion_ids[-1] in self.runtime.eos_token_ids
+            self.finish_reason = "length" if len(self.completion_ids) >= self._budget and not is_eos else "stop"
+        return StepResult(token_ids=new_ids, text=emit)
+
+    def cancel(self) -> None:
+        self.finish_reason = "cancelled"
+        if self._generator is not None:
+            self._generator.close()  # frees the KV cache now, not at the next GC
+            self._generator = None
+
+
+class ModelRuntime:
+    """A loaded ORT-GenAI model dir: tokenizer, chat template, generators.
+
+    Raises (constructor):
+        ActivationError: the dir is not a loadable model.
+    """
+
+    def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.context_length = read_context_length(self.model_dir)
+        self.threads = intra_op_num_threads or default_threads()
+        try:
+            # The decoder runs on one intra-op thread unless told: measured 1.5x decode
+            # and 2x prefill with 2 threads on 2 cores.
+            self.model = oga.Model(self.model_dir, overlay={
+                "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}})
+            self.tokenizer = oga.Tokenizer(self.model)
+            self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        except OgaError as e:
+            raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
+        log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
+                 self.context_length)
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        """The model's own chat template (chat_template.jinja / tokenizer_config.json)."""
+        payload = json.dumps([{"role": m.role, "content": m.content} for m in messages])
+        try:
+            return self.tokenizer.apply_chat_template(payload, add_generation_prompt=True)
+        except OgaError as e:
+            raise RuntimeModelError(f"chat template of {self.model_dir} failed: {e}") from e
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids) if token_ids else ""
+
+    def check_context(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """The completion budget for this prompt.
+
+        Raises:
+            ContextLengthError: the prompt (plus max_tokens, when given) exceeds the context.
+        """
+        if prompt_tokens >= self.context_length:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.context_length} tokens, the prompt has "
+                f"{prompt_tokens} tokens: shorten the prompt")
+        if max_tokens is not None and prompt_tokens + max_tokens > self.context_length:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.context_length} tokens, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in "
+                "max_tokens): reduce the prompt or max_tokens")
+        if max_tokens is not None:
+            return max_tokens
+        return min(DEFAULT_MAX_NEW_TOKENS, self.context_length - prompt_tokens)
+
+    def search_options(self, prompt_tokens: int, options: SamplingOptions) -> dict[str, Any]:
+        """Map OpenAI-style options onto ORT-GenAI search options (greedy when temperature is 0)."""
+        budget = self.check_context(prompt_tokens, options.max_tokens)
+        search: dict[str, Any] = {
+            "max_length": prompt_tokens + budget,
+            "repetition_penalty": options.repetition_penalty,
+            "num_beams": options.num_beams,
+        }
+        if options.num_beams > 1:
+            search.update(do_sample=False, num_return_sequences=1, early_stopping=True)
+        elif options.temperature == 0.0:
+            search.update(do_sample=False)
+        else:
+            search.update(do_sample=True, temperature=options.temperature, top_p=options.top_p,
+                          top_k=options.top_k)
+        if options.seed is not None:
+            search["random_seed"] = options.seed
+        return search
+
+    def start(self, prompt_ids: list[int], options: SamplingOptions) -> Generation:
+        """A new generation; raises ContextLengthError before allocating anything."""
+        self.check_context(len(prompt_ids), options.max_tokens)
+        return Generation(self, prompt_ids, options)
+
+    def generate(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[StepResult]:
+        """Run one generation to its end in this process."""
+        generation = self.start(prompt_ids, options)
+        while not generation.is_done:
+            yield generation.step()
+
+    def greedy_token_ids(self, prompt_text: str, max_new_tokens: int) -> list[int]:
+        """Greedy completion token ids of `prompt_text` as is (no chat template).
+
+        The canary health check compares these with the manifest's
+        `evaluation.canary.expected_token_ids`; generation stops at EOS or
+        after `max_new_tokens`.
+        """
+        options = SamplingOptions(temperature=0.0, max_tokens=max_new_tokens)
+        ids: list[int] = []
+        for step in self.generate(self.encode(prompt_text), options):
+            ids.extend(step.token_ids)
+        return ids

@@ -1,0 +1,195 @@
+"""What this device has: RAM, disk, CPU architecture and features, onnxruntime-genai and its
+execution providers (psutil, /proc/cpuinfo, package metadata).
+
+`probe()` fills a `HardwareReport`; whether a model fits is the pure `agent.update.compat`.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from agent.update.compat import HardwareReport
+
+# The distributions onnxruntime-genai ships as, and the execution provider each adds.
+_ORT_GENAI_DISTS: dict[str, str | None] = {
+    "onnxruntime-genai": None,
+    "onnxruntime-genai-cuda": "cuda",
+    "onnxruntime-genai-directml": "dml",
+}
+# Features that matter for INT4/INT8 kernels, shown by `doctor`; checks use every flag.
+NOTABLE_FEATURES = ("avx2", "avx512", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
+                    "neon", "asimd", "dotprod", "asimddp", "i8mm", "sve", "bf16")
+# x86 and Arm names for one feature: a manifest may use either.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "asimd": ("neon",), "neon": ("asimd",),
+    "asimddp": ("dotprod",), "dotprod": ("asimddp",),
+    "avx512f": ("avx512",),
+    "svei8mm": ("i8mm",),
+}
+
+log = logging.getLogger(__name__)
+
+
+def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """CPU flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm); empty where there is none."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return set()
+    return parse_cpu_flags(text)
+
+
+def parse_cpu_flags(cpuinfo_text: str) -> set[str]:
+    flags: set[str] = set()
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            flags.update(value.lower().split())
+    return add_aliases(flags)
+
+
+def add_aliases(flags: set[str]) -> set[str]:
+    out = set(flags)
+    for flag in flags:
+        out.update(_ALIASES.get(flag, ()))
+    return out
+
+
+def probe_onnxruntime_genai() -> tuple[str | None, list[str]]:
+    """The installed onnxruntime-genai version (package metadata) and the execution providers
+    this device can use: built into it *and* with the hardware they drive present here
+    (onnxruntime-genai's `is_*_available()` only says support was compiled in).
+    """
+    version: str | None = None
+    compiled: set[str] = set()
+    for dist, provider in _ORT_GENAI_DISTS.items():
+        try:
+            v = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        version = version or v
+        compiled.add("cpu")
+        if provider:
+            compiled.add(provider)
+    if version is not None and importlib.util.find_spec("onnxruntime_genai") is not None:
+        try:
+            # A light import (tens of ms; no model is loaded).
+            import onnxruntime_genai as og
+
+            for name in ACCELERATOR_PROVIDERS:
+                if getattr(og, f"is_{name}_available", lambda: False)():
+                    compiled.add(name)
+        except (ImportError, OSError) as e:  # a broken install: the version check will still tell
+            log.warning("event=ort_genai_import_failed error=%r", str(e))
+    return version, sorted(usable_providers(compiled, DeviceEvidence.read()))
+
+
+# Providers that drive an accelerator, and so need one present to be usable.
+ACCELERATOR_PROVIDERS = ("cuda", "dml", "webgpu", "qnn", "openvino")
+
+
+@dataclass(frozen=True)
+class DeviceEvidence:
+    """What the OS shows of this device's accelerators."""
+
+    system: str  # platform.system()
+    machine: str  # platform.machine()
+    has_nvidia_driver: bool
+    has_gpu_render_node: bool  # a DRM render node: any GPU with a kernel driver (Vulkan, so WebGPU)
+    has_qualcomm_dsp: bool  # FastRPC nodes of a Hexagon DSP/NPU
+    has_intel_device: bool  # an Intel CPU, GPU or NPU (what OpenVINO runs on)
+
+    @classmethod
+    def read(cls) -> DeviceEvidence:
+        def present(*patterns: str) -> bool:
+            return any(glob.glob(p) for p in patterns)
+
+        cpuinfo = Path("/proc/cpuinfo")
+        try:
+            is_intel_cpu = "GenuineIntel" in cpuinfo.read_text(errors="replace")
+        except OSError:
+            is_intel_cpu = False
+        return cls(
+            system=platform.system(),
+            machine=platform.machine(),
+            has_nvidia_driver=present("/proc/driver/nvidia/version", "/dev/nvidiactl"),
+            has_gpu_render_node=present("/dev/dri/renderD*"),
+            has_qualcomm_dsp=present("/dev/fastrpc-*", "/dev/adsprpc-smd"),
+            has_intel_device=is_intel_cpu or present("/dev/accel/accel*"),
+        )
+
+
+def usable_providers(compiled: set[str], evidence: DeviceEvidence) -> set[str]:
+    """The compiled-in providers whose hardware this device has (cpu needs none)."""
+    on_linux = evidence.system == "Linux"
+    has_hardware = {
+        "cpu": True,
+        "cuda": evidence.has_nvidia_driver or evidence.system == "Windows",
+        "dml": evidence.system == "Windows",
+        # Off Linux (Windows, macOS) every machine has a graphics adapter WebGPU can use.
+        "webgpu": not on_linux or evidence.has_gpu_render_node or evidence.has_nvidia_driver,
+        "qnn": evidence.has_qualcomm_dsp or (evidence.system == "Windows" and evidence.machine == "ARM64"),
+        "openvino": evidence.has_intel_device,
+    }
+    return {p for p in compiled if has_hardware.get(p, False)}
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def probe(state_dir: Path, ort_genai: tuple[str | None, list[str]] | None = None) -> HardwareReport:
+    """Probe this device. `state_dir` need not exist yet (its nearest existing parent is measured).
+
+    `ort_genai`: the (version, providers) of `probe_onnxruntime_genai()` measured earlier; the
+    daemon passes it so that its API process never imports onnxruntime-genai (~15 MB RSS).
+    """
+    mem = psutil.virtual_memory()
+    flags = read_cpu_flags()
+    version, providers = ort_genai if ort_genai is not None else probe_onnxruntime_genai()
+    return HardwareReport(
+        total_ram_bytes=mem.total,
+        available_ram_bytes=mem.available,
+        state_dir=str(state_dir),
+        free_disk_bytes=psutil.disk_usage(str(_existing_ancestor(state_dir))).free,
+        cpu_count=os.cpu_count() or 1,
+        arch=platform.machine(),
+        cpu_features=sorted(f for f in NOTABLE_FEATURES if f in flags),
+        cpu_flags=sorted(flags),
+        onnxruntime_genai_version=version,
+        execution_providers=providers,
+        os=f"{platform.system()} {platform.release()}",
+    )
+
+
+def probe_onnxruntime_genai_in_subprocess(timeout_s: float = 60.0) -> tuple[str | None, list[str]]:
+    """`probe_onnxruntime_genai()` run in a short-lived child process, so the caller's
+    process does not keep onnxruntime's libraries mapped. Falls back to probing in-process."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json; from agent.system.hardware import probe_onnxruntime_genai as p; "
+            "v, e = p(); print(json.dumps([v, e]))")
+    from agent.system.childproc import python_child_env
+
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                             env=python_child_env(), check=True).stdout
+        version, providers = json.loads(out.strip().splitlines()[-1])
+        return version, list(providers)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        log.warning("event=ort_genai_probe_subprocess_failed error=%r: probing in-process", str(e))
+        return probe_onnxruntime_genai()

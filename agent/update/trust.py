@@ -1,0 +1,193 @@
+"""The device's view of the TUF repository, through `tuf.ngclient`.
+
+Trust anchor: `<state_dir>/trust/root.json`, provisioned once. ngclient keeps
+the verified metadata in the same dir (`root_history/`, `timestamp.json`,
+`snapshot.json`, `targets.json`) and moves `root.json` along each verified
+root rotation, so the next run starts from the newest trusted root and the
+stored versions defeat replays of older metadata (rollback attack).
+
+What an attacker who controls the server or the network can do here: serve
+old, expired, unsigned or oversized metadata or targets. ngclient refuses all
+of them (signatures, thresholds, versions, expiry, lengths, hashes); this
+module turns its exceptions into our `VerificationError` (with ngclient's
+reason) and `DownloadError`, and only ever returns bytes that matched a
+signed `TargetFile`. Signature, version and expiry checks are ngclient's,
+never re-implemented here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import urllib3
+from pydantic import ValidationError
+from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata, Root, TargetFile
+from tuf.ngclient import Updater
+from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
+
+from agent.wire.channel import ChannelFile, channel_target_path
+from agent.wire.errors import ConfigError, DownloadError, ManifestError, StoreError, VerificationError
+from agent.wire.manifest import MANIFEST_FILENAME, Manifest
+from agent.wire.paths import check_relative_path
+
+log = logging.getLogger(__name__)
+
+ROOT_FILENAME = "root.json"
+
+
+# What ngclient raises for a bad repository (RepositoryError) or network (DownloadError,
+# its fetcher wraps connection errors into it, but not urllib3 errors raised while
+# streaming a body, e.g. a connection dropped mid-file); OSError: writing trust/ failed.
+_TUF_ERRORS = (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, urllib3.exceptions.HTTPError, OSError)
+
+
+def _translate(e: Exception, what: str) -> Exception:
+    """Map a python-tuf exception onto our tree, keeping ngclient's reason."""
+    if isinstance(e, tuf_exceptions.DownloadLengthMismatchError):
+        return VerificationError(f"{what}: the server sent more bytes than the signed length allows ({e}): "
+                                 "refused (endless data attack or broken server)")
+    if isinstance(e, (tuf_exceptions.DownloadError, urllib3.exceptions.HTTPError)):
+        cause = f"{type(e).__name__}: {e}" + (f" ({e.__cause__})" if e.__cause__ else "")
+        return DownloadError(f"{what}: repository unreachable or incomplete: {cause}: "
+                             "check repo_url and the network; the next poll retries")
+    if isinstance(e, tuf_exceptions.RepositoryError):
+        return VerificationError(f"{what} refused by TUF: {type(e).__name__}: {e}")
+    return StoreError(f"{what}: cannot write the trust dir: {e}: check free disk and permissions of state_dir")
+
+
+class TrustedRepository:
+    """One TUF session: refresh once, then look up and fetch verified targets."""
+
+    def __init__(self, repo_url: str, trust_dir: Path, timeout_s: float = 30.0) -> None:
+        """Raises: ConfigError: the device has no provisioned root.json."""
+        root = trust_dir / ROOT_FILENAME
+        if not root.exists():
+            raise ConfigError(f"{root} is missing: provision the device with the repository's root.json "
+                              "(www/metadata/root.json on the operator host)")
+        self.repo_url = repo_url.rstrip("/")
+        self._trust_dir = trust_dir
+        self.targets_base_url = f"{self.repo_url}/targets/"
+        self._fetcher = Urllib3Fetcher(socket_timeout=int(max(1, timeout_s)), app_user_agent="edge-agent")
+        try:
+            # bootstrap=None: the anchor is the provisioned (and since then ngclient-rotated) root.json.
+            self._updater = Updater(metadata_dir=str(trust_dir), metadata_base_url=f"{self.repo_url}/metadata/",
+                                    target_base_url=self.targets_base_url, fetcher=self._fetcher, bootstrap=None)
+        except (tuf_exceptions.RepositoryError, ValueError) as e:
+            raise VerificationError(f"trusted root {root} is invalid: {e}: re-provision the device") from e
+        self._consistent = False
+
+    def refresh(self) -> None:
+        """Update root (following rotations), timestamp, snapshot and targets.
+
+        Raises:
+            VerificationError: metadata is unsigned, expired, replayed (older version) or oversized.
+            DownloadError: the repository cannot be reached.
+        """
+        try:
+            self._updater.refresh()
+        except _TUF_ERRORS as e:
+            raise _translate(e, "metadata refresh") from e
+        # The trusted root (ngclient just verified and stored it) says whether
+        # targets carry hash-prefixed names.
+        root = Metadata[Root].from_file(str(self._trust_dir / ROOT_FILENAME)).signed
+        self._consistent = bool(root.consistent_snapshot)
+        log.info("event=tuf_refreshed repo=%s", self.repo_url)
+
+    def target_info(self, path: str) -> TargetFile:
+        """The signed `TargetFile` of `path`.
+
+        Raises:
+            VerificationError: `path` is unsafe or not listed in signed metadata.
+        """
+        try:
+            check_relative_path(path)
+        except ValueError as e:
+            raise VerificationError(f"refusing target path {path!r}: {e}") from e
+        try:
+            info = self._updater.get_targetinfo(path)
+        except _TUF_ERRORS as e:
+            raise _translate(e, f"lookup of {path}") from e
+        if info is None:
+            raise VerificationError(f"target {path} is not in the signed targets metadata of {self.repo_url}")
+        return info
+
+    def target_url(self, info: TargetFile) -> str:
+        """The URL of a target: with consistent snapshots its basename is `<sha256>.<name>`."""
+        path = info.path
+        if self._consistent:
+            dirname, sep, basename = path.rpartition("/")
+            path = f"{dirname}{sep}{next(iter(info.hashes.values()))}.{basename}"
+        return self.targets_base_url + path
+
+    def fetch_target_bytes(self, info: TargetFile) -> bytes:
+        """Download a small target into memory and verify it against `info`.
+
+        Raises:
+            VerificationError: more bytes than signed, or wrong length/hash.
+            DownloadError: unreachable.
+        """
+        try:
+            data = self._fetcher.download_bytes(self.target_url(info), info.length)
+            info.verify_length_and_hashes(data)
+        except _TUF_ERRORS as e:
+            raise _translate(e, f"target {info.path}") from e
+        return data
+
+    def read_channel(self, channel: str) -> ChannelFile:
+        """The verified `channels/<channel>.json`.
+
+        Raises:
+            VerificationError: missing, tampered, or not a valid channel file.
+        """
+        info = self.target_info(channel_target_path(channel))
+        data = self.fetch_target_bytes(info)
+        try:
+            parsed = ChannelFile.model_validate_json(data)
+        except ValidationError as e:
+            raise VerificationError(f"signed channel file {info.path} is invalid: {e.errors()[0]['msg']}") from e
+        if parsed.channel != channel:
+            raise VerificationError(f"signed channel file {info.path} names channel {parsed.channel!r}")
+        return parsed
+
+    def read_manifest(self, model: str, version: int) -> tuple[Manifest, bytes]:
+        """The verified manifest of `model` v`version`, and its exact bytes.
+
+        Raises:
+            VerificationError: missing or tampered; ManifestError: signed but invalid
+            (an absolute or `..` path, duplicates, ...) or for another model/version.
+        """
+        info = self.target_info(f"models/{model}/{version}/{MANIFEST_FILENAME}")
+        data = self.fetch_target_bytes(info)
+        try:
+            manifest = Manifest.model_validate_json(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ManifestError(f"signed manifest {info.path} is invalid at "
+                                f"{'.'.join(map(str, first['loc']))}: {first['msg']}: refused") from e
+        if (manifest.name, manifest.version) != (model, version):
+            raise ManifestError(f"signed manifest {info.path} describes {manifest.name} v{manifest.version}: refused")
+        return manifest, data
+
+    def artifact_targets(self, manifest: Manifest) -> dict[str, TargetFile]:
+        """The signed `TargetFile` of every manifest file, checked against the manifest.
+
+        Every file must be the target `models/<name>/<version>/<path>` with the
+        manifest's length and sha256: a manifest cannot point at another
+        version's file (mix and match).
+
+        Raises:
+            VerificationError: a file is not a target of this version or differs from it.
+        """
+        out: dict[str, TargetFile] = {}
+        for f in manifest.files:
+            info = self.target_info(f"{manifest.target_prefix()}/{f.path}")
+            if info.length != f.size or info.hashes.get("sha256") != f.sha256:
+                raise VerificationError(
+                    f"{manifest.name} v{manifest.version}: manifest file {f.path} ({f.size} bytes, sha256 "
+                    f"{f.sha256[:12]}...) differs from its signed target ({info.length} bytes, sha256 "
+                    f"{info.hashes.get('sha256', '?')[:12]}...): refused (mix and match)"
+                )
+            out[f.path] = info
+        return out

@@ -1,0 +1,145 @@
+"""The model manifest (design section 3): the contract between builder and device.
+
+The device defines what it accepts, so the model lives in `agent/` and the
+builder imports it. On the device a manifest is only trusted after TUF has
+verified its bytes; this model then rejects the shapes an attacker or a bug
+could still produce (absolute paths, `..`, duplicates, negative sizes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from agent.wire.base import FrozenModel
+from agent.wire.paths import check_relative_path
+
+MANIFEST_FILENAME = "manifest.json"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+Precision = Literal["int4", "int8", "fp16", "fp32"]
+ExecutionProvider = Literal["cpu", "cuda", "dml", "webgpu"]
+Profile = Literal["cpu", "mobile", "cuda", "dml", "webgpu"]
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"model name {name!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-' "
+            "and start with a letter or digit"
+        )
+    return name
+
+
+def check_sha256(value: str) -> str:
+    if not _SHA256_RE.match(value):
+        raise ValueError(f"{value!r} is not a lowercase hex sha256 digest")
+    return value
+
+
+Sha256Hex = Annotated[str, AfterValidator(check_sha256)]
+RelativePath = Annotated[str, AfterValidator(check_relative_path)]
+ModelName = Annotated[str, AfterValidator(check_model_name)]
+
+
+class SourceInfo(FrozenModel):
+    kind: Literal["hf_id", "hf_dir", "gguf"]
+    reference: str = Field(min_length=1)
+    sha256: Sha256Hex  # over the source files, sorted by relative path
+
+
+class BuildInfo(FrozenModel):
+    precision: Precision
+    execution_provider: ExecutionProvider
+    profile: Profile
+    onnxruntime_genai_version: str
+    onnxruntime_version: str
+    transformers_version: str
+    builder_options: dict[str, str] = Field(default_factory=dict)
+
+
+class ManifestFile(FrozenModel):
+    path: RelativePath
+    size: int = Field(ge=0)
+    sha256: Sha256Hex
+
+
+class Requirements(FrozenModel):
+    min_ram_bytes: int = Field(ge=0)
+    ram_margin_bytes: int = Field(ge=0, description="part of min_ram_bytes that is margin over the measured peak RSS")
+    min_free_disk_bytes: int = Field(ge=0)
+    arch: list[str] = Field(min_length=1, description="platform.machine() values, e.g. x86_64, aarch64")
+    cpu_features: list[str] = Field(default_factory=list)
+    min_onnxruntime_genai_version: str
+    execution_provider: ExecutionProvider
+
+
+class Canary(FrozenModel):
+    prompt: str
+    max_new_tokens: int = Field(gt=0)
+    expected_token_ids: list[int] = Field(min_length=1)
+
+
+class Evaluation(FrozenModel):
+    perplexity: float = Field(gt=0)
+    reference_perplexity: float = Field(gt=0)
+    perplexity_ratio: float = Field(gt=0)
+    max_perplexity_ratio: float = Field(gt=0)
+    eval_text_sha256: Sha256Hex
+    eval_tokens: int = Field(gt=0)
+    decode_tokens_per_s: float = Field(ge=0)
+    prefill_tokens_per_s: float = Field(ge=0)
+    peak_rss_bytes: int = Field(ge=0)
+    canary: Canary
+
+
+class ModelInfo(FrozenModel):
+    architecture: str
+    parameter_count: int = Field(ge=0)
+    context_length: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+
+
+class Manifest(FrozenModel):
+    schema_version: Literal[1] = 1
+    name: ModelName
+    version: int = Field(gt=0)
+    label: str = ""
+    created_at: dt.datetime
+    source: SourceInfo
+    build: BuildInfo
+    files: list[ManifestFile] = Field(min_length=1)
+    requirements: Requirements
+    evaluation: Evaluation
+    model_info: ModelInfo
+
+    @model_validator(mode="after")
+    def _files_are_unique(self) -> Manifest:
+        seen: set[str] = set()
+        for f in self.files:
+            # Case-folded so that two entries cannot collide on a case-insensitive filesystem.
+            key = f.path.casefold()
+            if key in seen:
+                raise ValueError(f"duplicate file path {f.path!r} in manifest")
+            if f.path == MANIFEST_FILENAME:
+                raise ValueError(f"{MANIFEST_FILENAME} must not list itself")
+            seen.add(key)
+        return self
+
+    @property
+    def total_file_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> ManifestFile:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+    def target_prefix(self) -> str:
+        """The TUF target path prefix of this model version (design section 2)."""
+        return f"models/{self.name}/{self.version}"

@@ -1,0 +1,214 @@
+"""The wire between the API process and the model worker: JSON lines, one object each.
+
+Commands go to the worker's stdin, events come back on a private copy of its
+stdout. Defined once, here, as stdlib dataclasses rather than pydantic models:
+the worker process never imports pydantic (it costs 11 MB in every process
+that builds a model, measured; `python bench/agent.py`). The API process
+validates every event with pydantic over these same classes
+(`agent.serving.worker.client`: extra keys, missing keys and wrong types are errors);
+the worker checks every command with `parse_command` (the classes'
+`__post_init__` checks, which pydantic runs too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal, get_args
+
+from agent.wire import _checks as wirecheck
+
+FinishReason = Literal["stop", "length", "cancelled"]
+# OpenAI caps a request at 4 stop sequences; ORT-GenAI's own turn API at 16.
+MAX_STOP_SEQUENCES = 4
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+_ROLES: frozenset[str] = frozenset(get_args(Role))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatMessage:
+    """One chat turn. A stdlib dataclass, not a pydantic model, because the model worker
+    builds it and stays free of pydantic (`agent.wire.worker`); pydantic validates it
+    wherever it is part of a pydantic model, running these same checks."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    role: Role
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in _ROLES:
+            raise ValueError(f"role must be one of {sorted(_ROLES)}, not {self.role!r}")
+        wirecheck.expect(self, "content", str)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions:
+    """The search options of one request (part of the worker's wire, so a stdlib
+    dataclass like `ChatMessage`). Invalid values raise ValueError at construction."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    temperature: float = 1.0  # [0, 2]; 0 is greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 50  # >= 0
+    max_tokens: int | None = None  # > 0; None: DEFAULT_MAX_NEW_TOKENS, within the context length
+    seed: int | None = None  # >= 0
+    stop: list[str] = field(default_factory=list)  # at most MAX_STOP_SEQUENCES
+    repetition_penalty: float = 1.0  # > 0
+    num_beams: int = 1  # [1, 8]
+
+    def __post_init__(self) -> None:
+        wirecheck.number(self, "temperature", ge=0.0, le=2.0)
+        wirecheck.number(self, "top_p", gt=0.0, le=1.0)
+        wirecheck.number(self, "top_k", ge=0, integer=True)
+        wirecheck.number(self, "max_tokens", gt=0, integer=True, optional=True)
+        wirecheck.number(self, "seed", ge=0, integer=True, optional=True)
+        wirecheck.number(self, "repetition_penalty", gt=0.0)
+        wirecheck.number(self, "num_beams", ge=1, le=8, integer=True)
+        wirecheck.expect_items(self, "stop", str, max_items=MAX_STOP_SEQUENCES)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.num_beams > 1
+
+
+ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died"]
+
+_STRICT = {"extra": "forbid", "strict": True}  # a pydantic ConfigDict, read by pydantic without importing it
+
+
+@dataclass(kw_only=True)
+class _Line:
+    """One line of the wire: its `type` tags it, `schema_version` guards against a skewed peer."""
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = _STRICT
+    schema_version: Literal[1] = 1
+
+    def to_line(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+# ---- commands (API process -> worker) ----
+
+@dataclass(kw_only=True)
+class GenerateCommand(_Line):
+    type: Literal["generate"] = "generate"
+    id: str
+    prompt: str | None = None  # raw text, used as is (completions, canary)
+    messages: list[ChatMessage] | None = None  # chat: the model's template is applied
+    options: SamplingOptions
+    # Tokens made within this many seconds of the last token event ride in the next one
+    # (the first token and the last are never held): 0 sends every token on its own.
+    stream_interval_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        wirecheck.expect(self, "id", str)
+        wirecheck.expect(self, "prompt", str, optional=True)
+        wirecheck.expect_items(self, "messages", ChatMessage, optional=True)
+        wirecheck.expect(self, "options", SamplingOptions)
+        wirecheck.number(self, "stream_interval_s", ge=0.0, le=1.0)
+
+
+@dataclass(kw_only=True)
+class CancelCommand(_Line):
+    type: Literal["cancel"] = "cancel"
+    id: str
+
+    def __post_init__(self) -> None:
+        wirecheck.expect(self, "id", str)
+
+
+@dataclass(kw_only=True)
+class ShutdownCommand(_Line):
+    type: Literal["shutdown"] = "shutdown"
+
+
+Command = GenerateCommand | CancelCommand | ShutdownCommand
+_COMMANDS: dict[str, type[GenerateCommand] | type[CancelCommand] | type[ShutdownCommand]] = {
+    "generate": GenerateCommand, "cancel": CancelCommand, "shutdown": ShutdownCommand}
+
+
+def parse_command(line: bytes) -> Command:
+    """One command line, checked as strictly as pydantic checks events on the other side.
+
+    Raises:
+        ValueError: not JSON, not an object, an unknown type or schema version, an unknown
+            or missing key, or a field of the wrong type or out of range (the message says which).
+    """
+    try:
+        data: Any = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"a command line is not JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"a command is a JSON object, not {type(data).__name__}")
+    kind = _COMMANDS.get(data.get("type"))  # type: ignore[arg-type]
+    if kind is None:
+        raise ValueError(f"unknown command type {data.get('type')!r}")
+    if data.get("schema_version", 1) != 1:
+        raise ValueError(f"unsupported schema_version {data['schema_version']!r}: the API process and the "
+                         "worker come from different agent versions")
+    try:
+        if kind is GenerateCommand:
+            if isinstance(data.get("options"), dict):
+                data["options"] = SamplingOptions(**data["options"])
+            if isinstance(data.get("messages"), list):
+                data["messages"] = [ChatMessage(**m) if isinstance(m, dict) else m for m in data["messages"]]
+        return kind(**data)
+    except TypeError as e:  # an unknown or a missing key
+        raise ValueError(f"bad {data['type']} command: {e}") from e
+
+
+# ---- events (worker -> API process) ----
+
+@dataclass(kw_only=True)
+class ReadyEvent(_Line):
+    type: Literal["ready"] = "ready"
+    threads: int
+    pid: int
+    load_s: float
+
+
+@dataclass(kw_only=True)
+class LoadFailedEvent(_Line):
+    type: Literal["load_failed"] = "load_failed"
+    error_type: str
+    message: str
+
+
+@dataclass(kw_only=True)
+class StartedEvent(_Line):
+    type: Literal["started"] = "started"
+    id: str
+    prompt_tokens: int
+
+
+@dataclass(kw_only=True)
+class TokenEvent(_Line):
+    type: Literal["token"] = "token"
+    id: str
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(kw_only=True)
+class DoneEvent(_Line):
+    type: Literal["done"] = "done"
+    id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(kw_only=True)
+class ErrorEvent(_Line):
+    type: Literal["error"] = "error"
+    id: str
+    kind: ErrorKind
+    message: str
+
+
+Event = ReadyEvent | LoadFailedEvent | StartedEvent | TokenEvent | DoneEvent | ErrorEvent
+RequestEvent = StartedEvent | TokenEvent | DoneEvent | ErrorEvent
+

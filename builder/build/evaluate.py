@@ -1,0 +1,184 @@
+"""Measure a built model with onnxruntime-genai: perplexity on the shipped
+text, the greedy canary, and tokens/s on this host.
+
+Everything runs through onnxruntime-genai, the runtime the device uses, so
+the numbers describe what ships rather than what the source framework does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from agent.wire.base import FrozenModel
+from agent.wire.errors import BuildError
+
+EVAL_TEXT_RESOURCE = "eval_text.txt"
+# The canary prompt: plain text, no chat template, so any device that can
+# tokenize can replay it exactly.
+CANARY_PROMPT = "The lighthouse keeper opened her ledger and wrote"
+CANARY_MAX_NEW_TOKENS = 16
+# Perplexity windows: non-overlapping, each window's first token is context
+# only. 1024 bounds the logits buffer (window x vocab x 4 bytes) to ~200 MB
+# for a 49k vocabulary.
+PPL_WINDOW_TOKENS = 1024
+SPEED_PROMPT_TOKENS = 128
+SPEED_DECODE_TOKENS = 32
+SPEED_REPEATS = 3
+
+Progress = Callable[[int, int], None]
+
+
+class Measurement(FrozenModel):
+    """What evaluation learns about one built model."""
+
+    perplexity: float
+    eval_tokens: int
+    eval_text_sha256: str
+    canary_prompt: str
+    canary_max_new_tokens: int
+    canary_token_ids: list[int]
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+
+
+def eval_text() -> str:
+    """The fixed English text perplexity is measured on (original prose shipped in builder/data/)."""
+    return resources.files("builder").joinpath("data", EVAL_TEXT_RESOURCE).read_text(encoding="utf-8")
+
+
+def eval_text_sha256() -> str:
+    return hashlib.sha256(eval_text().encode("utf-8")).hexdigest()
+
+
+def _load(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
+    import onnxruntime_genai as og
+
+    try:
+        model = og.Model(str(model_dir))
+        return model, og.Tokenizer(model)
+    except Exception as e:  # ORT-GenAI raises plain RuntimeError/OSError with long text
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise BuildError(f"onnxruntime-genai cannot load the built model {model_dir}: {first}") from e
+
+
+def _context_length(model) -> int:  # og.Model
+    # genai_config's search.max_length is what the generator accepts; read it via a fresh params object.
+    import onnxruntime_genai as og
+
+    return int(og.GeneratorParams(model).get_search_options()["max_length"])
+
+
+def perplexity_of(model, token_ids: list[int], window: int, progress: Progress | None = None) -> float:
+    """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens."""
+    import onnxruntime_genai as og
+
+    nll_sum, scored = 0.0, 0
+    starts = list(range(0, len(token_ids) - 1, window))
+    for i, start in enumerate(starts):
+        chunk = token_ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(chunk), do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(chunk)
+        logits = np.asarray(gen.get_output("logits"), dtype=np.float64)[0]  # [len(chunk), vocab]
+        del gen
+        pred, target = logits[:-1], np.asarray(chunk[1:])
+        m = pred.max(axis=-1)
+        log_z = m + np.log(np.exp(pred - m[:, None]).sum(axis=-1))
+        nll_sum += float((log_z - pred[np.arange(len(target)), target]).sum())
+        scored += len(target)
+        if progress:
+            progress(i + 1, len(starts))
+    return float(np.exp(nll_sum / scored))
+
+
+def greedy_token_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """The token ids greedy decoding appends to `prompt` (stops early at EOS).
+
+    This is the canary procedure a device replays: encode the prompt with the
+    model's tokenizer, max_length = prompt tokens + max_new_tokens, do_sample=false.
+    """
+    import onnxruntime_genai as og
+
+    prompt_ids = list(tokenizer.encode(prompt))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + max_new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt_ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)[len(prompt_ids):]]
+
+
+def measure_speed(model, token_ids: list[int], context_length: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill tokens/s): medians of SPEED_REPEATS runs after one warm-up."""
+    import onnxruntime_genai as og
+
+    prompt = token_ids[: max(1, min(SPEED_PROMPT_TOKENS, context_length - SPEED_DECODE_TOKENS - 1))]
+    decode_rates, prefill_rates = [], []
+    for i in range(SPEED_REPEATS + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + SPEED_DECODE_TOKENS, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        t1 = time.perf_counter()
+        n = 0
+        while not gen.is_done() and n < SPEED_DECODE_TOKENS:
+            gen.generate_next_token()
+            n += 1
+        t2 = time.perf_counter()
+        if i == 0:
+            continue  # warm-up: first run pays for lazy allocations
+        prefill_rates.append(len(prompt) / (t1 - t0))
+        decode_rates.append(n / (t2 - t1) if n else 0.0)
+    return statistics.median(decode_rates), statistics.median(prefill_rates)
+
+
+def measure_perplexity(model_dir: Path, window: int = PPL_WINDOW_TOKENS,
+                       progress: Progress | None = None) -> tuple[float, int]:
+    """(perplexity, text token count) of the model in `model_dir` on the shipped text."""
+    model, tokenizer = _load(model_dir)
+    ids = [int(t) for t in tokenizer.encode(eval_text())]
+    window = min(window, _context_length(model))
+    return perplexity_of(model, ids, window, progress), len(ids)
+
+
+def measure_model(model_dir: Path, progress: Progress | None = None) -> Measurement:
+    """Perplexity, canary and speed of the model in `model_dir`.
+
+    Raises:
+        BuildError: onnxruntime-genai cannot load or run it.
+    """
+    model, tokenizer = _load(model_dir)
+    text = eval_text()
+    ids = [int(t) for t in tokenizer.encode(text)]
+    context_length = _context_length(model)
+    try:
+        ppl = perplexity_of(model, ids, min(PPL_WINDOW_TOKENS, context_length), progress)
+        canary = greedy_token_ids(model, tokenizer, CANARY_PROMPT, CANARY_MAX_NEW_TOKENS)
+        decode_tps, prefill_tps = measure_speed(model, ids, context_length)
+    except BuildError:
+        raise
+    except Exception as e:
+        raise BuildError(f"onnxruntime-genai failed while evaluating {model_dir}: {type(e).__name__}: {e}") from e
+    if not canary:
+        raise BuildError(f"the canary of {model_dir} produced no tokens for prompt {CANARY_PROMPT!r}")
+    return Measurement(
+        perplexity=ppl, eval_tokens=len(ids), eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        canary_prompt=CANARY_PROMPT, canary_max_new_tokens=CANARY_MAX_NEW_TOKENS, canary_token_ids=canary,
+        decode_tokens_per_s=decode_tps, prefill_tokens_per_s=prefill_tps,
+    )
+
+
+def perplexity_ratio(perplexity: float, reference_perplexity: float) -> float:
+    return perplexity / reference_perplexity

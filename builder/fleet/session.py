@@ -1,0 +1,143 @@
+"""The operator's MQTT sessions: where every device stands, from the retained status
+topics (and live telemetry) of a fleet (`collect_fleet`, `fleet_session`), and
+`ring_doorbell`, the one publish an operator makes to `releases`.
+
+Each connects as an ordinary MQTT client with a clean session and a random client id,
+so several operators can look at once. The commands are `builder.cli.fleet`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.wire.broker import BrokerCredentials, configure_client, parse_broker_url
+from agent.wire.errors import BrokerError
+from agent.wire.mqtt import Doorbell, all_devices_topic, encode, releases_topic
+from builder.fleet.view import FleetView
+
+log = logging.getLogger(__name__)
+
+# The operator's broker settings in the environment (`edge-builder fleet` and `rollout`).
+ENV_BROKER = "EDGE_BUILDER_BROKER_URL"
+ENV_USERNAME = "EDGE_BUILDER_BROKER_USERNAME"
+ENV_PASSWORD = "EDGE_BUILDER_BROKER_PASSWORD"
+DEFAULT_TIMEOUT_S = 3.0
+# Retained messages arrive in one burst after the SUBACK; this much silence ends it.
+QUIET_S = 0.3
+CONNECT_TIMEOUT_S = 10.0
+
+
+class _Session:
+    """A connected operator client that feeds messages into `on_message`."""
+
+    def __init__(self, broker_url: str, creds: BrokerCredentials,
+                 on_message: Callable[[str, bytes | bytearray], None]) -> None:
+        address = parse_broker_url(broker_url)
+        self.broker_url = broker_url
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-builder-{uuid.uuid4().hex[:12]}",
+                                  protocol=mqtt.MQTTv311, clean_session=True)
+        configure_client(self.client, address, creds)
+        self.connack = threading.Event()
+        self.refused: str | None = None
+        self.subacked = threading.Event()
+        self.last_message_at = time.monotonic()
+        self._on_message = on_message
+        self._topics: list[str] = []
+        self.client.on_connect = self._connected
+        self.client.on_subscribe = lambda *a: self.subacked.set()
+        self.client.on_message = self._message
+        try:
+            self.client.connect(address.host, address.port, keepalive=30)
+        except OSError as e:
+            raise BrokerError(f"cannot connect to broker {broker_url}: {e}; check the URL, that the broker "
+                              "runs and that this host may reach it") from e
+        self.client.loop_start()
+        if not self.connack.wait(CONNECT_TIMEOUT_S):
+            self.close()
+            raise BrokerError(f"no CONNACK from {broker_url} within {CONNECT_TIMEOUT_S}s: is it an MQTT broker?")
+        if self.refused is not None:
+            self.close()
+            raise BrokerError(f"broker {broker_url} refused the connection: {self.refused}; "
+                              f"check the username/password ({ENV_USERNAME}, {ENV_PASSWORD}) or certificates")
+
+    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            self.refused = str(rc)
+        elif self._topics:
+            client.subscribe([(t, 1) for t in self._topics])  # again after a reconnect
+        self.connack.set()
+
+    def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.last_message_at = time.monotonic()
+        self._on_message(message.topic, message.payload)
+
+    def subscribe(self, topics: list[str]) -> None:
+        self._topics = topics
+        self.client.subscribe([(t, 1) for t in topics])
+        if not self.subacked.wait(CONNECT_TIMEOUT_S):
+            raise BrokerError(f"no SUBACK from {self.broker_url} for {topics}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# Public name for the other operator commands of builder/ (rollout) that watch a fleet.
+OperatorSession = _Session
+
+
+@contextmanager
+def fleet_session(broker_url: str, creds: BrokerCredentials, view: FleetView,
+                   lock: threading.Lock, changed: threading.Event) -> Iterator[_Session]:
+    def on_message(topic: str, payload: bytes | bytearray) -> None:
+        with lock:
+            if view.apply(topic, payload):
+                changed.set()
+
+    session = _Session(broker_url, creds, on_message)
+    try:
+        session.subscribe([all_devices_topic(view.fleet, "status"), all_devices_topic(view.fleet, "telemetry")])
+        yield session
+    finally:
+        session.close()
+
+
+def collect_fleet(broker_url: str, creds: BrokerCredentials, fleet: str,
+                  timeout_s: float = DEFAULT_TIMEOUT_S) -> FleetView:
+    """Read the retained statuses: returns after a quiet spell or `timeout_s`.
+
+    Raises:
+        BrokerError: the broker is unreachable or refuses the credentials.
+    """
+    view, lock, changed = FleetView(fleet), threading.Lock(), threading.Event()
+    with fleet_session(broker_url, creds, view, lock, changed) as session:
+        deadline = time.monotonic() + timeout_s
+        session.last_message_at = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - session.last_message_at < QUIET_S:
+            time.sleep(0.05)
+    return view
+
+
+def ring_doorbell(broker_url: str, creds: BrokerCredentials, fleet: str, doorbell: Doorbell) -> None:
+    """Publish the retained doorbell on `releases` (QoS 1) and wait for the PUBACK.
+
+    Raises:
+        BrokerError: unreachable, refused, or not acknowledged in time.
+    """
+    session = _Session(broker_url, creds, lambda topic, payload: None)
+    try:
+        info = session.client.publish(releases_topic(fleet), encode(doorbell), qos=1, retain=True)
+        info.wait_for_publish(CONNECT_TIMEOUT_S)
+        if not info.is_published():
+            raise BrokerError(f"doorbell on {releases_topic(fleet)} not acknowledged by {broker_url}")
+    finally:
+        session.close()

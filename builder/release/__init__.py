@@ -1,0 +1,2 @@
+"""Releases: the operator's TUF repository (`repository`) and the embedded static server
+for its `www/` tree (`server`)."""

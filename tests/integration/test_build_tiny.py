@@ -1,0 +1,98 @@
+"""Architecture coverage: tiny random-weight models of each family through the whole pipeline.
+
+Random weights predict a near-uniform distribution, so their perplexity sits
+near the vocabulary size (~49k) for fp32 and int4 alike and the ratio stays
+near 1: the default quality gate applies unchanged and still proves the gate
+ran. Quality itself is covered by the SmolLM2 build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.wire.errors import ExitCode, QualityGateError
+from builder.build.package import verify_artifact
+from builder.build.pipeline import DEFAULT_MAX_PPL_RATIO, BuildRequest, build_artifact
+from testkit.env import subprocess_env
+from testkit.models import CONTEXT_LENGTH, VOCAB_SIZE, make_tiny_model
+
+ARCH_CLASSES = {"phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_cache_dir: Path, smollm2_hf_dir: Path):
+    def get(arch: str) -> Path:
+        out = model_cache_dir / f"tiny-{arch}-hf"
+        if not (out / "config.json").is_file():
+            make_tiny_model(arch, out, tokenizer_dir=smollm2_hf_dir)
+        return out
+    return get
+
+
+@pytest.mark.parametrize("arch", ["phi3", "mistral", "gemma", "qwen2"])
+def test_tiny_architecture_builds_to_a_verified_int4_artifact(arch: str, tiny_model_dir, tmp_path: Path,
+                                                              builder_cache_dir: Path) -> None:
+    out = tmp_path / "artifact"
+    result = build_artifact(BuildRequest(source=str(tiny_model_dir(arch)), out_dir=out, cache_dir=builder_cache_dir))
+    manifest = verify_artifact(out)
+    assert manifest.model_info.architecture == ARCH_CLASSES[arch]
+    assert (manifest.model_info.context_length, manifest.model_info.vocab_size) == (CONTEXT_LENGTH, VOCAB_SIZE)
+    assert manifest.source.kind == "hf_dir" and manifest.name == f"tiny-{arch}-hf"
+    assert manifest.build.precision == "int4"
+    assert any(f.path.endswith(".onnx") for f in manifest.files)
+    ev = manifest.evaluation
+    assert 0.5 * VOCAB_SIZE < ev.reference_perplexity < 2 * VOCAB_SIZE  # random weights: near uniform
+    assert ev.perplexity_ratio < DEFAULT_MAX_PPL_RATIO
+    assert len(ev.canary.expected_token_ids) == ev.canary.max_new_tokens
+    assert result.canary_token_ids == ev.canary.expected_token_ids and result.is_reused is False
+
+
+def test_quality_gate_failure_packages_nothing(tiny_model_dir, tmp_path: Path, builder_cache_dir: Path) -> None:
+    out = tmp_path / "artifact"
+    with pytest.raises(QualityGateError, match=r"over --max-ppl-ratio 0.5: .*nothing was packaged"):
+        build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=out, cache_dir=builder_cache_dir,
+                                    max_ppl_ratio=0.5))
+    assert not out.exists() and not list(tmp_path.glob(".artifact.partial-*"))
+
+
+def _fake_hub_cache(hf_cache: Path, repo_id: str, model_dir: Path) -> None:
+    """Lay `model_dir` out as huggingface_hub's cache does (refs/main -> snapshots/<commit>/)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hf_id_builds_offline_from_the_cache_through_the_cli(tiny_model_dir, tmp_path: Path,
+                                                             builder_cache_dir: Path) -> None:
+    cache = tmp_path / "cache"
+    _fake_hub_cache(cache / "hf", "edgefleet-test/tiny-llama", tiny_model_dir("llama"))
+    # Share the converted/reference caches so the fp32 reference is built once per run.
+    if (builder_cache_dir / "reference").is_dir():
+        (cache / "reference").symlink_to(builder_cache_dir / "reference", target_is_directory=True)
+    out = tmp_path / "artifact"
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "build", "edgefleet-test/tiny-llama", "-o", str(out), "-c", str(cache),
+         "--name", "tiny", "--version", "3", "--label", "from the hub cache", "--json"],
+        capture_output=True, text=True, env=subprocess_env(HF_HUB_OFFLINE="1"), timeout=600,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert proc.stderr == ""  # --json: nothing noisy on stderr
+    result = json.loads(proc.stdout)
+    assert (result["name"], result["version"], result["out_dir"]) == ("tiny", 3, str(out))
+    manifest = verify_artifact(out)
+    assert (manifest.source.kind, manifest.source.reference) == ("hf_id", "edgefleet-test/tiny-llama")
+    assert manifest.label == "from the hub cache"
+    assert manifest.model_info.architecture == "LlamaForCausalLM"
+    assert set(os.listdir(tmp_path)) == {"artifact", "cache"}  # no .partial-* left next to OUT

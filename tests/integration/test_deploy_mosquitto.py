@@ -1,0 +1,301 @@
+"""deploy/mosquitto.conf + deploy/mosquitto.acl, run for real: TLS, per-device
+passwords, and each allowed and each denied case with real clients.
+
+The broker runs exactly the deploy config; only its file directory, the
+persistence directory and the two ports are moved. Certificates come from the
+openssl CLI, passwords from mosquitto_passwd.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import AgentConfig
+from agent.link.backoff import Backoff
+from agent.link.mqtt import MqttLink
+from agent.link.outbox import Outbox
+from agent.wire.mqtt import Doorbell, device_topic, releases_topic
+from builder.demo.ports import free_port
+from testkit.brokers import Mosquitto
+from testkit.env import REPO_ROOT
+from testkit.waits import wait_until
+
+FLEET = "prod"
+PASSWORDS = {"operator": "op-secret", "dev-a": "secret-a", "dev-b": "secret-b"}
+NOT_AUTHORIZED = 0x87
+ACCEPTED = (0x00, 0x10)  # success, "no matching subscribers"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _make_certs(d: Path) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=edgefleet test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             cwd=d)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+
+
+@dataclass
+class DeployedBroker:
+    broker: Mosquitto
+    device_port: int
+    operator_port: int
+    ca_file: str
+
+
+@pytest.fixture(scope="module")
+def deployed() -> Iterator[DeployedBroker]:
+    for tool in ("openssl", "mosquitto_passwd"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run `make system-deps`")
+    # Not under pytest's tmp_path: that is 0700 root-only, and mosquitto started
+    # as root drops to its own user before it reads these files.
+    root = Path(tempfile.mkdtemp(prefix="edgefleet-acl-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        files = root / "etc"
+        state = root / "lib"
+        files.mkdir()
+        state.mkdir()
+        _make_certs(files)
+        shutil.copy(REPO_ROOT / "deploy" / "mosquitto.acl", files / "acl")
+        passwd = files / "passwd"
+        for i, (user, password) in enumerate(PASSWORDS.items()):
+            subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, password],
+                           check=True, capture_output=True, timeout=30)
+        if os.getuid() == 0:
+            mosq = pwd.getpwnam("mosquitto")
+            for p in [files, state, *files.iterdir()]:
+                os.chown(p, mosq.pw_uid, mosq.pw_gid)
+        device_port, operator_port = free_port(), free_port()
+        conf = (REPO_ROOT / "deploy" / "mosquitto.conf").read_text()
+        assert conf.count("/etc/mosquitto/edgefleet/") >= 5 and "listener 8883\n" in conf and "listener 8884\n" in conf
+        conf = (conf.replace("/etc/mosquitto/edgefleet/", f"{files}/")
+                .replace("/var/lib/mosquitto/", f"{state}/")
+                .replace("listener 8883\n", f"listener {device_port}\n")
+                .replace("listener 8884\n", f"listener {operator_port}\n"))
+        broker = Mosquitto(root / "run", conf_text=conf, ready_ports=[device_port, operator_port])
+        broker.start()
+        try:
+            yield DeployedBroker(broker, device_port, operator_port, str(files / "ca.crt"))
+        finally:
+            broker.kill()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Client:
+    """A synchronous MQTT v5 client over TLS: v5 so the broker names each refusal."""
+
+    def __init__(self, d: DeployedBroker, user: str | None, password: str | None = None, *,
+                 port: int | None = None, client_id: str | None = None, tls: bool = True) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.cond = threading.Condition()
+        self.connack: Any = None
+        self.disconnected = threading.Event()
+        self._acks: dict[int, Any] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"c-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+        if tls:
+            self.client.tls_set(ca_certs=d.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_ack
+        self.client.on_publish = lambda c, u, mid, rc, p: self._on_ack(c, u, mid, rc, p)
+        self.client.on_disconnect = lambda *a: self.disconnected.set()
+        self.client.connect("127.0.0.1", port or d.device_port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self.cond:
+            self.connack = rc
+            self.cond.notify_all()
+
+    def _on_ack(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        with self.cond:
+            self._acks[mid] = rc
+            self.cond.notify_all()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append(msg)
+            self.cond.notify_all()
+
+    def _wait(self, predicate: Any, what: str) -> None:
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout=10):
+                raise AssertionError(f"timed out waiting for {what}")
+
+    def wait_connack(self) -> Any:
+        self._wait(lambda: self.connack is not None or self.disconnected.is_set(), "CONNACK")
+        return self.connack
+
+    def subscribe(self, topic: str) -> int:
+        _, mid = self.client.subscribe(topic, qos=1)
+        self._wait(lambda: mid in self._acks, f"SUBACK {topic}")
+        return int(self._acks[mid][0].value)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self._wait(lambda: info.mid in self._acks, f"PUBACK {topic}")
+        return int(self._acks[info.mid].value)
+
+    def received(self, topic: str) -> list[bytes]:
+        with self.cond:
+            return [m.payload for m in self.messages if m.topic == topic]
+
+    def wait_message(self, topic: str, payload: bytes) -> None:
+        self._wait(lambda: any(m.topic == topic and m.payload == payload for m in self.messages),
+                   f"{payload!r} on {topic}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def clients(deployed: DeployedBroker) -> Iterator[list[Client]]:
+    made: list[Client] = []
+    yield made
+    for c in made:
+        c.close()
+
+
+def _connect(deployed: DeployedBroker, clients: list[Client], user: str, **kw: Any) -> Client:
+    c = Client(deployed, user, PASSWORDS[user], **kw)
+    clients.append(c)
+    rc = c.wait_connack()
+    assert rc is not None and not rc.is_failure, f"{user}: {rc}"
+    return c
+
+
+def test_device_reads_and_writes_only_its_own_topics(deployed: DeployedBroker, clients: list[Client]) -> None:
+    op = _connect(deployed, clients, "operator", port=deployed.operator_port)
+    assert op.subscribe(f"edgefleet/{FLEET}/#") == 1
+    dev_a = _connect(deployed, clients, "dev-a")
+    dev_b = _connect(deployed, clients, "dev-b")
+
+    # allowed: its own status, telemetry and events
+    for kind in ("status", "telemetry", "events"):
+        topic = device_topic(FLEET, "dev-a", kind)
+        assert dev_a.publish(topic, f"own {kind}".encode()) in ACCEPTED
+        op.wait_message(topic, f"own {kind}".encode())
+
+    # allowed: reading its own commands, which the operator sends
+    assert dev_a.subscribe(device_topic(FLEET, "dev-a", "commands")) == 1
+    assert op.publish(device_topic(FLEET, "dev-a", "commands"), b"check") in ACCEPTED
+    dev_a.wait_message(device_topic(FLEET, "dev-a", "commands"), b"check")
+
+    # denied: writing another device's topics; the broker refuses and nothing arrives
+    forged = device_topic(FLEET, "dev-b", "status")
+    assert dev_a.publish(forged, b"forged") == NOT_AUTHORIZED
+    assert dev_a.publish(device_topic(FLEET, "dev-b", "commands"), b"forged") == NOT_AUTHORIZED
+    # A later message from the same client arriving proves the earlier one was not just slow.
+    assert dev_a.publish(device_topic(FLEET, "dev-a", "events"), b"marker-1") in ACCEPTED
+    op.wait_message(device_topic(FLEET, "dev-a", "events"), b"marker-1")
+    assert b"forged" not in op.received(forged)
+
+    # denied: reading another device's topics, directly or by wildcard. Mosquitto
+    # 2.0 may grant the SUBSCRIBE, but checks read access on every delivery.
+    for pattern in (device_topic(FLEET, "dev-b", "commands"), f"edgefleet/{FLEET}/devices/+/status", "edgefleet/#"):
+        dev_a.subscribe(pattern)
+    assert dev_b.publish(device_topic(FLEET, "dev-b", "status"), b"b-status") in ACCEPTED
+    assert op.publish(device_topic(FLEET, "dev-b", "commands"), b"b-command") in ACCEPTED
+    assert op.publish(device_topic(FLEET, "dev-a", "commands"), b"marker-2") in ACCEPTED
+    dev_a.wait_message(device_topic(FLEET, "dev-a", "commands"), b"marker-2")
+    leaked = [m.topic for m in dev_a.messages if m.topic.startswith(f"edgefleet/{FLEET}/devices/dev-b/")]
+    assert leaked == []
+    # ... while the same wildcard does deliver dev-a's own messages to it.
+    assert dev_a.publish(device_topic(FLEET, "dev-a", "status"), b"a-status") in ACCEPTED
+    dev_a.wait_message(device_topic(FLEET, "dev-a", "status"), b"a-status")
+
+
+def test_only_the_operator_rings_the_doorbell(deployed: DeployedBroker, clients: list[Client]) -> None:
+    op = _connect(deployed, clients, "operator", port=deployed.operator_port)
+    dev_a = _connect(deployed, clients, "dev-a")
+    releases = releases_topic(FLEET)
+    assert dev_a.subscribe(releases) == 1  # allowed: devices read the doorbell
+
+    assert dev_a.publish(releases, b"fake release", retain=True) == NOT_AUTHORIZED
+    assert op.publish(releases, b"real release", retain=True) in ACCEPTED
+    dev_a.wait_message(releases, b"real release")
+    assert dev_a.received(releases) == [b"real release"]
+
+    # The retained doorbell a new device sees is the operator's.
+    dev_b = _connect(deployed, clients, "dev-b")
+    assert dev_b.subscribe(releases) == 1
+    dev_b.wait_message(releases, b"real release")
+    assert dev_b.received(releases) == [b"real release"]
+
+
+def test_authentication_is_required(deployed: DeployedBroker, clients: list[Client]) -> None:
+    wrong = Client(deployed, "dev-a", "not-the-password")
+    anonymous = Client(deployed, None)
+    unknown = Client(deployed, "dev-z", "whatever")
+    clients += [wrong, anonymous, unknown]
+    for c in (wrong, anonymous, unknown):
+        rc = c.wait_connack()
+        assert rc is None or rc.is_failure, rc
+    # Plain MQTT on the TLS port does not get a session either.
+    plain = Client(deployed, "dev-a", PASSWORDS["dev-a"], tls=False)
+    clients.append(plain)
+    wait_until(lambda: plain.disconnected.is_set() or plain.connack is not None, 10, "plain TCP refused")
+    assert plain.connack is None or plain.connack.is_failure
+
+
+def test_a_device_cannot_take_over_another_devices_session(deployed: DeployedBroker, clients: list[Client]) -> None:
+    dev_b = _connect(deployed, clients, "dev-b", client_id="dev-b")
+    # dev-a asks for dev-b's client id; the device listener uses its username instead.
+    _connect(deployed, clients, "dev-a", client_id="dev-b")
+    # A QoS 1 round trip after dev-a's CONNACK: dev-b was not kicked.
+    assert dev_b.publish(device_topic(FLEET, "dev-b", "events"), b"still here") in ACCEPTED
+    assert not dev_b.disconnected.is_set()
+
+
+def test_the_agent_link_works_with_the_deploy_config(deployed: DeployedBroker, clients: list[Client],
+                                                     tmp_path: Path) -> None:
+    """The real MqttLink over TLS with a password: status out, doorbell in."""
+    op = _connect(deployed, clients, "operator", port=deployed.operator_port)
+    assert op.subscribe(device_topic(FLEET, "dev-a", "status")) == 1
+    config = AgentConfig(device_id="dev-a", fleet=FLEET, repo_url="http://127.0.0.1:9", state_dir=tmp_path,
+                         broker_url=f"mqtts://127.0.0.1:{deployed.device_port}", broker_username="dev-a",
+                         broker_password=PASSWORDS["dev-a"], broker_ca_file=Path(deployed.ca_file),
+                         mqtt_protocol="5")
+    link = MqttLink(config, Outbox(tmp_path / "outbox"), backoff=Backoff(0.05, 0.5))
+    link.publish_status(state="ACTIVE", model="smollm2", version=2)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        wait_until(lambda: any(b'"online":true' in p for p in op.received(device_topic(FLEET, "dev-a", "status"))),
+                   10, "status over TLS")
+        doorbell = Doorbell(repo_timestamp_version=11, channels=["stable"])
+        assert op.publish(releases_topic(FLEET), doorbell.model_dump_json().encode(), retain=True) in ACCEPTED
+        assert link.incoming.get(timeout=10) == doorbell
+        link.publish_event("info", reason="hello over TLS")
+        assert link.wait_outbox_empty(10)
+    finally:
+        link.stop()

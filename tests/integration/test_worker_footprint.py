@@ -1,0 +1,29 @@
+"""A real model worker, after serving, maps neither pydantic nor numpy/OpenBLAS."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psutil
+
+from agent.serving.worker.client import WorkerClient
+
+
+def test_the_worker_maps_neither_pydantic_nor_numpy(smollm2_int4_raw: Path) -> None:
+    """The worker's memory is counted against a bare onnxruntime-genai process: it must not
+    carry pydantic (11 MB) or numpy (the official Python module's token arrays)."""
+
+    async def maps_while_serving() -> tuple[list[str], list[int]]:
+        worker = await WorkerClient.start(smollm2_int4_raw, threads=1)
+        try:
+            ids = await worker.greedy_token_ids("The capital of France is", 6)
+            paths = [m.path for m in psutil.Process(worker.proc.pid).memory_maps()]
+            return paths, ids
+        finally:
+            await worker.stop()
+
+    paths, ids = asyncio.run(maps_while_serving())
+    assert len(ids) == 6
+    assert any("libonnxruntime-genai.so" in p for p in paths)  # the check sees native libraries
+    assert not [p for p in paths if "_pydantic_core" in p or "numpy" in p or "openblas" in p]

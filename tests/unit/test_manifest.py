@@ -1,0 +1,87 @@
+"""The manifest and channel models reject what an attacker or a bug could produce."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from pydantic import ValidationError
+
+from agent.wire.channel import ChannelFile, Rollout, cohort_bucket, is_in_cohort
+from agent.wire.manifest import Manifest
+
+SHA = "a" * 64
+
+
+def manifest_dict(**overrides: object) -> dict:
+    data: dict = {
+        "schema_version": 1,
+        "name": "smollm2-135m",
+        "version": 1,
+        "label": "test",
+        "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC).isoformat(),
+        "source": {"kind": "gguf", "reference": "x.gguf", "sha256": SHA},
+        "build": {
+            "precision": "int4", "execution_provider": "cpu", "profile": "cpu",
+            "onnxruntime_genai_version": "0.18.0", "onnxruntime_version": "1.22",
+            "transformers_version": "5.0", "builder_options": {"block_size": "32"},
+        },
+        "files": [{"path": "model.onnx", "size": 10, "sha256": SHA},
+                  {"path": "sub/model.onnx.data", "size": 0, "sha256": "b" * 64}],
+        "requirements": {
+            "min_ram_bytes": 1, "ram_margin_bytes": 0, "min_free_disk_bytes": 10, "arch": ["x86_64"],
+            "cpu_features": [], "min_onnxruntime_genai_version": "0.18.0", "execution_provider": "cpu",
+        },
+        "evaluation": {
+            "perplexity": 10.0, "reference_perplexity": 9.0, "perplexity_ratio": 1.11,
+            "max_perplexity_ratio": 1.5, "eval_text_sha256": SHA, "eval_tokens": 1000,
+            "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0, "peak_rss_bytes": 1,
+            "canary": {"prompt": "hi", "max_new_tokens": 4, "expected_token_ids": [1, 2]},
+        },
+        "model_info": {"architecture": "llama", "parameter_count": 1, "context_length": 8, "vocab_size": 8},
+    }
+    data.update(overrides)
+    return data
+
+
+def test_valid_manifest_round_trips() -> None:
+    m = Manifest.model_validate(manifest_dict())
+    assert Manifest.model_validate_json(m.model_dump_json()) == m
+    assert m.total_file_bytes == 10
+    assert m.target_prefix() == "models/smollm2-135m/1"
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b", "C:x", ""])
+def test_bad_paths_are_rejected(path: str) -> None:
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(manifest_dict(files=[{"path": path, "size": 1, "sha256": SHA}]))
+
+
+def test_duplicates_negative_sizes_and_bad_hashes_are_rejected() -> None:
+    f = {"path": "model.onnx", "size": 1, "sha256": SHA}
+    with pytest.raises(ValidationError, match="duplicate"):
+        Manifest.model_validate(manifest_dict(files=[f, dict(f, path="MODEL.onnx")]))
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(manifest_dict(files=[dict(f, size=-1)]))
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(manifest_dict(files=[dict(f, sha256="xyz")]))
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(manifest_dict(unexpected=1))
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(manifest_dict(version=0))
+    with pytest.raises(ValidationError):
+        Manifest.model_validate(manifest_dict(name="../evil"))
+
+
+def test_cohort_is_stable_and_monotonic_in_percent() -> None:
+    ids = [f"dev-{i}" for i in range(400)]
+    buckets = [cohort_bucket("salt", d) for d in ids]
+    assert all(0 <= b < 100 for b in buckets)
+    in_25 = {d for d in ids if is_in_cohort(Rollout(percent=25, salt="salt"), d)}
+    in_50 = {d for d in ids if is_in_cohort(Rollout(percent=50, salt="salt"), d)}
+    assert in_25 < in_50  # raising the percent only ever adds devices
+    assert 50 < len(in_25) < 150
+    assert not any(is_in_cohort(Rollout(percent=0, salt="salt"), d) for d in ids)
+    assert all(is_in_cohort(Rollout(percent=100, salt="salt"), d) for d in ids)
+    with pytest.raises(ValidationError):
+        ChannelFile(channel="stable", model="m", version=1, rollout=Rollout(percent=101))

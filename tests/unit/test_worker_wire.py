@@ -1,0 +1,116 @@
+"""The worker's wire, checked on both sides: `parse_command` in the (pydantic-free) worker
+and pydantic in the API process accept and reject the same lines; and the real worker
+process stays lean (it maps neither pydantic-core nor numpy)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import TypeAdapter, ValidationError
+
+from agent.serving.worker.client import EVENT_LINE
+from agent.wire.worker import (
+    CancelCommand,
+    ChatMessage,
+    Command,
+    DoneEvent,
+    ErrorEvent,
+    GenerateCommand,
+    LoadFailedEvent,
+    ReadyEvent,
+    SamplingOptions,
+    ShutdownCommand,
+    StartedEvent,
+    TokenEvent,
+    parse_command,
+)
+
+PYDANTIC_COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
+
+COMMANDS: list[Command] = [
+    GenerateCommand(id="a", prompt="The capital of France is", options=SamplingOptions(temperature=0.0, max_tokens=8)),
+    GenerateCommand(id="b", messages=[ChatMessage(role="system", content="Be brief."),
+                                      ChatMessage(role="user", content="naïve — 東京 🚀")],
+                    options=SamplingOptions(temperature=0.7, top_p=0.9, top_k=20, seed=3, stop=["\n", "END"],
+                                            repetition_penalty=1.1, num_beams=1), stream_interval_s=0.05),
+    CancelCommand(id="a"),
+    ShutdownCommand(),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.type)
+def test_commands_round_trip_on_both_sides(command: Command) -> None:
+    line = command.to_line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert parse_command(line) == command
+    assert PYDANTIC_COMMAND.validate_json(line) == command
+
+
+def _generate(**changes: Any) -> bytes:
+    data = json.loads(COMMANDS[1].to_line())
+    for key, value in changes.items():
+        target, _, name = key.rpartition("__")
+        where = data[target] if target else data
+        if value is KeyError:
+            del where[name]
+        else:
+            where[name] = value
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"type": "reboot"}', "unknown command type 'reboot'"),
+    (_generate(schema_version=2), "schema_version"),
+    (_generate(extra="x"), "extra"),
+    (_generate(options__nucleus=0.5), "nucleus"),
+    (_generate(id=KeyError), "id"),
+    (_generate(id=7), "id must be str"),
+    (_generate(options__temperature="hot"), "temperature must be a number"),
+    (_generate(options__temperature=2.5), "temperature must be a number >= 0.0 and <= 2.0"),
+    (_generate(options__max_tokens=True), "max_tokens must be an integer"),
+    (_generate(options__stop=["a", "b", "c", "d", "e"]), "stop takes at most 4"),
+    (_generate(messages=[{"role": "root", "content": "x"}]), "role must be one of"),
+    (_generate(messages=[{"role": "user"}]), "content"),
+    (_generate(stream_interval_s=5), "stream_interval_s must be a number >= 0.0 and <= 1.0"),
+])
+def test_bad_commands_are_rejected_on_both_sides(line: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason.replace("(", r"\(")):
+        parse_command(line)
+    with pytest.raises(ValidationError):
+        PYDANTIC_COMMAND.validate_json(line)
+
+
+EVENTS = [
+    ReadyEvent(threads=2, pid=123, load_s=0.5),
+    LoadFailedEvent(error_type="ActivationError", message="no weights"),
+    StartedEvent(id="a", prompt_tokens=5),
+    TokenEvent(id="a", token_ids=[1, 2], text="Paris 🚀"),
+    DoneEvent(id="a", finish_reason="length", prompt_tokens=5, completion_tokens=2),
+    ErrorEvent(id="a", kind="context_length", message="too long"),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
+def test_events_validate_in_the_api_process(event: Any) -> None:
+    assert EVENT_LINE.validate_json(event.to_line()) == event
+
+
+@pytest.mark.parametrize(("change", "where"), [
+    ({"surprise": 1}, "surprise"),
+    ({"token_ids": ["x"]}, "token_ids"),
+    ({"finish_reason": "bored"}, "finish_reason"),
+    ({"type": "teleport"}, "type"),
+])
+def test_malformed_events_are_rejected_by_the_api_process(change: dict[str, Any], where: str) -> None:
+    data = {**json.loads(TokenEvent(id="a", token_ids=[1], text="x").to_line()), "finish_reason": "stop",
+            "prompt_tokens": 1, "completion_tokens": 1, "type": "done"}
+    del data["token_ids"], data["text"]
+    data.update(change)
+    with pytest.raises(ValidationError, match=where):
+        EVENT_LINE.validate_json(json.dumps(data))
+
+
