@@ -68,7 +68,8 @@ class _HttpBackend:
                 except (ValueError, KeyError, TypeError):
                     message = response.text[:200]
                 raise RuntimeModelError(f"the agent API at {self.url} answered {response.status_code}: {message}")
-            for line in response.iter_lines(decode_unicode=True):
+            for raw in response.iter_lines():
+                line = raw.decode("utf-8", "replace")
                 if not line or not line.startswith("data: "):
                     continue
                 data = line[len("data: "):]

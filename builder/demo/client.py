@@ -47,7 +47,7 @@ def stream_chat(base_url: str, question: str, *, max_tokens: int,
     Raises:
         DemoError: unreachable, a non-200 answer, an error inside the stream, or no [DONE].
     """
-    body = {"model": "default", "messages": [{"role": "user", "content": question}], "stream": True,
+    body: dict[str, Any] = {"model": "default", "messages": [{"role": "user", "content": question}], "stream": True,
             "max_tokens": max_tokens, "temperature": 0}
     t0 = time.monotonic()
     ttft_ms: float | None = None
@@ -58,7 +58,8 @@ def stream_chat(base_url: str, question: str, *, max_tokens: int,
         with requests.post(f"{base_url}/v1/chat/completions", json=body, stream=True, timeout=_TIMEOUT_S) as r:
             if r.status_code != 200:
                 raise DemoError(f"{base_url} answered {r.status_code}: {r.text[:200]}")
-            for line in r.iter_lines(decode_unicode=True):
+            for raw in r.iter_lines():
+                line = raw.decode("utf-8", "replace")
                 if not line or not line.startswith("data: "):
                     continue
                 data = line[len("data: "):]
