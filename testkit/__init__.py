@@ -5,5 +5,6 @@
 - `artifacts`: signed repositories, provisioned devices, a faulty HTTP server
 - `brokers`: Mosquitto on a free port, recorders; `link`: a device's MQTT link
 - `agents`: real `edge-agent run` daemons; `fleet`: many of them
+- `arm64`: an agent on an emulated aarch64 device; `broken_models`: broken copies of a real model
 - `store`, `updater`, `serving`, `rollout_standins`: helpers and named test doubles
 """

@@ -49,13 +49,23 @@ def measured_canary(raw_dir: str, prompt: str = CANARY_PROMPT, n: int = CANARY_T
     return tuple(ModelRuntime(Path(raw_dir), intra_op_num_threads=1).greedy_token_ids(prompt, n))
 
 
+@functools.lru_cache(maxsize=8)
+def measured_leads(raw_dir: str, ids: tuple[int, ...], prompt: str = CANARY_PROMPT) -> tuple[float, ...]:
+    """The teacher-forced leads of `ids` after `prompt` (what a builder records beside the ids)."""
+    from agent.serving.runtime import ModelRuntime
+
+    return tuple(ModelRuntime(Path(raw_dir), intra_op_num_threads=1).teacher_forced_leads(prompt, list(ids)))
+
+
 def make_real_artifact(raw: Path, out: Path, name: str, version: int, *, canary_ids: list[int] | None = None,
                        requirements: dict[str, Any] | None = None, config_edit: dict[str, Any] | None = None,
                        extra_files: dict[str, bytes] | None = None, min_ram_bytes: int | None = None) -> Path:
     """An artifact of the real model files in `raw` plus a manifest with a measured canary.
 
-    `canary_ids` replaces the measured ids (a signed but broken build); `config_edit`
-    updates `genai_config.json`'s decoder section (e.g. a file that is not there).
+    `canary_ids` replaces the measured ids (a signed but broken build); such a canary has no
+    leads, so a device judges it by its exact tokens (a random-weight model's logits are too
+    flat for the lead rule to tell one token from another). `config_edit` updates
+    `genai_config.json`'s decoder section (e.g. a file that is not there).
     """
     if out.exists():
         shutil.rmtree(out)
@@ -80,6 +90,8 @@ def make_real_artifact(raw: Path, out: Path, name: str, version: int, *, canary_
     ids = list(canary_ids) if canary_ids is not None else list(measured_canary(str(raw)))
     data["evaluation"]["canary"] = {"prompt": CANARY_PROMPT, "max_new_tokens": CANARY_TOKENS,
                                     "expected_token_ids": ids}
+    if canary_ids is None:
+        data["evaluation"]["canary"]["expected_leads"] = list(measured_leads(str(raw), tuple(ids)))
     import platform
     data["requirements"]["arch"] = [platform.machine()]
     if min_ram_bytes is not None:

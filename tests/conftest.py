@@ -5,4 +5,4 @@ import pytest
 # testkit's helpers assert too: rewrite them for readable failures.
 pytest.register_assert_rewrite("testkit")
 
-pytest_plugins = ["testkit.models", "testkit.agents", "testkit.brokers", "testkit.link"]
+pytest_plugins = ["testkit.models", "testkit.agents", "testkit.brokers", "testkit.link", "testkit.arm64"]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from agent.serving.identity import ModelIdentity
 from agent.serving.metrics import ServingMetrics
 from agent.serving.worker.client import WorkerClient
+from agent.wire.canary import judge_leads, judge_without_leads
 from agent.wire.errors import ActivationError, ModelNotReadyError, QueueFullError, RuntimeModelError, require
 from agent.wire.manifest import Canary
 from agent.wire.worker import ChatMessage, DoneEvent, GenerateCommand, RequestEvent, SamplingOptions, TokenEvent
@@ -75,8 +76,9 @@ class ModelHost:
                      _is_restart: bool = False) -> ModelIdentity:
         """Load `model_dir` in a new worker and make it serve every request not yet started.
 
-        With `canary`, the new worker must first reproduce the manifest's
-        greedy token ids for the canary prompt (raw text, no chat template),
+        With `canary`, the new worker must first replay the manifest's canary
+        (its tokens teacher forced after the prompt, raw text, no chat template)
+        with every token's lead matching the build host's (`agent.wire.canary`),
         before any request reaches it.
 
         Returns once the new model serves and the old worker is stopped
@@ -201,24 +203,23 @@ class ModelHost:
         self._consecutive_restarts = 0
 
     async def _check_canary(self, worker: WorkerClient, canary: Canary) -> None:
+        """The new worker replays the manifest's canary; the leads of its tokens must match the
+        build host's within a CPU difference (`agent.wire.canary`), or the switch is refused."""
         try:
-            got = await worker.greedy_token_ids(canary.prompt, canary.max_new_tokens)
+            leads = await worker.canary_leads(canary.prompt, canary.expected_token_ids)
         except RuntimeModelError as e:
-            got_error: str | None = str(e)
-            got = []
+            reason = str(e)
         else:
-            got_error = None
-        if got_error is None and got == canary.expected_token_ids:
-            log.info("event=canary_passed model=%s tokens=%d", worker.identity.name, len(got))
-            return
+            verdict = (judge_leads(canary.expected_leads, leads) if canary.expected_leads is not None
+                       else judge_without_leads(leads))
+            if verdict.passed:
+                log.info("event=canary_passed model=%s tokens=%d worst_position=%d worst_change=%.3f",
+                         worker.identity.name, len(leads), verdict.worst_position, verdict.worst_change)
+                return
+            reason = f"{verdict.reason}: the weights, tokenizer or config are not the ones that were built"
         await worker.stop()
-        mismatch = next((i for i, (a, b) in enumerate(zip(got, canary.expected_token_ids, strict=False)) if a != b),
-                        min(len(got), len(canary.expected_token_ids)))
-        message = (f"model {worker.identity.name} v{worker.identity.version} failed its canary: "
-                   + (got_error or f"greedy token ids differ from the manifest's at position {mismatch} "
-                      f"(got {got[mismatch:mismatch + 4]}, expected "
-                      f"{canary.expected_token_ids[mismatch:mismatch + 4]})")
-                   + ": the previous model keeps serving; rebuild or roll back the release")
+        message = (f"model {worker.identity.name} v{worker.identity.version} failed its canary: {reason}:"
+                   " the previous model keeps serving; rebuild or roll back the release")
         self.last_error = message
         if self._current is None:
             self.state = "failed"

@@ -25,6 +25,7 @@ import glob
 import importlib.util
 import json
 import os
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,9 @@ _PP = ctypes.POINTER(ctypes.c_void_p)
 _I32P = ctypes.POINTER(ctypes.c_int32)
 _SIZE = ctypes.c_size_t
 _STR = ctypes.c_char_p
+# OgaElementType values (ONNX's TensorProto numbering).
+_FLOAT32 = 1
+_FLOAT16 = 10
 
 # name: (argtypes, restype); every OgaResult* return is checked by `_check`.
 _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
@@ -73,6 +77,12 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaGenerator_GetNextTokens": ([_P, ctypes.POINTER(_I32P), ctypes.POINTER(_SIZE)], _P),
     "OgaGenerator_GetSequenceCount": ([_P, _SIZE], _SIZE),
     "OgaGenerator_GetSequenceData": ([_P, _SIZE], _I32P),
+    "OgaGenerator_GetLogits": ([_P, _PP], _P),
+    "OgaTensorGetType": ([_P, ctypes.POINTER(ctypes.c_int)], _P),
+    "OgaTensorGetShapeRank": ([_P, ctypes.POINTER(_SIZE)], _P),
+    "OgaTensorGetShape": ([_P, ctypes.POINTER(ctypes.c_int64), _SIZE], _P),
+    "OgaTensorGetData": ([_P, _PP], _P),
+    "OgaDestroyTensor": ([_P], None),
 }
 
 
@@ -275,6 +285,34 @@ class Generator(_Handle):
         if not count.value:
             raise OgaError("onnxruntime-genai returned no next token")
         return int(data[0])
+
+    def logits(self) -> list[float]:
+        """The first sequence's logits for the next token (after `append_tokens` or a step).
+
+        Raises:
+            OgaError: the library failed, or the logits are of a type this binding does not read.
+        """
+        lib = library()
+        tensor = _create(lib.OgaGenerator_GetLogits, self.handle)
+        try:
+            kind, rank = ctypes.c_int(), _SIZE()
+            _check(lib.OgaTensorGetType(tensor, ctypes.byref(kind)))
+            _check(lib.OgaTensorGetShapeRank(tensor, ctypes.byref(rank)))
+            shape = (ctypes.c_int64 * rank.value)()
+            _check(lib.OgaTensorGetShape(tensor, shape, rank.value))
+            vocab = int(shape[rank.value - 1]) if rank.value else 0
+            data = _P()
+            _check(lib.OgaTensorGetData(tensor, ctypes.byref(data)))
+            if data.value is None or vocab <= 0:
+                raise OgaError("onnxruntime-genai returned empty logits")
+            if kind.value == _FLOAT32:
+                return list((ctypes.c_float * vocab).from_address(data.value))
+            if kind.value == _FLOAT16:
+                raw = ctypes.string_at(data.value, 2 * vocab)
+                return list(struct.unpack(f"<{vocab}e", raw))
+            raise OgaError(f"logits of element type {kind.value} are not supported (float32 or float16)")
+        finally:
+            lib.OgaDestroyTensor(tensor)
 
     def sequence(self, index: int = 0) -> list[int]:
         lib = library()

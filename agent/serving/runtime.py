@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.serving import oga
+from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, OgaError, RuntimeModelError
 from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions
 
@@ -264,3 +265,30 @@ class ModelRuntime:
         for step in self.generate(self.encode(prompt_text), options):
             ids.extend(step.token_ids)
         return ids
+
+    def teacher_forced_leads(self, prompt_text: str, token_ids: Sequence[int]) -> list[float]:
+        """For each of `token_ids` after `prompt_text` (as is, no chat template): how far its logit
+        leads the best other token's, with every earlier token of `token_ids` forced as context.
+
+        The canary health check judges these against the build host's (`agent.wire.canary`).
+
+        Raises:
+            RuntimeModelError: onnxruntime-genai failed.
+            ContextLengthError: prompt and tokens do not fit the context.
+        """
+        prompt_ids = self.encode(prompt_text)
+        self.check_context(len(prompt_ids), len(token_ids) + 1)
+        generator = oga.Generator(self.model, {"max_length": len(prompt_ids) + len(token_ids) + 1,
+                                               "do_sample": False})
+        leads: list[float] = []
+        try:
+            generator.append_tokens(prompt_ids)
+            for i, token in enumerate(token_ids):
+                leads.append(token_lead(generator.logits(), token))
+                if i + 1 < len(token_ids):
+                    generator.append_tokens([token])
+        except OgaError as e:
+            raise RuntimeModelError(f"onnxruntime-genai failed while teacher forcing the canary: {e}") from e
+        finally:
+            generator.close()
+        return leads

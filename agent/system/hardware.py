@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import platform
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +40,40 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 log = logging.getLogger(__name__)
 
 
-def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """CPU flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm); empty where there is none."""
+def read_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo"), auxv: Path = Path("/proc/self/auxv"),
+                   machine: str | None = None) -> set[str]:
+    """CPU flags: on Arm the kernel's hardware capabilities (`AT_HWCAP`/`AT_HWCAP2`, what the
+    kernels themselves test), else /proc/cpuinfo (`flags` on x86); empty where there is none.
+
+    Arm reads the auxiliary vector because it is per process and always the truth for the code
+    running: /proc/cpuinfo may describe another CPU (under qemu-user it is the host's).
+    """
+    if (machine or platform.machine()).lower() in ("aarch64", "arm64"):
+        try:
+            return add_aliases(parse_arm64_hwcaps(auxv.read_bytes()))
+        except OSError:
+            pass
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:
         return set()
     return parse_cpu_flags(text)
+
+
+# linux/arch/arm64/include/uapi/asm/hwcap.h: bit -> the name /proc/cpuinfo shows.
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM64_HWCAP = {0: "fp", 1: "asimd", 3: "aes", 4: "pmull", 5: "sha1", 6: "sha2", 7: "crc32", 8: "atomics",
+                9: "fphp", 10: "asimdhp", 12: "asimdrdm", 17: "sha3", 20: "asimddp", 21: "sha512", 22: "sve",
+                23: "asimdfhm"}
+_ARM64_HWCAP2 = {1: "sve2", 9: "svei8mm", 12: "svebf16", 13: "i8mm", 14: "bf16"}
+
+
+def parse_arm64_hwcaps(auxv: bytes) -> set[str]:
+    """The named arm64 features in a 64-bit little-endian auxiliary vector (/proc/self/auxv)."""
+    entries = dict(struct.iter_unpack("<QQ", auxv[: len(auxv) - len(auxv) % 16]))
+    hwcap, hwcap2 = entries.get(_AT_HWCAP, 0), entries.get(_AT_HWCAP2, 0)
+    return ({name for bit, name in _ARM64_HWCAP.items() if hwcap >> bit & 1}
+            | {name for bit, name in _ARM64_HWCAP2.items() if hwcap2 >> bit & 1})
 
 
 def parse_cpu_flags(cpuinfo_text: str) -> set[str]:

@@ -6,6 +6,7 @@ The device defines what it accepts, so these live in `agent/`; they are the only
 - `base`: the strict base model of our own formats (`extra="forbid"`, `schema_version`)
 - `manifest`, `paths`, `hashing`: the model manifest, its path rule and its digest
 - `channel`: the signed channel file and the rollout cohort rule
+- `canary`: what a device's canary is judged by (the leads rule), on both sides
 - `mqtt`: every MQTT payload and topic name
 - `openai`: the local API's request and response shapes
 - `worker`: the JSON lines between the API process and the model worker (stdlib dataclasses)

@@ -79,9 +79,22 @@ class Requirements(FrozenModel):
 
 
 class Canary(FrozenModel):
+    """The canary a device replays before it switches (the rule: `agent.wire.canary`)."""
+
     prompt: str
     max_new_tokens: int = Field(gt=0)
     expected_token_ids: list[int] = Field(min_length=1)
+    # Per expected token, its logit's lead over the best other token on the build host, teacher
+    # forced. Absent in manifests built before leads were recorded (and then not written out, so
+    # such a manifest's bytes stay what they were).
+    expected_leads: list[float] | None = Field(default=None, exclude_if=lambda leads: leads is None)
+
+    @model_validator(mode="after")
+    def _one_lead_per_token(self) -> Canary:
+        if self.expected_leads is not None and len(self.expected_leads) != len(self.expected_token_ids):
+            raise ValueError(f"expected_leads has {len(self.expected_leads)} values for "
+                             f"{len(self.expected_token_ids)} expected tokens")
+        return self
 
 
 class Evaluation(FrozenModel):

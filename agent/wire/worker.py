@@ -74,6 +74,9 @@ class SamplingOptions:
         return self.temperature == 0.0 or self.num_beams > 1
 
 
+# A canary longer than this is not a health check any more.
+MAX_CANARY_TOKENS = 256
+
 ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died"]
 
 _STRICT = {"extra": "forbid", "strict": True}  # a pydantic ConfigDict, read by pydantic without importing it
@@ -121,13 +124,28 @@ class CancelCommand(_Line):
 
 
 @dataclass(kw_only=True)
+class CanaryCommand(_Line):
+    """Teacher-force `token_ids` after `prompt` (raw text) and report each token's lead."""
+
+    type: Literal["canary"] = "canary"
+    id: str
+    prompt: str
+    token_ids: list[int]
+
+    def __post_init__(self) -> None:
+        wirecheck.expect(self, "id", str)
+        wirecheck.expect(self, "prompt", str)
+        wirecheck.expect_items(self, "token_ids", int, max_items=MAX_CANARY_TOKENS)
+
+
+@dataclass(kw_only=True)
 class ShutdownCommand(_Line):
     type: Literal["shutdown"] = "shutdown"
 
 
-Command = GenerateCommand | CancelCommand | ShutdownCommand
-_COMMANDS: dict[str, type[GenerateCommand] | type[CancelCommand] | type[ShutdownCommand]] = {
-    "generate": GenerateCommand, "cancel": CancelCommand, "shutdown": ShutdownCommand}
+Command = GenerateCommand | CancelCommand | CanaryCommand | ShutdownCommand
+_COMMANDS: dict[str, type[GenerateCommand] | type[CancelCommand] | type[CanaryCommand] | type[ShutdownCommand]] = {
+    "generate": GenerateCommand, "cancel": CancelCommand, "canary": CanaryCommand, "shutdown": ShutdownCommand}
 
 
 def parse_command(line: bytes) -> Command:
@@ -193,6 +211,15 @@ class TokenEvent(_Line):
 
 
 @dataclass(kw_only=True)
+class CanaryEvent(_Line):
+    """The answer to a `CanaryCommand`: one lead per token (`agent.wire.canary.token_lead`)."""
+
+    type: Literal["canary"] = "canary"
+    id: str
+    leads: list[float]
+
+
+@dataclass(kw_only=True)
 class DoneEvent(_Line):
     type: Literal["done"] = "done"
     id: str
@@ -209,6 +236,6 @@ class ErrorEvent(_Line):
     message: str
 
 
-Event = ReadyEvent | LoadFailedEvent | StartedEvent | TokenEvent | DoneEvent | ErrorEvent
+Event = ReadyEvent | LoadFailedEvent | StartedEvent | TokenEvent | CanaryEvent | DoneEvent | ErrorEvent
 RequestEvent = StartedEvent | TokenEvent | DoneEvent | ErrorEvent
 

@@ -3,4 +3,4 @@
 
 `pipeline.build_artifact` reads like its stages; `sources`, `convert`, `ortbuild`,
 `options`, `evaluate`, `footprint`, `package`, `modelinfo` are the stages' modules and
-`progress` shows them on stderr."""
+`progress` shows them on stderr; `sandbox` is an emulated aarch64 device for `--check-arch`."""

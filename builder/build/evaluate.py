@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.wire.base import FrozenModel
+from agent.wire.canary import token_lead
 from agent.wire.errors import BuildError
 
 EVAL_TEXT_RESOURCE = "eval_text.txt"
@@ -44,6 +45,7 @@ class Measurement(FrozenModel):
     canary_prompt: str
     canary_max_new_tokens: int
     canary_token_ids: list[int]
+    canary_leads: list[float]
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
 
@@ -119,6 +121,24 @@ def greedy_token_ids(model, tokenizer, prompt: str, max_new_tokens: int) -> list
     return [int(t) for t in gen.get_sequence(0)[len(prompt_ids):]]
 
 
+def canary_leads(model, tokenizer, prompt: str, token_ids: list[int]) -> list[float]:
+    """Each canary token's lead over the best other token, teacher forced after `prompt`: the
+    build host's side of the canary rule (`agent.wire.canary`), measured as a device does."""
+    import onnxruntime_genai as og
+
+    prompt_ids = list(tokenizer.encode(prompt))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + len(token_ids) + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt_ids)
+    leads: list[float] = []
+    for i, token in enumerate(token_ids):
+        leads.append(token_lead(gen.get_logits()[0].ravel().tolist(), token))
+        if i + 1 < len(token_ids):
+            gen.append_tokens([token])
+    return leads
+
+
 def measure_speed(model, token_ids: list[int], context_length: int) -> tuple[float, float]:
     """(decode tokens/s, prefill tokens/s): medians of SPEED_REPEATS runs after one warm-up."""
     import onnxruntime_genai as og
@@ -166,6 +186,7 @@ def measure_model(model_dir: Path, progress: Progress | None = None) -> Measurem
     try:
         ppl = perplexity_of(model, ids, min(PPL_WINDOW_TOKENS, context_length), progress)
         canary = greedy_token_ids(model, tokenizer, CANARY_PROMPT, CANARY_MAX_NEW_TOKENS)
+        leads = canary_leads(model, tokenizer, CANARY_PROMPT, canary) if canary else []
         decode_tps, prefill_tps = measure_speed(model, ids, context_length)
     except BuildError:
         raise
@@ -176,6 +197,7 @@ def measure_model(model_dir: Path, progress: Progress | None = None) -> Measurem
     return Measurement(
         perplexity=ppl, eval_tokens=len(ids), eval_text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         canary_prompt=CANARY_PROMPT, canary_max_new_tokens=CANARY_MAX_NEW_TOKENS, canary_token_ids=canary,
+        canary_leads=leads,
         decode_tokens_per_s=decode_tps, prefill_tokens_per_s=prefill_tps,
     )
 

@@ -21,10 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from agent.wire.base import FrozenModel
+from agent.wire.canary import judge_leads
 from agent.wire.durable import fsync_dir
 from agent.wire.errors import BuildError, QualityGateError, UsageError
 from agent.wire.manifest import (
@@ -54,8 +56,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PPL_RATIO = 1.5
 STAGES = 10
 _PARTIAL_MARK = ".partial-"
-# The ONNX runtime files are arch-independent; the CPU EP ships for these.
-_CPU_ARCHES = ["x86_64", "AMD64", "aarch64", "arm64"]
+# The names platform.machine() gives one instruction set on Linux, Windows and macOS.
+_ARCH_NAMES = {"x86_64": ["x86_64", "AMD64"], "AMD64": ["x86_64", "AMD64"],
+               "aarch64": ["aarch64", "arm64"], "arm64": ["aarch64", "arm64"]}
 
 
 def default_cache_dir() -> Path:
@@ -80,6 +83,8 @@ class BuildRequest(FrozenModel):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     max_ppl_ratio: float = Field(default=DEFAULT_MAX_PPL_RATIO, gt=0)
     context_length: int | None = Field(default=None, gt=16)
+    # Instruction sets to replay the canary on besides this host's (an emulated device each).
+    check_arches: list[Literal["aarch64"]] = Field(default_factory=list)
 
 
 class BuildResult(FrozenModel):
@@ -261,6 +266,9 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
             ref_ppl = _reference_perplexity(hf_dir, source.sha256, run.cache_dir, window, work / "reference.log")
         with run.stage("evaluate built model"):
             measured = evaluate.measure_model(artifact, progress=run.progress.update)
+        for arch in request.check_arches:
+            with run.stage(f"check canary on {arch}"):
+                _check_canary_on(arch, artifact, measured, run.cache_dir)
         with run.stage("quality gate"):
             ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio)
         with run.stage("measure footprint"):
@@ -410,7 +418,7 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
         requirements=Requirements(
             min_ram_bytes=fp.min_ram_bytes, ram_margin_bytes=fp.ram_margin_bytes,
             min_free_disk_bytes=footprint.min_free_disk_bytes(total),
-            arch=_CPU_ARCHES if platform.machine() in _CPU_ARCHES else [platform.machine()],
+            arch=_checked_arches(request.check_arches),
             cpu_features=[], min_onnxruntime_genai_version=og_v,
             execution_provider=opts.execution_provider,
         ),
@@ -420,12 +428,42 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
             eval_tokens=measured.eval_tokens, decode_tokens_per_s=measured.decode_tokens_per_s,
             prefill_tokens_per_s=measured.prefill_tokens_per_s, peak_rss_bytes=fp.peak_rss_bytes,
             canary=Canary(prompt=measured.canary_prompt, max_new_tokens=measured.canary_max_new_tokens,
-                          expected_token_ids=measured.canary_token_ids),
+                          expected_token_ids=measured.canary_token_ids, expected_leads=measured.canary_leads),
         ),
         model_info=info,
     )
     package.write_manifest(artifact, manifest)
     return manifest
+
+
+def _checked_arches(extra: list[Literal["aarch64"]]) -> list[str]:
+    """The architectures the canary ran on: this host's, and each one checked in a sandbox."""
+    names: list[str] = []
+    for arch in [platform.machine(), *extra]:
+        names += [n for n in _ARCH_NAMES.get(arch, [arch]) if n not in names]
+    return names
+
+
+def _check_canary_on(arch: str, artifact: Path, measured: evaluate.Measurement, cache_dir: Path) -> None:
+    """Replay the canary on `arch` (its real kernels, emulated): its leads must match this host's.
+
+    Raises:
+        QualityGateError: the canary moves more than a CPU difference explains there.
+        UsageError, BuildError: the sandbox cannot be set up or run.
+    """
+    from builder.build.sandbox import Arm64Sandbox
+
+    if platform.machine() in _ARCH_NAMES.get(arch, [arch]):
+        return  # this host is that architecture: the canary just ran here
+    sandbox = Arm64Sandbox(cache_dir)
+    sandbox.ensure()
+    leads = sandbox.canary_leads(artifact, measured.canary_prompt, measured.canary_token_ids)
+    verdict = judge_leads(measured.canary_leads, leads)
+    log.info("event=canary_checked arch=%s passed=%s worst_position=%d worst_change=%.3f", arch, verdict.passed,
+             verdict.worst_position, verdict.worst_change)
+    if not verdict.passed:
+        raise QualityGateError(f"the canary on {arch} does not match this host's: {verdict.reason}; the build is"
+                               f" fragile across CPUs: try --block-size 32 or -p int8, or ship it without {arch}")
 
 
 def _publish(artifact: Path, out_dir: Path) -> None:

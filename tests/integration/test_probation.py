@@ -44,14 +44,17 @@ def test_decide_on_start(record: ProbationRecord | None, current: Path, action: 
 def on_probation(tiny_raw: Path, release: Release, tmp_path: Path) -> Iterator[Agent]:
     """An agent that just switched from v1 to v2, with 60 s of probation left."""
     release.publish(tiny_raw, "tiny", 1)
-    agent = Agent(tmp_path / "a", release, extra={"probation_s": 60.0})
+    # v1's own window is short: checks wait out a window, and v2's check must not wait a minute.
+    agent = Agent(tmp_path / "a", release, extra={"probation_s": 0.5})
     try:
         agent.start()
         agent.wait_serving("tiny", 1)
         agent.wait(lambda: agent.phase() is Phase.ACTIVE and agent.store.current() is not None, 30, "v1 installed")
+        agent.wait(lambda: "event=probation_passed" in agent.log(), 30, "v1's probation passed")
+        agent.write_config({**agent.config_values, "probation_s": 60.0})
         release.publish(tiny_raw, "tiny", 2)
         assert agent.proc is not None
-        agent.proc.send_signal(signal.SIGHUP)  # the reload runs the check
+        agent.proc.send_signal(signal.SIGHUP)  # the reload takes the 60 s window and runs the check
         agent.wait_serving("tiny", 2)
         agent.wait(lambda: agent.store.current() == agent.store.model_dir("tiny", 2).resolve(), 30, "v2 current")
         record = ProbationFile(agent.state_dir).read()

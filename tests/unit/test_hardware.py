@@ -6,11 +6,13 @@ import dataclasses
 import importlib.metadata
 import os
 import platform
+import struct
+from pathlib import Path
 
 import psutil
 import pytest
 
-from agent.system.hardware import DeviceEvidence, parse_cpu_flags, probe, usable_providers
+from agent.system.hardware import DeviceEvidence, parse_cpu_flags, probe, read_cpu_flags, usable_providers
 from agent.update.compat import (
     HardwareReport,
     check_disk_cap,
@@ -151,3 +153,22 @@ _ALL_COMPILED = {"cpu", "cuda", "dml", "webgpu", "qnn", "openvino"}
 def test_a_provider_is_usable_only_with_its_hardware(evidence: DeviceEvidence, usable: set[str]) -> None:
     assert usable_providers(_ALL_COMPILED, evidence) == usable
     assert usable_providers({"cpu"}, evidence) == {"cpu"}  # never more than is compiled in
+
+
+def _auxv(hwcap: int, hwcap2: int) -> bytes:
+    return struct.pack("<6Q", 16, hwcap, 26, hwcap2, 0, 0)
+
+
+def test_arm64_features_come_from_the_kernels_hwcaps(tmp_path: Path) -> None:
+    """What an aarch64 process is told (here the values qemu-user gives its emulated CPU), not
+    /proc/cpuinfo, which under emulation describes the host."""
+    auxv = tmp_path / "auxv"
+    auxv.write_bytes(_auxv(0xECFFFFFB, 0x7F877FFF))
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags : fpu avx2 avx512f\n")
+    flags = read_cpu_flags(cpuinfo, auxv, machine="aarch64")
+    assert {"asimd", "neon", "asimddp", "dotprod", "i8mm", "sve", "bf16"} <= flags
+    assert "avx2" not in flags
+    auxv.write_bytes(_auxv(0b11, 0))  # fp and asimd only: a Cortex-A53
+    assert read_cpu_flags(cpuinfo, auxv, machine="aarch64") == {"fp", "asimd", "neon"}
+    assert "avx2" in read_cpu_flags(cpuinfo, auxv, machine="x86_64")

@@ -24,6 +24,8 @@ from agent.serving.identity import ModelIdentity, read_identity
 from agent.system.childproc import python_child_env
 from agent.wire.errors import ActivationError, RuntimeModelError, WorkerDiedError, require
 from agent.wire.worker import (
+    CanaryCommand,
+    CanaryEvent,
     CancelCommand,
     Command,
     DoneEvent,
@@ -50,10 +52,10 @@ class _EventBox:
     per wake-up instead of one per token, and no token waits for a timer."""
 
     def __init__(self) -> None:
-        self._events: collections.deque[RequestEvent] = collections.deque()
+        self._events: collections.deque[RequestEvent | CanaryEvent] = collections.deque()
         self._ready = asyncio.Event()
 
-    def put(self, event: RequestEvent) -> None:
+    def put(self, event: RequestEvent | CanaryEvent) -> None:
         tail = self._events[-1] if self._events else None
         if isinstance(event, TokenEvent) and isinstance(tail, TokenEvent):
             self._events[-1] = TokenEvent(id=tail.id, token_ids=tail.token_ids + event.token_ids,
@@ -62,7 +64,7 @@ class _EventBox:
             self._events.append(event)
         self._ready.set()
 
-    async def get(self) -> RequestEvent:
+    async def get(self) -> RequestEvent | CanaryEvent:
         while not self._events:
             self._ready.clear()
             await self._ready.wait()
@@ -168,6 +170,8 @@ class WorkerClient:
             self._send(command)
             while True:
                 event = await box.get()
+                if isinstance(event, CanaryEvent):
+                    continue  # not an answer to a generate command
                 yield event
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     is_finished = True
@@ -180,20 +184,42 @@ class WorkerClient:
                 self._send(CancelCommand(id=command.id))
 
     async def greedy_token_ids(self, prompt_text: str, max_new_tokens: int) -> list[int]:
-        """`ModelRuntime.greedy_token_ids` run in this worker (the canary before a switch).
+        """`ModelRuntime.greedy_token_ids` run in this worker.
 
         Raises:
             RuntimeModelError: the generation failed or the worker died.
         """
-        command = GenerateCommand(id=f"canary-{os.urandom(6).hex()}", prompt=prompt_text,
+        command = GenerateCommand(id=f"greedy-{os.urandom(6).hex()}", prompt=prompt_text,
                                   options=SamplingOptions(temperature=0.0, max_tokens=max_new_tokens))
         ids: list[int] = []
         async for event in self.generate(command):
             if isinstance(event, TokenEvent):
                 ids.extend(event.token_ids)
             elif isinstance(event, ErrorEvent):
-                raise RuntimeModelError(f"canary generation failed ({event.kind}): {event.message}")
+                raise RuntimeModelError(f"greedy generation failed ({event.kind}): {event.message}")
         return ids
+
+    async def canary_leads(self, prompt_text: str, token_ids: list[int]) -> list[float]:
+        """`ModelRuntime.teacher_forced_leads` run in this worker (the canary before a switch).
+
+        Raises:
+            RuntimeModelError: the worker could not run the canary, or it died.
+        """
+        command = CanaryCommand(id=f"canary-{os.urandom(6).hex()}", prompt=prompt_text, token_ids=token_ids)
+        box = _EventBox()
+        self._queues[command.id] = box
+        try:
+            if not self.is_alive:
+                raise WorkerDiedError("the model worker is not running")
+            self._send(command)
+            event = await box.get()
+        finally:
+            self._queues.pop(command.id, None)
+        if isinstance(event, CanaryEvent):
+            return event.leads
+        if isinstance(event, ErrorEvent):
+            raise RuntimeModelError(f"the canary could not run ({event.kind}): {event.message}")
+        raise RuntimeModelError(f"the model worker answered a canary with a {event.type} event")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout_s`."""

@@ -37,6 +37,8 @@ from typing import IO
 from agent.serving.runtime import Generation, ModelRuntime
 from agent.wire.errors import ContextLengthError, EdgefleetError, RuntimeModelError
 from agent.wire.worker import (
+    CanaryCommand,
+    CanaryEvent,
     CancelCommand,
     Command,
     DoneEvent,
@@ -122,8 +124,24 @@ class _Worker:
                 self.send(DoneEvent(id=command.id, finish_reason="cancelled", prompt_tokens=entry.prompt_tokens,
                                     completion_tokens=len(entry.generation.completion_ids)))
             return True
+        if isinstance(command, CanaryCommand):
+            self.run_canary(command)
+            return True
         self.admit(command)
         return True
+
+    def run_canary(self, command: CanaryCommand) -> None:
+        """Teacher-force the canary now, between rounds: it runs before the model serves anyone."""
+        try:
+            leads = self.runtime.teacher_forced_leads(command.prompt, command.token_ids)
+        except ContextLengthError as e:
+            self.send(ErrorEvent(id=command.id, kind="context_length", message=str(e)))
+        except ValueError as e:  # a token id outside this model's vocabulary
+            self.send(ErrorEvent(id=command.id, kind="invalid_request", message=str(e)))
+        except EdgefleetError as e:
+            self.send(ErrorEvent(id=command.id, kind="runtime", message=str(e)))
+        else:
+            self.send(CanaryEvent(id=command.id, leads=leads))
 
     def admit(self, command: GenerateCommand) -> None:
         try:

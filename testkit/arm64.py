@@ -1,0 +1,73 @@
+"""An emulated aarch64 device for the tests: the builder's sandbox (a Debian arm64 root under
+qemu-user, `builder.build.sandbox`) with the agent of this checkout, and edge-agent run in it.
+
+EMULATION, named as such: the ARM kernels' numerics are real (qemu runs the aarch64 code),
+their timings are not an ARM board's. The root is built once into the builder cache
+(EDGEFLEET_TEST_CACHE keeps it between runs on one machine; CI builds it from nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.build.sandbox import Arm64Sandbox
+
+
+@pytest.fixture(scope="session")
+def arm64(builder_cache_dir: Path) -> Iterator[Arm64Sandbox]:
+    sandbox = Arm64Sandbox(builder_cache_dir)
+    sandbox.ensure()
+    yield sandbox
+    sandbox.unmount()
+
+
+@dataclass
+class ArmDevice:
+    """An edge-agent provisioned inside the sandbox: its config and state live under `/srv/<name>`."""
+
+    sandbox: Arm64Sandbox
+    name: str
+    repo_url: str
+
+    @property
+    def home(self) -> str:
+        return f"/srv/{self.name}"
+
+    @property
+    def state_dir(self) -> Path:
+        """The host path of the device's state dir."""
+        return self.sandbox.path(f"{self.home}/state")
+
+    def provision(self, root_json: Path) -> None:
+        shutil.rmtree(self.sandbox.path(self.home), ignore_errors=True)
+        (self.state_dir / "trust").mkdir(parents=True)
+        shutil.copyfile(root_json, self.state_dir / "trust" / "root.json")
+        self.sandbox.path(f"{self.home}/agent.toml").write_text(
+            f'device_id = "{self.name}"\nrepo_url = "{self.repo_url}"\nstate_dir = "{self.home}/state"\n'
+            'intra_op_num_threads = 1\n')
+
+    def agent(self, *args: str, env: dict[str, str] | None = None,
+              timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+        """`edge-agent ARGS` on the device (the config is passed where a command takes one)."""
+        config = ["--config", f"{self.home}/agent.toml"] if args and args[0] in ("update", "run") else []
+        return self.sandbox.run(["-m", "agent.cli", "-v", *args, *config], env=env, timeout_s=timeout_s)
+
+    def update_once(self, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], Any]:
+        done = self.agent("update", "--once", "--json", env=env)
+        outcome = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else None
+        return done, outcome
+
+    def current(self) -> Path | None:
+        """Where `current` points, as a path inside the sandbox."""
+        link = self.state_dir / "current"
+        if not link.is_symlink():
+            return None
+        return Path(f"{self.home}/state") / link.readlink()

@@ -1,0 +1,147 @@
+"""The agent on aarch64: an x86-built INT4 SmolLM2 installs, passes its canary on ARM kernels,
+answers through the OpenAI API, and a SIGKILL mid-update resumes; the mobile build too.
+
+EMULATION, named as such: a Debian arm64 root under qemu-user (`testkit.arm64`). The ARM
+kernels' numerics are real, so the canary meets the near-ties that flip on ARM; the timings
+are not an ARM board's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from agent.update.updater import TEST_STOP_AT_ENV
+from agent.wire.canary import LEAD_TOLERANCE
+from agent.wire.channel import ChannelFile
+from agent.wire.errors import ExitCode
+from agent.wire.manifest import MANIFEST_FILENAME, Manifest
+from builder.build.sandbox import Arm64Sandbox
+from builder.demo.ports import free_port
+from testkit.arm64 import ArmDevice
+from testkit.artifacts import new_repo, serving
+from testkit.env import subprocess_env
+from testkit.waits import wait_until
+
+
+@pytest.fixture(scope="module")
+def arm_builds(arm64: Arm64Sandbox, model_cache_dir: Path, builder_cache_dir: Path) -> tuple[Path, Path]:
+    """SmolLM2 v1 (cpu, through the Python API) and v2 (mobile, through `edge-builder build`), each
+    with its canary replayed on aarch64 at build time."""
+    from builder.build.pipeline import BuildRequest, build_artifact
+
+    v1, v2 = model_cache_dir / "smollm2-arm-v1", model_cache_dir / "smollm2-arm-v2"
+    if not (v1 / MANIFEST_FILENAME).is_file():
+        build_artifact(BuildRequest(source="smollm2-135m", out_dir=v1, name="smollm2", version=1, context_length=2048,
+                                    check_arches=["aarch64"], cache_dir=builder_cache_dir))
+    if not (v2 / MANIFEST_FILENAME).is_file():
+        done = subprocess.run([sys.executable, "-m", "builder.cli", "build", "smollm2-135m", "-o", str(v2), "--name",
+                               "smollm2", "--version", "2", "--profile", "mobile", "--check-arch", "aarch64",
+                               "-c", str(builder_cache_dir), "--json"],
+                              env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["profile"] == "mobile"
+    return v1, v2
+
+
+def _is_healthy(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def _canary_change(stderr: str) -> float:
+    found = re.findall(r"event=canary_passed .*worst_change=(-?[0-9.]+)", stderr)
+    assert found, f"no canary verdict in the agent's log:\n{stderr[-3000:]}"
+    return float(found[-1])
+
+
+def test_builds_checked_on_aarch64_say_so_and_an_x86_only_build_is_refused(
+        arm64: Arm64Sandbox, arm_builds: tuple[Path, Path], smollm2_artifact: Path, tmp_path: Path) -> None:
+    for build in arm_builds:
+        assert {"x86_64", "aarch64"} <= set(Manifest.model_validate_json(
+            (build / MANIFEST_FILENAME).read_bytes()).requirements.arch)
+    x86_only = Manifest.model_validate_json((smollm2_artifact / MANIFEST_FILENAME).read_bytes())
+    assert x86_only.requirements.arch == ["x86_64", "AMD64"]  # built and checked on this x86 host only
+    repo = new_repo(tmp_path / "repo")
+    repo.publish(smollm2_artifact)
+    repo.set_channel(ChannelFile(channel="stable", model=x86_only.name, version=x86_only.version))
+    with serving(repo.www_dir) as (url, faults):
+        device = ArmDevice(arm64, "arm-refuses", url)
+        device.provision(repo.metadata_dir / "root.json")
+        done, _ = device.update_once()
+    assert done.returncode == ExitCode.INCOMPATIBLE, done.stderr[-2000:]
+    assert "is built for x86_64, AMD64, this device is aarch64" in done.stderr
+    assert not any("model.onnx" in path for path, _ in faults.requests)  # refused before any download
+    assert device.current() is None
+
+
+def test_an_arm_device_installs_resumes_after_sigkill_and_answers(arm64: Arm64Sandbox,
+                                                                  arm_builds: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    v1, v2_mobile = arm_builds
+    repo = new_repo(tmp_path / "repo")
+    repo.publish(v1)
+    repo.set_channel(ChannelFile(channel="stable", model="smollm2", version=1))
+    with serving(repo.www_dir) as (url, _):
+        device = ArmDevice(arm64, "arm-1", url)
+        device.provision(repo.metadata_dir / "root.json")
+        done, outcome = device.update_once()
+        assert done.returncode == 0 and outcome["status"] == "installed" and outcome["version"] == 1, done.stderr
+        # ARM kernels do not compute what x86's do (the greedy decode diverges, see the README),
+        # yet every lead stays within the tolerance.
+        change = _canary_change(done.stderr)
+        assert 0.01 < abs(change) <= LEAD_TOLERANCE
+        current = device.current()
+        assert current is not None and current.name == "1"
+
+        # v2 (mobile profile): the agent SIGKILLs itself right after journaling DOWNLOADING.
+        repo.publish(v2_mobile)
+        repo.set_channel(ChannelFile(channel="stable", model="smollm2", version=2))
+        killed, _ = device.update_once(env={TEST_STOP_AT_ENV: "DOWNLOADING"})
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert device.current() == current  # v1 still serves
+        done, outcome = device.update_once()
+        assert done.returncode == 0 and outcome["status"] == "installed" and outcome["version"] == 2, done.stderr
+        assert abs(_canary_change(done.stderr)) <= LEAD_TOLERANCE
+        current = device.current()
+        assert current is not None and current.name == "2"
+
+        # The mobile build answers through the OpenAI API on ARM.
+        port = free_port()
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "wb") as log:
+            server = subprocess.Popen(arm64.python(["-m", "agent.cli", "serve", "--model", str(current), "--port",
+                                                    str(port), "--threads", "1"]),
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: server.poll() is not None or _is_healthy(port), 300, "the ARM server to answer",
+                       detail=lambda: log_path.read_text(errors="replace")[-2000:])
+            assert server.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300, json={
+                "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"].strip()
+        finally:
+            os.killpg(server.pid, signal.SIGKILL)  # the server and its model worker
+            server.wait(30)
+
+
+def test_doctor_on_arm_reports_arm_features(arm64: Arm64Sandbox, arm_builds: tuple[Path, Path]) -> None:
+    arm64.path("/tmp/manifest.json").write_bytes((arm_builds[1] / MANIFEST_FILENAME).read_bytes())
+    done = arm64.run(["-m", "agent.cli", "doctor", "--json", "--manifest", "/tmp/manifest.json"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    hardware = report["hardware"]
+    assert hardware["arch"] == "aarch64" and report["is_compatible"] is True
+    assert {"asimd", "neon"} <= set(hardware["cpu_features"])  # the kernel's hwcaps, not the x86 host's cpuinfo
+    assert not any(f.startswith("avx") for f in hardware["cpu_features"])
