@@ -34,7 +34,9 @@ class AgentConfig(StrictModel):
     state_dir: Path = Field(default=DEFAULT_STATE_DIR, description="the device store")
     disk_cap_bytes: int = Field(default=8 * 1024**3, gt=0, description="most bytes the store may use")
     api_bind: str = Field(default="127.0.0.1:8080", description="host:port or unix:/path of the local API")
-    api_token: str | None = Field(default=None, description="bearer token the local API requires, if set")
+    api_token: str | None = Field(default=None, min_length=1, pattern=r"\S",
+                                  description="bearer token the local API requires, if set")
+    api_max_body_bytes: int = Field(default=8 << 20, ge=1024, description="request bodies over this are a 413")
     broker_url: str | None = Field(default=None, description="mqtt://host:port or mqtts://host:port")
     broker_username: str | None = None
     broker_password: str | None = None
@@ -45,12 +47,18 @@ class AgentConfig(StrictModel):
     telemetry_interval_s: float = Field(default=30.0, gt=0)
     poll_interval_s: float = Field(default=900.0, gt=0)
     download_rate_limit_bytes_per_s: int | None = Field(default=None, gt=0)
+    download_min_rate_bytes_per_s: int = Field(default=1024, ge=1, description=(
+        "an attempt slower than this over 30 s is abandoned and retried (a dripping mirror)"))
+    download_budget_s: float = Field(default=3600.0, gt=0, description=(
+        "a download pass stops after this long, its partials kept for the next check"))
     intra_op_num_threads: int | None = Field(default=None, gt=0,
                                              description="ORT threads per model; default: the CPU count")
     stream_interval_ms: float = Field(default=50.0, ge=0, le=1000,
                                       description="streamed tokens made within this many ms of the last chunk"
                                                   " ride in the next chunk (the first never waits); 0: every token"
                                                   " alone, at a cost in decode speed")
+    allow_custom_ops: bool = Field(default=False, description=(
+        "let a model's genai_config.json load custom operator libraries (native code from the package)"))
     probation_s: float = Field(default=60.0, ge=0,
                                description="a new model whose worker dies within this window is rolled back")
     switch_mode: Literal["auto", "both", "drain"] = Field(

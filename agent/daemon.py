@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -47,7 +48,7 @@ from agent.link.outbox import Outbox
 from agent.link.telemetry import ServingMetrics, TelemetryCollector
 from agent.serving.api import create_app
 from agent.serving.host import ModelHost
-from agent.serving.server import uvicorn_config
+from agent.serving.server import check_exposure, uvicorn_config
 from agent.store.lock import StateLock
 from agent.store.store import Store
 from agent.system import libc, sdnotify
@@ -93,8 +94,8 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.store = Store(config.state_dir)
-        self.host = ModelHost(threads=config.intra_op_num_threads,
-                              stream_interval_s=config.stream_interval_ms / 1000)
+        self.host = ModelHost(threads=config.intra_op_num_threads, stream_interval_s=config.stream_interval_ms / 1000,
+                              allow_custom_ops=config.allow_custom_ops)
         self.link: MqttLink | None = None
         self.outbox: Outbox | None = None
         self._requests = UpdateRequests()
@@ -102,6 +103,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._incoming = asyncio.Event()
         self._server: _Server | None = None
+        self._api_state: Any = None  # the app's state: its `api` takes a reloaded token
         self._tasks: list[asyncio.Task[None]] = []
         self._updater: Updater | None = None
         self._source: UpdateJobSource | None = None
@@ -196,7 +198,7 @@ class Daemon:
     def _resume_probation(self) -> None:
         """At start-up: re-arm a window the last run left open, or roll back after repeated deaths."""
         current = self.store.current()
-        verdict = decide_on_start(self._probation_file.read(), current, time.time())
+        verdict = decide_on_start(self._probation_file.read(), current, time.time(), self.config.probation_s)
         if verdict.record is None:
             self._probation_file.clear()
         else:
@@ -304,8 +306,15 @@ class Daemon:
         if new.state_dir != self.config.state_dir or new.api_bind != self.config.api_bind:
             log.warning("event=reload_partial reason=state_dir_or_api_bind_changed: restart the service for those")
             new = new.model_copy(update={"state_dir": self.config.state_dir, "api_bind": self.config.api_bind})
+        try:
+            check_exposure(new.api_bind, new.api_token)
+        except ConfigError as e:
+            log.error("event=reload_failed error=%s: keeping the running config", e)
+            return
         old = self.config
         self.config = new
+        if self._api_state is not None:
+            self._api_state.api.api_token = new.api_token  # the running app takes the new token at once
         if self._source is not None:
             self._source.config = new
         if self._updater is not None:
@@ -333,7 +342,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
 
-        app = create_app(self.host, api_token=self.config.api_token)
+        check_exposure(self.config.api_bind, self.config.api_token)
+        app = create_app(self.host, api_token=self.config.api_token, max_body_bytes=self.config.api_max_body_bytes)
+        self._api_state = app.state
         self._server = _Server(uvicorn_config(app, self.config.api_bind))
         server_task = loop.create_task(self._server.serve())
         current = self.store.current()

@@ -71,3 +71,39 @@ class ArmDevice:
         if not link.is_symlink():
             return None
         return Path(f"{self.home}/state") / link.readlink()
+
+
+_SWITCH = """
+import asyncio, json, sys
+from pathlib import Path
+from agent.serving.host import ModelHost
+from agent.wire.errors import ActivationError
+from agent.wire.manifest import Canary
+
+async def main():
+    host = ModelHost(threads=1)
+    try:
+        await host.switch(Path(sys.argv[1]), canary=Canary.model_validate_json(sys.argv[2]))
+        return None
+    except ActivationError as e:
+        return str(e)
+    finally:
+        await host.close()
+
+print(json.dumps({"refused": asyncio.run(main())}))
+"""
+
+
+def switch_on_arm(sandbox: Arm64Sandbox, model_dir: Path, canary_json: str) -> str | None:
+    """Load `model_dir` (a host path) in a model worker on the device, as a switch does, with the
+    canary: None when the worker would serve, else why it was refused."""
+    inside = "/tmp/edgefleet-switch"
+    shutil.rmtree(sandbox.path(inside), ignore_errors=True)
+    shutil.copytree(model_dir, sandbox.path(inside))
+    try:
+        done = sandbox.run(["-c", _SWITCH, inside, canary_json], timeout_s=600)
+    finally:
+        shutil.rmtree(sandbox.path(inside), ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused: str | None = json.loads(done.stdout.strip().splitlines()[-1])["refused"]
+    return refused

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,6 +98,9 @@ class Faults:
     drop_times: int = 0  # how many requests to drop
     drop_path: str = ""
     endless_path: str | None = None  # answer with endless data, no Content-Length
+    drip_path: str | None = None  # answer these one byte at a time, `drip_interval_s` apart
+    drip_interval_s: float = 0.5
+    drip_after_bytes: int = 0  # send this many bytes at full speed first
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -131,6 +135,18 @@ class FaultyHandler(RangeRequestHandler):
 
     def send_body(self, f: Any, offset: int, count: int) -> None:
         faults = self.faults
+        if faults.drip_path and faults.drip_path in self.path:
+            f.seek(offset)
+            data = f.read(count)
+            try:
+                self.wfile.write(data[: faults.drip_after_bytes])
+                for i in range(faults.drip_after_bytes, len(data)):
+                    self.wfile.flush()
+                    time.sleep(faults.drip_interval_s)
+                    self.wfile.write(data[i:i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+            return
         drop = False
         with faults.lock:
             if faults.drop_times > 0 and faults.drop_after_bytes is not None and faults.drop_path in self.path:

@@ -47,9 +47,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="tokens made within MS of the last streamed chunk ride in the next one (the first token "
                         "never waits); 0: a chunk per token, which costs decode speed on a busy CPU")
     # The env value is read in the handler, never shown as a default in --help: it is a secret.
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="BYTES",
+                   help="request bodies over this are refused with 413 before they are read")
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the bearer token required on /v1/*; None: EDGE_AGENT_API_TOKEN, else no "
+                        "auth (needed when --host or --bind is not loopback)")
     p.add_argument("--token", default=None, metavar="T",
-                   help="bearer token required on /v1/*; None: no auth (env: EDGE_AGENT_API_TOKEN)")
+                   help="the token itself: visible to every user in ps; prefer --token-file")
     p.set_defaults(handler=_serve)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token is not None:
+        print("edge-agent: warning: --token shows the secret to every user of this machine (ps);"
+              " use --token-file or EDGE_AGENT_API_TOKEN", file=sys.stderr)
+        return str(args.token)
+    if args.token_file is not None:
+        try:
+            return args.token_file.read_text().strip() or None
+        except OSError as e:
+            raise UsageError(f"cannot read --token-file {args.token_file}: {e.strerror or e}") from e
+    return os.environ.get("EDGE_AGENT_API_TOKEN") or None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -57,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from agent.serving.api import create_app
     from agent.serving.host import ModelHost
-    from agent.serving.server import uvicorn_config
+    from agent.serving.server import check_exposure, uvicorn_config
     from agent.wire.errors import ActivationError
 
     if not (args.model / "genai_config.json").is_file():
@@ -76,8 +94,12 @@ def _serve(args: argparse.Namespace) -> int:
         load_failures.append(error)
         server.should_exit = True
 
-    app = create_app(host, api_token=args.token or os.environ.get("EDGE_AGENT_API_TOKEN"), model_dir=args.model,
-                     on_load_failure=stop_on_load_failure)
+    token = _token(args)
+    check_exposure(bind, token)
+    if args.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-bytes must be at least 1024 (got {args.max_body_bytes})")
+    app = create_app(host, api_token=token, model_dir=args.model, on_load_failure=stop_on_load_failure,
+                     max_body_bytes=args.max_body_bytes)
     server = uvicorn.Server(uvicorn_config(app, bind, log_level="info" if args.verbose else "warning"))
     print(f"edge-agent: serving {args.model} on {bind}", file=sys.stderr)
     server.run()

@@ -128,7 +128,8 @@ def _update_pass(config: AgentConfig, store: Store, activator: Activator | None,
     source = TufUpdateSource(config, store, progress=progress, hardware=hardware or probe)
     errors = _ErrorRecorder()
     updater = Updater(store, checker=errors.wrap(source), downloader=errors.wrap(source),
-                      activator=errors.wrap(activator or WorkerCanaryActivator(config.intra_op_num_threads)),
+                      activator=errors.wrap(activator or WorkerCanaryActivator(config.intra_op_num_threads,
+                                                                                config.allow_custom_ops)),
                       sink=_LogSink(), disk_cap_bytes=config.disk_cap_bytes)
     try:
         before = store.current()

@@ -44,7 +44,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -100,6 +100,7 @@ class LinkCounters(StrictModel):
     events_acked: int = 0
     telemetry_published: int = 0
     telemetry_skipped: int = 0
+    callback_errors: int = 0  # exceptions caught in paho callbacks (each logged with its traceback)
 
     @property
     def dropped_total(self) -> int:
@@ -175,11 +176,13 @@ class MqttLink:
                              reconnect_on_failure=False, **kwargs)  # type: ignore[arg-type]
         configure_client(client, self.address, broker_credentials(self.config))
         client.max_inflight_messages_set(OUTBOX_WINDOW)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        client.on_subscribe = self._on_subscribe
+        # paho re-raises what a callback raises and its network thread dies with it: every
+        # callback is guarded, so a payload or a full disk costs one counted error, not the link.
+        client.on_connect = self._guarded(self._on_connect)
+        client.on_disconnect = self._guarded(self._on_disconnect)
+        client.on_message = self._guarded(self._on_message)
+        client.on_publish = self._guarded(self._on_publish)
+        client.on_subscribe = self._guarded(self._on_subscribe)
         properties = None
         if self._is_v5:
             properties = Properties(PacketTypes.CONNECT)
@@ -424,6 +427,19 @@ class MqttLink:
             client.loop(timeout=0.1)
         self._connected.clear()
         log.info("event=mqtt_stopped device=%s", self.device_id)
+
+    def _guarded(self, callback: Callable[..., None]) -> Callable[..., None]:
+        name = callback.__name__
+
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:  # the network thread must keep running; the traceback says why
+                with self._lock:
+                    self._counters.callback_errors += 1
+                log.exception("event=mqtt_callback_error callback=%s", name)
+
+        return guarded
 
     # -- paho callbacks (network thread; keep them short) ----------------------
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,

@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from agent.serving.host import ModelHost
 from agent.serving.worker.client import WorkerClient
-from agent.wire.errors import ActivationError, ApiError, ModelNotReadyError, QueueFullError
+from agent.wire.errors import ActivationError, ApiError, ConfigError, ModelNotReadyError, QueueFullError
 from agent.wire.openai import (
     AssistantMessage,
     ChatChoice,
@@ -106,10 +106,20 @@ class _CancellingStreamingResponse(StreamingResponse):
 
 # ---- the app ----
 
+# A request body larger than this is refused before it is read (413): a chat request of a
+# whole context is tens of KiB; this leaves room for long prompts and images to come.
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 class _Api:
-    def __init__(self, host: ModelHost, api_token: str | None) -> None:
+    def __init__(self, host: ModelHost, api_token: str | None, max_body_bytes: int) -> None:
         self.host = host
-        self.api_token = api_token
+        self.api_token = api_token  # replaced in place when the daemon reloads its config
+        self.max_body_bytes = max_body_bytes
 
     def _check_auth(self, request: Request) -> None:
         if self.api_token is None:
@@ -120,13 +130,34 @@ class _Api:
             raise ApiError(401, "missing or wrong bearer token: send 'Authorization: Bearer <api_token>'",
                            "authentication_error", code="invalid_api_key")
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, read only up to `max_body_bytes`: a huge POST costs a 413, not the memory."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_large = ApiError(413, f"the request body is over {limit} bytes: send a shorter prompt",
+                             "invalid_request_error", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        parts: list[bytes] = []
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_large
+            parts.append(part)
+        return b"".join(parts)
+
     async def _parse(self, request: Request, model: type[GenerationRequest]) -> Any:
-        body = await request.body()
+        body = await self._read_body(request)
         try:
-            data = json.loads(body)
+            data = json.loads(body, parse_constant=_refuse_constant)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _invalid(f"the request body is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): "
                            "send a JSON object") from e
+        except RecursionError as e:
+            raise _invalid("the request body is nested too deeply to parse: send a flat JSON object") from e
+        except ValueError as e:  # an integer of more digits than Python converts, NaN, Infinity
+            raise _invalid(f"the request body is not valid JSON ({e})"[:300]) from e
         if not isinstance(data, dict):
             raise _invalid("the request body must be a JSON object")
         try:
@@ -356,16 +387,23 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path | None = None,
-               on_load_failure: Callable[[ActivationError], None] | None = None) -> Starlette:
+               on_load_failure: Callable[[ActivationError], None] | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     """The API over `host`.
 
     With `model_dir`, the app owns the host: its startup begins loading that
     model in the background (`/healthz` answers 503 until it serves) and its
     shutdown stops the workers; `on_load_failure` hears when that model does
     not load. Without, the caller (the agent daemon) loads models with
-    `host.switch()` and closes the host itself.
+    `host.switch()` and closes the host itself. `app.state.api.api_token` may be
+    replaced while the app runs (a config reload).
+
+    Raises:
+        ConfigError: `api_token` is empty (it would let `Authorization: Bearer ` in).
     """
-    api = _Api(host, api_token)
+    if api_token is not None and not api_token.strip():
+        raise ConfigError("api_token is empty: set a real token or remove the key")
+    api = _Api(host, api_token, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -394,4 +432,14 @@ def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app.state.api = api
+    return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug answers in OpenAI's error shape too (and is logged with its traceback by the server)."""
+    log.error("event=internal_error path=%s error=%r", request.url.path, str(exc)[:300])
+    return _error_response(ApiError(500, f"internal error while serving {request.url.path}: see the agent's log",
+                                    "server_error", code="internal_error"))

@@ -39,9 +39,11 @@ class ModelHost:
 
     def __init__(self, *, threads: int | None = None, parallel: int = 4, queue_size: int = 16,
                  load_timeout_s: float = 300.0, drain_timeout_s: float = 600.0,
-                 stream_interval_s: float = 0.05) -> None:
-        """`stream_interval_s`: see `GenerateCommand.stream_interval_s` (the API's streaming granularity)."""
+                 stream_interval_s: float = 0.05, allow_custom_ops: bool = False) -> None:
+        """`stream_interval_s`: see `GenerateCommand.stream_interval_s` (the API's streaming granularity);
+        `allow_custom_ops`: models may load custom operator libraries (`agent.serving.loadcheck`)."""
         self.threads = threads
+        self.allow_custom_ops = allow_custom_ops
         self.stream_interval_s = stream_interval_s
         self.parallel = parallel
         self.queue_size = queue_size
@@ -101,6 +103,7 @@ class ModelHost:
             started = time.perf_counter()
             try:
                 new = await WorkerClient.start(Path(model_dir), threads=self.threads,
+                                               allow_custom_ops=self.allow_custom_ops,
                                                load_timeout_s=self.load_timeout_s)
             except ActivationError as e:
                 self.last_error = str(e)
@@ -136,7 +139,8 @@ class ModelHost:
             await old.stop()
             log.info("event=drained model=%s drain_s=%.2f", old.identity.name, time.perf_counter() - started)
             try:
-                new = await WorkerClient.start(model_dir, threads=self.threads, load_timeout_s=self.load_timeout_s)
+                new = await WorkerClient.start(model_dir, threads=self.threads, allow_custom_ops=self.allow_custom_ops,
+                                               load_timeout_s=self.load_timeout_s)
                 if canary is not None:
                     await self._check_canary(new, canary)
             except ActivationError as e:
@@ -144,6 +148,7 @@ class ModelHost:
                 log.error("event=model_switch_failed model_dir=%s mode=drain error=%s: reloading %s", model_dir, e,
                           old.identity.model_dir)
                 restored = await WorkerClient.start(Path(old.identity.model_dir), threads=self.threads,
+                                                    allow_custom_ops=self.allow_custom_ops,
                                                     load_timeout_s=self.load_timeout_s)
                 self._install(restored)
                 raise

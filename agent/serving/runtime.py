@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.serving import oga
+from agent.serving.loadcheck import check_model_dir
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, OgaError, RuntimeModelError
 from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions
@@ -174,9 +175,15 @@ class ModelRuntime:
         ActivationError: the dir is not a loadable model.
     """
 
-    def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None,
+                 allow_custom_ops: bool = False) -> None:
+        """Raises:
+            ActivationError: the dir is not a loadable model, or it would make onnxruntime open a file
+                outside itself, a custom operator library (unless allowed) or a profile (`loadcheck`).
+        """
         self.model_dir = Path(model_dir)
         self.context_length = read_context_length(self.model_dir)
+        check_model_dir(self.model_dir, allow_custom_ops=allow_custom_ops)
         self.threads = intra_op_num_threads or default_threads()
         try:
             # The decoder runs on one intra-op thread unless told: measured 1.5x decode

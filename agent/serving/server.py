@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -29,6 +30,30 @@ def parse_bind(bind: str) -> tuple[str, int] | Path:
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"api_bind {bind!r} is neither host:port (e.g. 127.0.0.1:8080) nor unix:/path")
     return host.strip("[]"), int(port_text)
+
+
+def is_local_only(bind: str) -> bool:
+    """Whether `bind` (as `parse_bind` reads it) listens on this host only: loopback or a unix socket."""
+    target = parse_bind(bind)
+    if isinstance(target, Path):
+        return True
+    host = target[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(bind: str, api_token: str | None) -> None:
+    """Raises:
+        ConfigError: `bind` reaches beyond this host and no token guards it.
+    """
+    if api_token is None and not is_local_only(bind):
+        raise ConfigError(f"api_bind {bind!r} listens beyond this host without an api_token: anyone on the network"
+                          " could prompt the model; set api_token (EDGE_AGENT_API_TOKEN) or bind 127.0.0.1 or a"
+                          " unix socket")
 
 
 def uvicorn_config(app: Starlette, bind: str, *, log_level: str = "warning") -> uvicorn.Config:

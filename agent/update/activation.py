@@ -108,8 +108,9 @@ class WorkerCanaryActivator:
     daemon), then stop the worker. Nothing keeps serving: the daemon, when it runs, serves
     `current`."""
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, allow_custom_ops: bool = False) -> None:
         self.threads = threads
+        self.allow_custom_ops = allow_custom_ops
 
     def activate(self, model_dir: Path, manifest: Manifest) -> None:
         """Raises:
@@ -118,7 +119,7 @@ class WorkerCanaryActivator:
         asyncio.run(self._load_and_check(model_dir, manifest))
 
     async def _load_and_check(self, model_dir: Path, manifest: Manifest) -> None:
-        host = ModelHost(threads=self.threads)
+        host = ModelHost(threads=self.threads, allow_custom_ops=self.allow_custom_ops)
         try:
             await host.switch(model_dir, canary=manifest.evaluation.canary)
         finally:

@@ -50,11 +50,17 @@ class StartVerdict:
     reason: str = ""
 
 
-def decide_on_start(record: ProbationRecord | None, current: Path | None, now_unix: float) -> StartVerdict:
-    """Pure: what a starting daemon does about a probation window the last run left open."""
+def decide_on_start(record: ProbationRecord | None, current: Path | None, now_unix: float,
+                    window_s: float) -> StartVerdict:
+    """Pure: what a starting daemon does about a probation window the last run left open.
+
+    The record holds wall-clock time (a restart resets monotonic time), and a board without a
+    real-time clock can boot in 1970: the time left is clamped to `window_s` (probation_s), so
+    a clock gone back never holds the checks longer than one window.
+    """
     if record is None or current is None or Path(record.model_dir) != current:
         return StartVerdict("none")
-    remaining = record.until_unix - now_unix
+    remaining = min(record.until_unix - now_unix, window_s)
     if remaining <= 0:
         return StartVerdict("none")
     if record.clean_stop:

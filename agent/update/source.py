@@ -94,7 +94,9 @@ class TufUpdateSource:
     def download(self, target: ModelRef) -> None:
         """Fetch every file of `target` (resuming partials), each verified into `blobs/`."""
         release = self._release(target)
-        downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s),
+        downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
+                                               min_rate_bytes_per_s=self.config.download_min_rate_bytes_per_s,
+                                               budget_s=self.config.download_budget_s),
                                 progress=self._progress)
         log.info("event=download_start target=%s files=%d bytes=%d", target, len(release.manifest.files),
                  release.manifest.total_file_bytes)

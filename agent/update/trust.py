@@ -18,6 +18,8 @@ never re-implemented here.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import urllib3
@@ -35,6 +37,8 @@ from agent.wire.paths import check_relative_path
 log = logging.getLogger(__name__)
 
 ROOT_FILENAME = "root.json"
+# One metadata file must arrive within this long (the largest, root.json, is ~1 KiB per key).
+METADATA_DEADLINE_S = 120.0
 
 
 # What ngclient raises for a bad repository (RepositoryError) or network (DownloadError,
@@ -57,10 +61,44 @@ def _translate(e: Exception, what: str) -> Exception:
     return StoreError(f"{what}: cannot write the trust dir: {e}: check free disk and permissions of state_dir")
 
 
+class DeadlineFetcher(Urllib3Fetcher):
+    """ngclient's urllib3 fetcher, with a deadline per metadata file.
+
+    Metadata files are small (bounded by ngclient's length limits), but a mirror that
+    drips a byte every few seconds never trips the socket timeout. urllib3's `stream()`
+    also waits for each whole chunk, so nothing could even look at the clock: the body is
+    read with `read1` (whatever has arrived) and, past `deadline_s`, the fetch fails as a
+    slow retrieval.
+    """
+
+    def __init__(self, socket_timeout: int, deadline_s: float, app_user_agent: str) -> None:
+        super().__init__(socket_timeout=socket_timeout, app_user_agent=app_user_agent)
+        self.deadline_s = deadline_s
+
+    def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
+        deadline = time.monotonic() + self.deadline_s
+        try:
+            while data := response.read1(self.chunk_size):
+                if time.monotonic() > deadline:
+                    raise tuf_exceptions.SlowRetrievalError(
+                        f"{response.url or 'a metadata file'} took over {self.deadline_s:.0f} s: a mirror this slow"
+                        " is failing or hostile")
+                yield data
+        except urllib3.exceptions.TimeoutError as e:
+            response.close()
+            raise tuf_exceptions.SlowRetrievalError from e
+        except BaseException:
+            response.close()  # not back into the pool half read
+            raise
+        finally:
+            response.release_conn()
+
+
 class TrustedRepository:
     """One TUF session: refresh once, then look up and fetch verified targets."""
 
-    def __init__(self, repo_url: str, trust_dir: Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, repo_url: str, trust_dir: Path, timeout_s: float = 30.0,
+                 metadata_deadline_s: float = METADATA_DEADLINE_S) -> None:
         """Raises: ConfigError: the device has no provisioned root.json."""
         root = trust_dir / ROOT_FILENAME
         if not root.exists():
@@ -69,7 +107,7 @@ class TrustedRepository:
         self.repo_url = repo_url.rstrip("/")
         self._trust_dir = trust_dir
         self.targets_base_url = f"{self.repo_url}/targets/"
-        self._fetcher = Urllib3Fetcher(socket_timeout=int(max(1, timeout_s)), app_user_agent="edge-agent")
+        self._fetcher = DeadlineFetcher(int(max(1, timeout_s)), metadata_deadline_s, "edge-agent")
         try:
             # bootstrap=None: the anchor is the provisioned (and since then ngclient-rotated) root.json.
             self._updater = Updater(metadata_dir=str(trust_dir), metadata_base_url=f"{self.repo_url}/metadata/",

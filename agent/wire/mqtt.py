@@ -168,18 +168,27 @@ def parse_device_topic(topic: str) -> tuple[str, str, str] | None:
 
 
 # -- parsing at the boundary -------------------------------------------------
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def parse_payload(model: type[_M], payload: bytes | bytearray, *,
                   max_bytes: int = MAX_INCOMING_PAYLOAD_BYTES) -> _M:
     """Validate one payload into `model`, checking the size before anything else.
 
     Raises:
-        PayloadError: with `.reason` one of oversized, not_json, unknown_schema, invalid.
+        PayloadError: with `.reason` one of oversized, not_json, unknown_schema, invalid; nothing
+            else, whatever the bytes (deep nesting, huge integers, NaN, invalid UTF-8).
     """
     if len(payload) > max_bytes:
         raise PayloadError("oversized", f"{len(payload)} bytes, limit {max_bytes}")
     try:
-        data = json.loads(payload)
+        data = json.loads(payload, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError("not_json", str(e)) from e
+    except RecursionError as e:  # `[[[[...`: nesting deeper than the parser's stack
+        raise PayloadError("not_json", f"nested too deeply to parse ({e})") from e
+    except ValueError as e:  # an integer of more digits than Python converts, NaN, Infinity
         raise PayloadError("not_json", str(e)) from e
     if not isinstance(data, dict):
         raise PayloadError("not_json", f"expected a JSON object, got {type(data).__name__}")

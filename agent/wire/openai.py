@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.wire.worker import MAX_STOP_SEQUENCES, ChatMessage, SamplingOptions
+from agent.wire.worker import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatMessage, SamplingOptions
 
 # ---- request models (OpenAI's shape; unknown fields are accepted and logged) ----
 
@@ -63,6 +63,8 @@ class GenerationRequest(BaseModel):
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
             raise ValueError(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence takes at most {MAX_STOP_CHARS} characters")
         return value
 
     def sampling_options(self) -> SamplingOptions:

@@ -19,8 +19,10 @@ from typing import Any, ClassVar, Literal, get_args
 from agent.wire import _checks as wirecheck
 
 FinishReason = Literal["stop", "length", "cancelled"]
-# OpenAI caps a request at 4 stop sequences; ORT-GenAI's own turn API at 16.
+# OpenAI caps a request at 4 stop sequences; ORT-GenAI's own turn API at 16. Each is matched
+# against the text after every token, so its length is bounded too.
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1024
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 _ROLES: frozenset[str] = frozenset(get_args(Role))
@@ -68,6 +70,8 @@ class SamplingOptions:
         wirecheck.number(self, "repetition_penalty", gt=0.0)
         wirecheck.number(self, "num_beams", ge=1, le=8, integer=True)
         wirecheck.expect_items(self, "stop", str, max_items=MAX_STOP_SEQUENCES)
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop sequences take at most {MAX_STOP_CHARS} characters each")
 
     @property
     def is_greedy(self) -> bool:
@@ -148,6 +152,10 @@ _COMMANDS: dict[str, type[GenerateCommand] | type[CancelCommand] | type[CanaryCo
     "generate": GenerateCommand, "cancel": CancelCommand, "canary": CanaryCommand, "shutdown": ShutdownCommand}
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"a command line is not JSON: {name} (RFC 8259 has no NaN or Infinity)")
+
+
 def parse_command(line: bytes) -> Command:
     """One command line, checked as strictly as pydantic checks events on the other side.
 
@@ -156,14 +164,17 @@ def parse_command(line: bytes) -> Command:
             or missing key, or a field of the wrong type or out of range (the message says which).
     """
     try:
-        data: Any = json.loads(line)
-    except json.JSONDecodeError as e:
+        data: Any = json.loads(line, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"a command line is not JSON: {e}") from e
+    except RecursionError as e:
+        raise ValueError(f"a command line nested too deeply to parse: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"a command is a JSON object, not {type(data).__name__}")
-    kind = _COMMANDS.get(data.get("type"))  # type: ignore[arg-type]
+    type_name = data.get("type")
+    kind = _COMMANDS.get(type_name) if isinstance(type_name, str) else None
     if kind is None:
-        raise ValueError(f"unknown command type {data.get('type')!r}")
+        raise ValueError(f"unknown command type {type_name!r}"[:200])
     if data.get("schema_version", 1) != 1:
         raise ValueError(f"unsupported schema_version {data['schema_version']!r}: the API process and the "
                          "worker come from different agent versions")

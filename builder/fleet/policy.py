@@ -53,20 +53,32 @@ def judge_wave(
     active: set[str],
     failed: set[str],
     *,
+    known_on_channel: int,
     min_success: float,
     elapsed_s: float,
     wait_s: float,
+    blind_reason: str | None = None,
 ) -> WaveVerdict:
-    """Decide a wave from what the devices reported.
+    """Decide a wave from what the devices reported. Fails closed: what cannot be seen fails.
 
     A wave passes once the share of expected devices ACTIVE on the new version
     reaches `min_success`. It fails as soon as so many devices failed that
     `min_success` can no longer be reached, or when `wait_s` ran out first.
-    A wave that covers no known device passes at once: there is nothing to wait for.
+    A wave that covers none of the channel's known devices passes at once (nothing
+    to wait for), but only while some device of the channel is known at all: a
+    controller that sees no device, or lost its view (`blind_reason`), cannot tell
+    a good wave from a bad one, so the wave fails and the rollout rolls back.
     """
     n = len(expected)
     n_active = len(active & expected)
     n_failed = len(failed & expected)
+    if blind_reason is not None:
+        return WaveVerdict(WaveOutcome.FAILED, n, n_active, n_failed,
+                           f"the controller cannot see the fleet ({blind_reason}): a wave it cannot watch fails")
+    if n == 0 and known_on_channel == 0:
+        return WaveVerdict(WaveOutcome.FAILED, 0, 0, 0,
+                           "no device following the channel was observed (broker ACL, fleet name, or no devices):"
+                           " a wave nobody can watch fails")
     if n == 0:
         return WaveVerdict(WaveOutcome.PASSED, 0, 0, 0, "no known device in this wave")
     if n_active / n >= min_success:

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 # How often the wave is judged when no message arrives (the timeout needs a clock tick).
 TICK_S = 0.5
+# A watch disconnected from the broker this long cannot see the fleet: its wave fails.
+BLIND_AFTER_S = 30.0
 # Retained statuses arrive in one burst after the SUBACK; at most this long is spent on it.
 RETAINED_WAIT_S = 5.0
 
@@ -99,6 +101,7 @@ class FleetWatch:
 
     def __init__(self, broker: Broker, model: str, version: int) -> None:
         self.observer = RolloutObserver(broker.fleet, model, version)
+        self.messages = 0  # every message received, valid or not
         self.lock = threading.Lock()
         self.changed = threading.Event()
         self._session = OperatorSession(broker.url, broker.creds, self._on_message)
@@ -116,8 +119,18 @@ class FleetWatch:
 
     def _on_message(self, topic: str, payload: bytes | bytearray) -> None:
         with self.lock:
+            self.messages += 1
             if self.observer.apply(topic, payload):
                 self.changed.set()
+
+    def blind_reason(self, after_s: float = BLIND_AFTER_S) -> str | None:
+        """Why this watch cannot see the fleet now (disconnected for `after_s`), or None while it can."""
+        return self._session.blind_reason(after_s)
+
+    @property
+    def callback_errors(self) -> int:
+        """Messages whose handling raised (each logged): counted, never the end of the session."""
+        return self._session.callback_errors
 
     def close(self) -> None:
         self._session.close()
@@ -313,12 +326,14 @@ class RolloutController:
                 watch.changed.clear()
                 obs = watch.observer
                 # A member stays a member when it goes offline: a crash under the new model must count.
-                members |= devices_in_wave(obs.on_channel(state.channel), state.salt, state.percent)
+                on_channel = obs.on_channel(state.channel)
+                members |= devices_in_wave(on_channel, state.salt, state.percent)
                 active, failed = obs.active(), obs.failed()
                 reasons = obs.failure_reasons(failed & members)
             elapsed_s = (self.clock() - wave_started_at).total_seconds()
-            verdict = judge_wave(members, active, failed, min_success=state.min_success,
-                                 elapsed_s=elapsed_s, wait_s=state.wait_s)
+            verdict = judge_wave(members, active, failed, known_on_channel=len(on_channel | members),
+                                 min_success=state.min_success, elapsed_s=elapsed_s, wait_s=state.wait_s,
+                                 blind_reason=watch.blind_reason())
             counts = (verdict.expected, verdict.active, verdict.failed)
             if counts != shown:
                 shown = counts

@@ -50,9 +50,12 @@ class _Session:
         self.refused: str | None = None
         self.subacked = threading.Event()
         self.last_message_at = time.monotonic()
+        self.callback_errors = 0
+        self.disconnected_since: float | None = None  # monotonic; None while connected
         self._on_message = on_message
         self._topics: list[str] = []
         self.client.on_connect = self._connected
+        self.client.on_disconnect = self._disconnected
         self.client.on_subscribe = lambda *a: self.subacked.set()
         self.client.on_message = self._message
         try:
@@ -72,13 +75,31 @@ class _Session:
     def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self.refused = str(rc)
-        elif self._topics:
-            client.subscribe([(t, 1) for t in self._topics])  # again after a reconnect
+        else:
+            self.disconnected_since = None
+            if self._topics:
+                client.subscribe([(t, 1) for t in self._topics])  # again after a reconnect
         self.connack.set()
+
+    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if self.disconnected_since is None:
+            self.disconnected_since = time.monotonic()
+        log.warning("event=operator_disconnected broker=%s reason=%s", self.broker_url, rc)
+
+    def blind_reason(self, after_s: float) -> str | None:
+        """Why this session sees nothing now: disconnected for `after_s` or longer."""
+        since = self.disconnected_since
+        if since is not None and time.monotonic() - since >= after_s:
+            return f"disconnected from {self.broker_url} for {time.monotonic() - since:.0f} s"
+        return None
 
     def _message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self.last_message_at = time.monotonic()
-        self._on_message(message.topic, message.payload)
+        try:
+            self._on_message(message.topic, message.payload)
+        except Exception:  # paho would re-raise it and end the session's thread: a device cannot blind us
+            self.callback_errors += 1
+            log.exception("event=operator_message_error topic=%s bytes=%d", message.topic, len(message.payload))
 
     def subscribe(self, topics: list[str]) -> None:
         self._topics = topics

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,9 @@ from agent.wire.errors import ExitCode
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 from builder.build.sandbox import Arm64Sandbox
 from builder.demo.ports import free_port
-from testkit.arm64 import ArmDevice
+from testkit.arm64 import ArmDevice, switch_on_arm
 from testkit.artifacts import new_repo, serving
+from testkit.broken_models import damage_weights, swap_past_key_value_inputs, swap_tensors, truncate_tensor_file
 from testkit.env import subprocess_env
 from testkit.waits import wait_until
 
@@ -145,3 +148,28 @@ def test_doctor_on_arm_reports_arm_features(arm64: Arm64Sandbox, arm_builds: tup
     assert hardware["arch"] == "aarch64" and report["is_compatible"] is True
     assert {"asimd", "neon"} <= set(hardware["cpu_features"])  # the kernel's hwcaps, not the x86 host's cpuinfo
     assert not any(f.startswith("avx") for f in hardware["cpu_features"])
+
+
+@pytest.mark.parametrize(("breakage", "reason"), [
+    (damage_weights, "failed its canary: the lead of canary token"),
+    (swap_tensors, "failed its canary: the lead of canary token"),
+    (truncate_tensor_file, "failed to load"),
+    (swap_past_key_value_inputs, "failed its canary: the lead of canary token"),
+], ids=["damaged-weights", "swapped-tensor", "truncated-tensor-file", "wrong-genai-config"])
+def test_an_arm_device_refuses_each_broken_model(arm64: Arm64Sandbox, arm_builds: tuple[Path, Path], tmp_path: Path,
+                                                 breakage: Callable[[Path], None], reason: str) -> None:
+    """The same broken copies as on x86 (tests/integration/test_canary.py), judged by ARM's numerics."""
+    good = arm_builds[0]
+    canary = Manifest.model_validate_json((good / MANIFEST_FILENAME).read_bytes()).evaluation.canary
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    breakage(broken)
+    refused = switch_on_arm(arm64, broken, canary.model_dump_json())
+    assert refused is not None and reason in refused, refused
+
+
+def test_an_arm_device_refuses_another_models_manifest(arm64: Arm64Sandbox, arm_builds: tuple[Path, Path],
+                                                       tiny_raw: Path) -> None:
+    canary = Manifest.model_validate_json((arm_builds[0] / MANIFEST_FILENAME).read_bytes()).evaluation.canary
+    refused = switch_on_arm(arm64, tiny_raw, canary.model_dump_json())
+    assert refused is not None and "failed its canary: the lead of canary token" in refused, refused

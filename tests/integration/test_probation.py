@@ -28,7 +28,7 @@ V2 = Path("/s/models/tiny/2")
 ])
 def test_decide_on_start(record: ProbationRecord | None, current: Path, action: str,
                          unclean_after: int | None) -> None:
-    verdict = decide_on_start(record, current, now_unix=100.0)
+    verdict = decide_on_start(record, current, now_unix=100.0, window_s=150.0)
     assert verdict.action == action
     if action == "rearm":
         assert verdict.remaining_s == 100.0
@@ -38,6 +38,24 @@ def test_decide_on_start(record: ProbationRecord | None, current: Path, action: 
         assert verdict.record is None  # the record is dropped
     if action == "roll_back":
         assert "died 2 times within the probation window" in verdict.reason
+
+
+@pytest.mark.parametrize(("now_unix", "remaining"), [
+    (0.0, 60.0),  # booted in 1970 (no RTC): one window at most, not 56 years
+    (1_800_000_000 - 86_400, 60.0),  # a day behind
+    (1_800_000_000 - 30, 30.0),  # inside the window: the time really left
+    (1_800_000_000 + 86_400, None),  # a day ahead: the window has passed
+    (1_800_000_000 + 10 * 365 * 86_400, None),  # ten years ahead
+])
+def test_a_skewed_clock_never_holds_probation_longer_than_one_window(now_unix: float,
+                                                                     remaining: float | None) -> None:
+    """A FAKE wall clock (the `now_unix` argument): no test can set the machine's clock."""
+    record = ProbationRecord(model_dir=str(V2), until_unix=1_800_000_000.0, clean_stop=True)
+    verdict = decide_on_start(record, V2, now_unix=now_unix, window_s=60.0)
+    if remaining is None:
+        assert verdict.action == "none"
+    else:
+        assert verdict.action == "rearm" and verdict.remaining_s == remaining
 
 
 @pytest.fixture

@@ -118,6 +118,12 @@ def test_identity_from_dir_name_and_manifest(smollm2_int4_raw: Path, tmp_path: P
 
 def test_unloadable_dir_raises_activation_error(tmp_path: Path, smollm2_int4_raw: Path) -> None:
     shutil.copy(smollm2_int4_raw / "genai_config.json", tmp_path / "genai_config.json")
+    # The model file is not there: the load check says so before onnxruntime runs.
+    with pytest.raises(ActivationError, match="'model.onnx', which is not a regular file inside the model dir"):
+        ModelRuntime(tmp_path)
+    # Every file the config names is there, the tokenizer is not: onnxruntime-genai refuses.
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(smollm2_int4_raw / name, tmp_path / name)
     with pytest.raises(ActivationError, match="cannot load"):
         ModelRuntime(tmp_path)
 

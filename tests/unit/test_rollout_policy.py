@@ -31,9 +31,24 @@ def test_waves_grow_monotonically() -> None:
     ],
 )
 def test_judge_wave(active: set[str], failed: set[str], elapsed: float, outcome: WaveOutcome) -> None:
-    verdict = judge_wave({"a", "b", "c", "d"}, active, failed, min_success=0.9, elapsed_s=elapsed, wait_s=60)
+    verdict = judge_wave({"a", "b", "c", "d"}, active, failed, known_on_channel=6, min_success=0.9,
+                         elapsed_s=elapsed, wait_s=60)
     assert verdict.outcome is outcome, verdict.reason
 
 
-def test_empty_wave_passes() -> None:
-    assert judge_wave(set(), set(), set(), min_success=0.95, elapsed_s=0, wait_s=1).outcome is WaveOutcome.PASSED
+def test_a_wave_of_none_of_the_known_devices_passes() -> None:
+    verdict = judge_wave(set(), set(), set(), known_on_channel=10, min_success=0.95, elapsed_s=0, wait_s=1)
+    assert verdict.outcome is WaveOutcome.PASSED
+
+
+def test_a_controller_that_sees_no_device_fails_closed() -> None:
+    """A device that blinded the observer, a wrong fleet name or an ACL that hides the statuses
+    all look like an empty fleet: the wave cannot be watched, so it fails (and rolls back)."""
+    verdict = judge_wave(set(), set(), set(), known_on_channel=0, min_success=0.95, elapsed_s=0, wait_s=60)
+    assert verdict.outcome is WaveOutcome.FAILED and "no device following the channel" in verdict.reason
+
+
+def test_a_controller_that_lost_the_broker_fails_closed_even_when_all_looked_well() -> None:
+    verdict = judge_wave({"a", "b"}, {"a", "b"}, set(), known_on_channel=2, min_success=0.5, elapsed_s=0, wait_s=60,
+                         blind_reason="disconnected from mqtt://b:1883 for 31 s")
+    assert verdict.outcome is WaveOutcome.FAILED and "cannot see the fleet" in verdict.reason

@@ -84,7 +84,8 @@ class WorkerClient:
         self._reader = asyncio.get_running_loop().create_task(self._read_events())
 
     @classmethod
-    async def start(cls, model_dir: Path, *, threads: int | None = None, load_timeout_s: float = 300.0,
+    async def start(cls, model_dir: Path, *, threads: int | None = None, allow_custom_ops: bool = False,
+                    load_timeout_s: float = 300.0,
                     env: dict[str, str] | None = None) -> WorkerClient:
         """Spawn a worker for `model_dir` and wait until it has loaded the model.
 
@@ -98,6 +99,8 @@ class WorkerClient:
             env = python_child_env()
         if threads:
             cmd += ["--threads", str(threads)]
+        if allow_custom_ops:
+            cmd.append("--allow-custom-ops")
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             limit=64 * 1024 * 1024, env=env)

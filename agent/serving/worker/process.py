@@ -204,6 +204,7 @@ def worker_main(argv: list[str] | None = None) -> int:
                                      description="edgefleet model-worker process")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--allow-custom-ops", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s %(message)s")
@@ -213,7 +214,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     started = time.perf_counter()
     try:
-        runtime = ModelRuntime(args.model_dir, intra_op_num_threads=args.threads)
+        runtime = ModelRuntime(args.model_dir, intra_op_num_threads=args.threads,
+                               allow_custom_ops=args.allow_custom_ops)
     except EdgefleetError as e:
         out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).to_line())
         return 1
