@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agent.wire.base import StrictModel
 from agent.wire.errors import ConfigError
@@ -78,6 +78,14 @@ class AgentConfig(StrictModel):
         if value is not None and not value.startswith(("mqtt://", "mqtts://")):
             raise ValueError("must start with mqtt:// or mqtts://")
         return value
+
+    @model_validator(mode="after")
+    def _rate_limit_above_the_minimum(self) -> AgentConfig:
+        limit = self.download_rate_limit_bytes_per_s
+        if limit is not None and limit < self.download_min_rate_bytes_per_s:
+            raise ValueError(f"download_rate_limit_bytes_per_s {limit} is under download_min_rate_bytes_per_s "
+                             f"{self.download_min_rate_bytes_per_s}: every download would be abandoned as too slow")
+        return self
 
     @property
     def trust_dir(self) -> Path:

@@ -29,6 +29,8 @@ def test_toml_env_override_and_defaults(tmp_path: Path) -> None:
         ('device_id = "d"\nrepo_url = "http://x"\n', {"EDGE_AGENT_NOPE": "1"}, "EDGE_AGENT_NOPE"),
         ('device_id = "d"\nrepo_url = "http://x"\npoll_interval_s = -1\n', {}, "'poll_interval_s'"),
         ("device_id = \n", {}, "not valid TOML"),
+        ('device_id = "d"\nrepo_url = "http://x"\ndownload_rate_limit_bytes_per_s = 100\n', {},
+         "under download_min_rate_bytes_per_s"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], needle: str) -> None:
