@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+import agent
 from agent.system import libc
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -20,7 +21,7 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def python_child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for `python -m agent.<module>` so that it imports this very `agent` package."""
     env = dict(os.environ if base is None else base)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(agent.__file__).resolve().parent.parent)  # the folder that holds `agent`
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

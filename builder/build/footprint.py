@@ -21,6 +21,7 @@ from pathlib import Path
 
 from agent.wire.base import FrozenModel
 from agent.wire.errors import BuildError
+from builder import IMPORT_ROOT
 
 PREFILL_CHUNK_TOKENS = 1024
 DECODE_TOKENS = 8
@@ -59,7 +60,7 @@ def measure_footprint(model_dir: Path, context_length: int, env: dict[str, str] 
     cmd = [sys.executable, "-m", "builder.build.footprint", str(model_dir), str(context_length)]
     if env is None:
         # The child must import this very builder package, installed or not.
-        root = str(Path(__file__).resolve().parent.parent)
+        root = str(IMPORT_ROOT)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env, check=False)

@@ -42,6 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.wire.channel import cohort_bucket
 from agent.wire.errors import DemoError, EdgefleetError, ExitCode, require
 from agent.wire.manifest import Manifest
+from builder import IMPORT_ROOT
 from builder.build import package
 from builder.demo.broker import BROKER_CHOICES, broker_command, choose_broker
 from builder.demo.client import FleetWatcher, PromptLoop, StatusChange, stream_chat
@@ -150,7 +151,7 @@ def _child_env() -> dict[str, str]:
     """This checkout first on sys.path, unbuffered output, and no EDGE_AGENT_* of the caller:
     the demo's agents are configured by their agent.toml alone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(IMPORT_ROOT)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -510,7 +511,7 @@ def step_where(run: _Run) -> None:
         "point a real device at this host:",
         *( ["  (this run listens on 127.0.0.1 only: rerun with --listen-host 0.0.0.0 to let other machines in)"]
            if s.listen_host in ("127.0.0.1", "localhost") else []),
-        f"  1. on the device: pip install {Path(__file__).resolve().parent.parent}   (a copy of this checkout; "
+        f"  1. on the device: pip install {IMPORT_ROOT}   (a copy of this checkout; "
         "the agent side needs no torch)",
         f"  2. copy {run.repo_dir / 'www' / 'metadata' / 'root.json'} to /var/lib/edge-agent/trust/root.json",
         "  3. /etc/edge-agent/agent.toml:",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,3 +117,26 @@ def test_every_error_is_in_the_one_tree_and_drawn_in_its_header() -> None:
 def test_errors_crossing_a_process_take_one_message() -> None:
     for name, cls in agent.wire.errors.CROSS_PROCESS_ERRORS.items():
         assert cls.__name__ == name and isinstance(cls("why"), EdgefleetError)
+
+
+def test_children_import_this_very_checkout() -> None:
+    """A child started as `python -m agent.<module>` / `builder.<module>` finds the package it came
+    from: the first PYTHONPATH entry is the folder that holds it, wherever the module sits."""
+    import agent
+    import builder
+    from agent.system.childproc import python_child_env
+    from builder.demo.story import _child_env
+
+    for package, env in ((agent, python_child_env({})), (builder, _child_env())):
+        first = Path(env["PYTHONPATH"].split(":")[0])
+        assert (first / package.__name__ / "__init__.py").resolve() == Path(package.__file__).resolve()
+
+
+@pytest.mark.parametrize(("module", "path"), [*_modules("agent"), *_modules("builder")])
+def test_no_module_locates_the_checkout_by_its_own_depth(module: str, path: Path) -> None:
+    """`Path(__file__).parent.parent` breaks silently when a module moves to another folder;
+    the checkout is located from the top package (`builder.IMPORT_ROOT`, `agent.__file__`)."""
+    if module == "builder":
+        return
+    assert not re.search(r"Path\(__file__\)\S*\.parent", path.read_text()), \
+        f"{path}: locate the checkout from the top package"
