@@ -174,7 +174,13 @@ class Outbox:
             except ValueError:
                 return
             if seq >= self._saved_next_seq:
-                self._save_state_locked()  # see the module docstring: no seq is ever reused
+                try:
+                    self._save_state_locked()  # see the module docstring: no seq is ever reused
+                except OSError as e:
+                    # Keep the file (unsaved, its unlink could let a seq be reused): it is
+                    # delivered once more after a restart, which at-least-once allows.
+                    log.warning("event=outbox_ack_unsaved seq=%d path=%s error=%s", seq, self.state_path, e)
+                    return
             self._unlink(seq)
 
     # -- read ------------------------------------------------------------------

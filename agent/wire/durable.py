@@ -27,9 +27,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so that a reader sees the old or the new content, never a mix."""
     # Unique per thread too: two threads writing the same file must not share a temp file.
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk must not also keep the half-written temp file: it holds the space a retry needs.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

@@ -1,0 +1,55 @@
+"""A full disk, for real (a small tmpfs filled to its last page): every write of ours fails
+cleanly, keeps what was there, and leaves nothing behind that would hold the space a retry needs."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from agent.link.outbox import Outbox
+from agent.wire.durable import TMP_PREFIX, atomic_write_bytes
+from agent.wire.errors import StoreError
+from agent.wire.mqtt import DeviceEvent
+from testkit.disks import fill, small_tmpfs
+
+
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", 256 * 1024) as disk:
+        target = disk / "journal.json"
+        atomic_write_bytes(target, b'{"old": true}')
+        fill(disk)
+        with pytest.raises(OSError) as raised:
+            atomic_write_bytes(target, b'{"new": true}' * 1000)
+        assert raised.value.errno == errno.ENOSPC
+        assert target.read_bytes() == b'{"old": true}'
+        assert [p.name for p in disk.iterdir() if p.name.startswith(TMP_PREFIX)] == []
+        # The space is really free again once the filler goes: the same write then lands.
+        (disk / "filler").unlink()
+        atomic_write_bytes(target, b'{"new": true}')
+        assert target.read_bytes() == b'{"new": true}'
+
+
+def test_the_outbox_on_a_full_disk_refuses_appends_clearly_and_reuses_no_seq(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", 256 * 1024) as disk:
+        outbox = Outbox(disk / "outbox")
+        for _ in range(2):
+            outbox.append(_event)
+        filler = fill(disk)
+
+        with pytest.raises(StoreError, match="check free disk space"):
+            outbox.append(_event)
+        # The broker's PUBACK for seq 1 arrives (paho's thread): saving next_seq fails, which
+        # must neither raise into paho nor drop a file whose seq could then be issued again.
+        outbox.remove(1)
+        assert [p.name for p in (disk / "outbox" / "events").iterdir() if p.name.startswith(TMP_PREFIX)] == []
+
+        filler.unlink()
+        reopened = Outbox(disk / "outbox")
+        assert [e.seq for e in reopened.pending()] == [1, 2]  # seq 1 is delivered again: at least once
+        assert reopened.append(_event).seq == 3
+
+
+def _event(seq: int) -> DeviceEvent:
+    return DeviceEvent(device_id="box-1", seq=seq, kind="info")
