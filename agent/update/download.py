@@ -17,6 +17,7 @@ started every few MiB while the download runs, so that fsync is short.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import queue
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import requests
 import urllib3
@@ -33,11 +35,12 @@ from tuf.api.metadata import TargetFile
 
 from agent.store.store import Store
 from agent.system.libc import start_writeback
-from agent.wire.errors import DownloadError, TransientDownloadError, VerificationError
+from agent.wire.errors import DownloadError, StoreError, TransientDownloadError, VerificationError
 
 log = logging.getLogger(__name__)
 
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class Downloader:
             DownloadError: the server could not deliver it within the bounded retries.
             VerificationError: the server sent more bytes than the signed length, or
                 bytes whose hash differs from the signed one.
+            StoreError: the disk filled up mid-file (the partial is deleted).
         """
         if store.has_blob(expected.sha256):
             self.stats.blobs_reused += 1
@@ -199,6 +203,10 @@ class Downloader:
                     break
                 try:
                     self._attempt(expected, partial, offset, hashers)
+                except OSError as e:
+                    if e.errno not in _DISK_FULL:
+                        raise
+                    self._give_back_space(expected, partial, store, e)
                 except TransientDownloadError as e:
                     progressed = (partial.stat().st_size if partial.exists() else 0) > offset
                     if progressed:
@@ -225,6 +233,19 @@ class Downloader:
         self.stats.files_downloaded += 1
         log.info("event=blob_verified sha256=%s bytes=%d", expected.sha256[:12], expected.length)
         return blob
+
+    @staticmethod
+    def _give_back_space(expected: ExpectedFile, partial: Path, store: Store, error: OSError) -> NoReturn:
+        """Raises:
+            StoreError: always. The partial goes: on a full disk it holds the space the journal,
+                the outbox and the model being served need more than a resume would.
+        """
+        have = partial.stat().st_size if partial.exists() else 0
+        partial.unlink(missing_ok=True)
+        raise StoreError(
+            f"disk full while downloading {expected.url} ({have} of {expected.length} bytes written; the partial "
+            f"file is deleted to give the space back): free space under {store.root} or lower disk_cap_bytes"
+        ) from error
 
     def _check_budget(self, expected: ExpectedFile, partial: Path) -> None:
         """Raises:
@@ -311,7 +332,7 @@ class Downloader:
                             f"{expected.url}: server sent more than the signed length of {expected.length} "
                             "bytes: refused (endless data attack or wrong file)"
                         )
-                    out.write(chunk)  # a write error (disk full) is not retried: it propagates
+                    out.write(chunk)  # a write error is not retried: a full disk is a StoreError above
                     hashers.update(chunk)
                     received += len(chunk)
                     if offset + received - written_back >= self.policy.writeback_bytes:

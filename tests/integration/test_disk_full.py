@@ -4,14 +4,19 @@ cleanly, keeps what was there, and leaves nothing behind that would hold the spa
 from __future__ import annotations
 
 import errno
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 from agent.link.outbox import Outbox
+from agent.store.store import Store
+from agent.update.download import Downloader, ExpectedFile
 from agent.wire.durable import TMP_PREFIX, atomic_write_bytes
 from agent.wire.errors import StoreError
 from agent.wire.mqtt import DeviceEvent
+from testkit.artifacts import serving
 from testkit.disks import fill, small_tmpfs
 
 
@@ -53,3 +58,22 @@ def test_the_outbox_on_a_full_disk_refuses_appends_clearly_and_reuses_no_seq(tmp
 
 def _event(seq: int) -> DeviceEvent:
     return DeviceEvent(device_id="box-1", seq=seq, kind="info")
+
+
+def test_a_download_that_fills_the_disk_stops_and_gives_the_space_back(tmp_path: Path) -> None:
+    """The free-space check before the first byte passed, then something else took the room."""
+    www = tmp_path / "www"
+    www.mkdir()
+    data = os.urandom(1024 * 1024)
+    (www / "blob.bin").write_bytes(data)
+    with small_tmpfs(tmp_path / "disk", 512 * 1024) as disk, serving(www) as (url, _):
+        store = Store(disk / "state")
+        store.ensure_layout()
+        expected = ExpectedFile(url=f"{url}/blob.bin", length=len(data),
+                                hashes={"sha256": hashlib.sha256(data).hexdigest()})
+        with pytest.raises(StoreError, match="disk full while downloading .* free space under"):
+            Downloader().fetch_blob(expected, store)
+        assert list(store.staging_dir.iterdir()) == []
+        assert not store.has_blob(expected.sha256)
+        # The space is back: the agent's own records can be written again.
+        atomic_write_bytes(disk / "state" / "state.json", b"{}" * 10_000)
