@@ -175,6 +175,9 @@ class Daemon:
                 self._requests.release_checks()  # the held checks may run once the rollback is done
             try:
                 updater.handle(event)
+            except EdgefleetError as e:  # foreseen (a full disk, an unwritable journal): the message says what to do
+                log.error("event=update_pass_failed trigger=%s error=%s reason=%s", event.kind.value,
+                          type(e).__name__, e)
             except Exception:  # the loop must survive one bad update; the journal holds the state
                 log.exception("event=update_pass_failed trigger=%s", event.kind.value)
             finally:

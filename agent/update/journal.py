@@ -83,5 +83,7 @@ class Journal:
         try:
             atomic_write_bytes(self.path, record.model_dump_json(indent=1).encode())
         except OSError as e:
-            raise JournalError(f"cannot write the update journal {self.path}: {e}; the previous state stays") from e
+            raise JournalError(f"cannot write the update journal {self.path}: {e}; the previous state stays and "
+                               "no update runs until it can be written: check free disk space and permissions "
+                               "of the state dir") from e
         return record

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,11 @@ import pytest
 from agent.link.outbox import Outbox
 from agent.store.store import Store
 from agent.update.download import Downloader, ExpectedFile
+from agent.update.statemachine import Phase
 from agent.wire.durable import TMP_PREFIX, atomic_write_bytes
 from agent.wire.errors import StoreError
 from agent.wire.mqtt import DeviceEvent
+from testkit.agents import Agent, Release
 from testkit.artifacts import serving
 from testkit.disks import fill, small_tmpfs
 
@@ -77,3 +80,34 @@ def test_a_download_that_fills_the_disk_stops_and_gives_the_space_back(tmp_path:
         assert not store.has_blob(expected.sha256)
         # The space is back: the agent's own records can be written again.
         atomic_write_bytes(disk / "state" / "state.json", b"{}" * 10_000)
+
+
+def test_a_daemon_whose_disk_fills_up_keeps_serving_says_why_and_updates_once_there_is_room(
+        tiny_raw: Path, release: Release, tmp_path: Path) -> None:
+    release.publish(tiny_raw, "tiny", 1)
+    with small_tmpfs(tmp_path / "a" / "state", 48 * 1024 * 1024) as state:
+        agent = Agent(tmp_path / "a", release)
+        try:
+            agent.start()
+            agent.wait_serving("tiny", 1)
+            log = tmp_path / "a" / "agent.log"
+            # Probation ends by deleting its record, which would free a page of the full disk.
+            agent.wait(lambda: "event=probation_passed" in log.read_text(), 60, "v1's probation to end")
+            filler = fill(state)
+            release.publish(tiny_raw, "tiny", 2, extra_files={"notes.bin": os.urandom(256 * 1024)})
+            assert agent.proc is not None
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait(lambda: "event=update_pass_failed" in log.read_text(), 60, "the check to fail on the full disk")
+            failure = next(line for line in log.read_text().splitlines() if "event=update_pass_failed" in line)
+            assert "No space left on device" in failure and "check free disk space" in failure, failure
+            assert "Traceback" not in log.read_text()  # a foreseen failure: one line that says what to do
+            assert agent.chat().status_code == 200 and agent.health() == {"status": "ok", "model": "tiny", "version": 1}
+            assert agent.phase() is Phase.ACTIVE
+            assert [p.name for p in state.rglob(f"{TMP_PREFIX}*")] == []
+
+            filler.unlink()  # the operator frees space: the next check installs v2, nothing was lost
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait_serving("tiny", 2)
+            assert agent.proc.poll() is None
+        finally:
+            agent.stop()
