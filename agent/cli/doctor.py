@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from agent.config import DEFAULT_STATE_DIR, ENV_PREFIX
 from agent.system.hardware import probe
-from agent.update.compat import HardwareReport, Shortfall, check_manifest, format_shortfalls, gib
+from agent.update.compat import HardwareReport, Shortfall, check_manifest, format_shortfalls, human_bytes
 from agent.update.statemachine import ModelRef
 from agent.wire.base import FrozenModel
 from agent.wire.cli import HelpFormatter, print_json
@@ -66,8 +66,8 @@ def _print_text(report: DoctorReport) -> None:
     print(f"arch                 {hw.arch} ({hw.os})")
     print(f"cpu count            {hw.cpu_count}")
     print(f"cpu features         {', '.join(hw.cpu_features) or 'none of note'}")
-    print(f"ram total/available  {gib(hw.total_ram_bytes)} / {gib(hw.available_ram_bytes)}")
-    print(f"free disk            {gib(hw.free_disk_bytes)} ({hw.state_dir})")
+    print(f"ram total/available  {human_bytes(hw.total_ram_bytes)} / {human_bytes(hw.available_ram_bytes)}")
+    print(f"free disk            {human_bytes(hw.free_disk_bytes)} ({hw.state_dir})")
     print(f"onnxruntime-genai    {hw.onnxruntime_genai_version or 'not installed'}"
           f" (providers: {', '.join(hw.execution_providers) or 'none'})")
     if report.model is not None:

@@ -75,10 +75,6 @@ def version_key(version: str) -> tuple[tuple[int, ...], int, str]:
     return release, 0 if suffix else 1, suffix
 
 
-def gib(n: int) -> str:
-    return f"{n / _GIB:.1f} GiB"
-
-
 def check_requirements(requirements: Requirements, report: HardwareReport) -> list[Shortfall]:
     """Every requirement of a manifest this device does not meet; empty when it can run the model."""
     out: list[Shortfall] = []
@@ -87,14 +83,15 @@ def check_requirements(requirements: Requirements, report: HardwareReport) -> li
         out.append(Shortfall(
             kind="ram", required=str(requirements.min_ram_bytes), available=str(report.total_ram_bytes),
             short_by_bytes=requirements.min_ram_bytes - report.total_ram_bytes,
-            detail=f"needs {gib(requirements.min_ram_bytes)} RAM, this device has {gib(report.total_ram_bytes)}",
+            detail=(f"needs {human_bytes(requirements.min_ram_bytes)} RAM, this device has"
+                    f" {human_bytes(report.total_ram_bytes)}"),
             remedy=f"publish a smaller build or {other_channel}"))
     if report.free_disk_bytes < requirements.min_free_disk_bytes:
         out.append(Shortfall(
             kind="disk", required=str(requirements.min_free_disk_bytes), available=str(report.free_disk_bytes),
             short_by_bytes=requirements.min_free_disk_bytes - report.free_disk_bytes,
-            detail=(f"needs {gib(requirements.min_free_disk_bytes)} free disk, this device has"
-                    f" {gib(report.free_disk_bytes)} free in {report.state_dir}"),
+            detail=(f"needs {human_bytes(requirements.min_free_disk_bytes)} free disk, this device has"
+                    f" {human_bytes(report.free_disk_bytes)} free in {report.state_dir}"),
             remedy=f"free disk space, publish a smaller build or {other_channel}"))
     if report.arch not in requirements.arch:
         out.append(Shortfall(
@@ -143,7 +140,8 @@ def check_disk_cap(manifest: Manifest, disk_cap_bytes: int) -> list[Shortfall]:
     return [Shortfall(
         kind="disk_cap", required=str(manifest.total_file_bytes), available=str(disk_cap_bytes),
         short_by_bytes=manifest.total_file_bytes - disk_cap_bytes,
-        detail=f"has {gib(manifest.total_file_bytes)} of files, the store's disk cap is {gib(disk_cap_bytes)}",
+        detail=(f"has {human_bytes(manifest.total_file_bytes)} of files, the store's disk cap is"
+                f" {human_bytes(disk_cap_bytes)}"),
         remedy="raise disk_cap_bytes (EDGE_AGENT_DISK_CAP_BYTES), publish a smaller build"
                " or move the device to another channel")]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from agent.link.outbox import Outbox
 from agent.store.store import Store
 from agent.update.download import Downloader, ExpectedFile
+from agent.update.journal import Journal
 from agent.update.statemachine import Phase
 from agent.wire.durable import TMP_PREFIX, atomic_write_bytes
 from agent.wire.errors import StoreError
@@ -109,5 +111,35 @@ def test_a_daemon_whose_disk_fills_up_keeps_serving_says_why_and_updates_once_th
             agent.proc.send_signal(signal.SIGHUP)
             agent.wait_serving("tiny", 2)
             assert agent.proc.poll() is None
+        finally:
+            agent.stop()
+
+
+def test_a_release_that_does_not_fit_the_free_disk_is_declined_in_readable_sizes_and_installed_later(
+        tiny_raw: Path, release: Release, tmp_path: Path) -> None:
+    release.publish(tiny_raw, "tiny", 1)
+    with small_tmpfs(tmp_path / "a" / "state", 48 * 1024 * 1024) as state:
+        agent = Agent(tmp_path / "a", release)
+        try:
+            agent.start()
+            agent.wait_serving("tiny", 1)
+            log = tmp_path / "a" / "agent.log"
+            agent.wait(lambda: "event=probation_passed" in log.read_text(), 60, "v1's probation to end")
+            filler = fill(state)
+            with open(filler, "r+b") as f:  # room for the journal and metadata, not for the new file
+                f.truncate(filler.stat().st_size - 128 * 1024)
+            release.publish(tiny_raw, "tiny", 2, extra_files={"notes.bin": os.urandom(1024 * 1024)})
+            assert agent.proc is not None
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait(lambda: agent.phase() is Phase.INCOMPATIBLE, 60, "v2 to be declined before downloading")
+            reason = Journal(agent.store.journal_path).load().reason or ""
+            # Sizes a person can compare (it read "needs 0.0 GiB free disk, this device has 0.0 GiB").
+            assert re.search(r"needs [\d.]+ MiB free disk, this device has [\d.]+ KiB free", reason), reason
+            assert release.artifact_gets("tiny", 2) == []
+            assert agent.chat().status_code == 200 and agent.health() == {"status": "ok", "model": "tiny", "version": 1}
+
+            filler.unlink()  # declined, not refused: the next check installs it
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait_serving("tiny", 2)
         finally:
             agent.stop()
