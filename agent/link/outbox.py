@@ -26,8 +26,8 @@ Crash safety (what survives `kill -9` or power loss at any instant):
   reached the disk delivers that event again: delivery is at-least-once and
   subscribers drop duplicates by `(device_id, seq)`.
 - A file that still fails to parse (a disk that lied about fsync) is moved
-  aside to `events/corrupt-*` and counted as dropped, never delivered and
-  never a crash.
+  aside to `events/corrupt-*` (the newest `MAX_CORRUPT_KEPT` are kept) and
+  counted as dropped, never delivered and never a crash.
 
 Bound: at most `max_events` files. Appending to a full outbox drops the
 oldest event first and adds one to `dropped_total`, which is persisted and
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_EVENTS = 10_000
 _EVENT_SUFFIX = ".json"
+_CORRUPT_PREFIX = "corrupt-"
+MAX_CORRUPT_KEPT = 16
 
 
 class OutboxState(StrictModel):
@@ -208,12 +210,22 @@ class Outbox:
             with self._lock:
                 if seq in self._pending:
                     self._pending.remove(seq)
-                    os.replace(path, self.events_dir / f"corrupt-{path.name}")
+                    os.replace(path, self.events_dir / f"{_CORRUPT_PREFIX}{path.name}")
+                    self._bound_corrupt_locked()
                     fsync_dir(self.events_dir)
                     self._state = self._state.model_copy(
                         update={"dropped_total": self._state.dropped_total + 1})
-                    self._save_state_locked()
+                    try:
+                        self._save_state_locked()
+                    except OSError as save_error:  # the count is saved with the next state write
+                        log.warning("event=outbox_state_unsaved path=%s error=%s", self.state_path, save_error)
             return None
+
+    def _bound_corrupt_locked(self) -> None:
+        """Keep the newest few damaged files as evidence; a disk that keeps lying must not fill up with them."""
+        kept = sorted(p for p in os.listdir(self.events_dir) if p.startswith(_CORRUPT_PREFIX))
+        for name in kept[:-MAX_CORRUPT_KEPT]:
+            os.unlink(self.events_dir / name)
 
     @property
     def pending_count(self) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.link.outbox import Outbox
+from agent.link.outbox import MAX_CORRUPT_KEPT, Outbox
 from agent.wire.errors import StoreError
 from agent.wire.mqtt import DeviceEvent
 
@@ -85,5 +85,17 @@ def test_corrupt_event_file_set_aside_and_counted(tmp_path: Path) -> None:
     assert [e.seq for e in reopened.pending()] == [1, 3]
     assert reopened.dropped_total == 1
     assert (tmp_path / "events" / f"corrupt-{2:016d}.json").exists()
+
+
+def test_damaged_files_kept_as_evidence_are_bounded(tmp_path: Path) -> None:
+    box = Outbox(tmp_path)
+    total = MAX_CORRUPT_KEPT + 5
+    for _ in range(total):
+        box.append(_event)
+    for seq in range(1, total + 1):
+        (tmp_path / "events" / f"{seq:016d}.json").write_bytes(b"{not json")
+    assert box.pending() == [] and box.dropped_total == total
+    kept = sorted(p.name for p in (tmp_path / "events").iterdir())
+    assert kept == [f"corrupt-{seq:016d}.json" for seq in range(total - MAX_CORRUPT_KEPT + 1, total + 1)]
 
 
