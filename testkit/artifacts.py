@@ -8,6 +8,7 @@ the trust layer never looks at them.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import shutil
@@ -101,7 +102,9 @@ class Faults:
     drip_path: str | None = None  # answer these one byte at a time, `drip_interval_s` apart
     drip_interval_s: float = 0.5
     drip_after_bytes: int = 0  # send this many bytes at full speed first
+    basic_auth: str | None = None  # "user:password": every request without it gets 401, as nginx's auth_basic does
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    authorizations: list[str | None] = field(default_factory=list)  # the Authorization header of each request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def range_requests(self, substring: str = "") -> int:
@@ -120,6 +123,14 @@ class FaultyHandler(RangeRequestHandler):
         faults = self.faults
         with faults.lock:
             faults.requests.append((self.path, self.headers.get("Range")))
+            faults.authorizations.append(self.headers.get("Authorization"))
+        if faults.basic_auth is not None and self.headers.get("Authorization") != \
+                "Basic " + base64.b64encode(faults.basic_auth.encode()).decode():
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="models"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if faults.endless_path and faults.endless_path in self.path:
             self.send_response(200)
             self.send_header("Connection", "close")

@@ -277,6 +277,9 @@ class Downloader:
             if response.status_code == 416:
                 partial.unlink(missing_ok=True)
                 raise TransientDownloadError("HTTP 416: the partial file does not fit the server's file; restarting")
+            if response.status_code in (401, 403):
+                raise DownloadError(f"GET {expected.url} answered HTTP {response.status_code}: the repository "
+                                    "refused access: check the user:password in repo_url")
             if response.status_code not in (200, 206):
                 raise DownloadError(f"GET {expected.url} answered HTTP {response.status_code}: "
                                     "the repository lacks a file its signed metadata lists; tell the operator")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 from tuf.api.metadata import TargetFile
 
 from agent.config import AgentConfig
@@ -94,10 +95,13 @@ class TufUpdateSource:
     def download(self, target: ModelRef) -> None:
         """Fetch every file of `target` (resuming partials), each verified into `blobs/`."""
         release = self._release(target)
+        session = requests.Session()
+        if (authorization := self._session().authorization) is not None:
+            session.headers["Authorization"] = authorization
         downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
                                                min_rate_bytes_per_s=self.config.download_min_rate_bytes_per_s,
                                                budget_s=self.config.download_budget_s),
-                                progress=self._progress)
+                                session=session, progress=self._progress)
         log.info("event=download_start target=%s files=%d bytes=%d", target, len(release.manifest.files),
                  release.manifest.total_file_bytes)
         for f in release.manifest.files:

@@ -17,16 +17,20 @@ never re-implemented here.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import tuf
 import urllib3
 from pydantic import ValidationError
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater
+from tuf.ngclient._internal.proxy import ProxyEnvironment
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from agent.wire.channel import ChannelFile, channel_target_path
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 ROOT_FILENAME = "root.json"
 # One metadata file must arrive within this long (the largest, root.json, is ~1 KiB per key).
 METADATA_DEADLINE_S = 120.0
+_ACCESS_REFUSED = (401, 403)
 
 
 # What ngclient raises for a bad repository (RepositoryError) or network (DownloadError,
@@ -52,6 +57,9 @@ def _translate(e: Exception, what: str) -> Exception:
     if isinstance(e, tuf_exceptions.DownloadLengthMismatchError):
         return VerificationError(f"{what}: the server sent more bytes than the signed length allows ({e}): "
                                  "refused (endless data attack or broken server)")
+    if isinstance(e, tuf_exceptions.DownloadHTTPError) and e.status_code in _ACCESS_REFUSED:
+        return DownloadError(f"{what}: the repository refused access (HTTP {e.status_code}): "
+                             "check the user:password in repo_url")
     if isinstance(e, (tuf_exceptions.DownloadError, urllib3.exceptions.HTTPError)):
         cause = f"{type(e).__name__}: {e}" + (f" ({e.__cause__})" if e.__cause__ else "")
         return DownloadError(f"{what}: repository unreachable or incomplete: {cause}: "
@@ -59,6 +67,22 @@ def _translate(e: Exception, what: str) -> Exception:
     if isinstance(e, tuf_exceptions.RepositoryError):
         return VerificationError(f"{what} refused by TUF: {type(e).__name__}: {e}")
     return StoreError(f"{what}: cannot write the trust dir: {e}: check free disk and permissions of state_dir")
+
+
+def split_credentials(repo_url: str) -> tuple[str, str | None]:
+    """`repo_url` without its `user:password@`, and the Basic `Authorization` header they make.
+
+    The URL without them is the only one that is built on, logged, journaled or published, so
+    the secret never leaves the config; the header goes with every request instead (ngclient's
+    urllib3 fetcher would drop a URL's credentials anyway; both clients strip the header on a
+    redirect to another host).
+    """
+    parts = urlsplit(repo_url)
+    if parts.username is None and parts.password is None:
+        return repo_url, None
+    user_pass = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return url, "Basic " + base64.b64encode(user_pass.encode()).decode()
 
 
 class DeadlineFetcher(Urllib3Fetcher):
@@ -71,9 +95,14 @@ class DeadlineFetcher(Urllib3Fetcher):
     slow retrieval.
     """
 
-    def __init__(self, socket_timeout: int, deadline_s: float, app_user_agent: str) -> None:
+    def __init__(self, socket_timeout: int, deadline_s: float, app_user_agent: str,
+                 authorization: str | None = None) -> None:
         super().__init__(socket_timeout=socket_timeout, app_user_agent=app_user_agent)
         self.deadline_s = deadline_s
+        if authorization is not None:
+            # Urllib3Fetcher takes no headers: rebuild its pool settings with ours added.
+            self._proxy_env = ProxyEnvironment(headers={
+                "User-Agent": f"{app_user_agent} python-tuf/{tuf.__version__}", "Authorization": authorization})
 
     def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
         deadline = time.monotonic() + self.deadline_s
@@ -104,10 +133,12 @@ class TrustedRepository:
         if not root.exists():
             raise ConfigError(f"{root} is missing: provision the device with the repository's root.json "
                               "(www/metadata/root.json on the operator host)")
-        self.repo_url = repo_url.rstrip("/")
+        url, self.authorization = split_credentials(repo_url.rstrip("/"))
+        self.repo_url = url  # without credentials: safe to log
         self._trust_dir = trust_dir
         self.targets_base_url = f"{self.repo_url}/targets/"
-        self._fetcher = DeadlineFetcher(int(max(1, timeout_s)), metadata_deadline_s, "edge-agent")
+        self._fetcher = DeadlineFetcher(int(max(1, timeout_s)), metadata_deadline_s, "edge-agent",
+                                        self.authorization)
         try:
             # bootstrap=None: the anchor is the provisioned (and since then ngclient-rotated) root.json.
             self._updater = Updater(metadata_dir=str(trust_dir), metadata_base_url=f"{self.repo_url}/metadata/",
@@ -157,7 +188,7 @@ class TrustedRepository:
         if self._consistent:
             dirname, sep, basename = path.rpartition("/")
             path = f"{dirname}{sep}{next(iter(info.hashes.values()))}.{basename}"
-        return self.targets_base_url + path
+        return self.targets_base_url + quote(path)  # a signed name may hold '#', '?', '%' or spaces
 
     def fetch_target_bytes(self, info: TargetFile) -> bytes:
         """Download a small target into memory and verify it against `info`.
