@@ -229,9 +229,32 @@ def test_device_reads_and_writes_only_its_own_topics(deployed: DeployedBroker, c
     dev_a.wait_message(device_topic(FLEET, "dev-a", "commands"), b"marker-2")
     leaked = [m.topic for m in dev_a.messages if m.topic.startswith(f"edgefleet/{FLEET}/devices/dev-b/")]
     assert leaked == []
-    # ... while the same wildcard does deliver dev-a's own messages to it.
-    assert dev_a.publish(device_topic(FLEET, "dev-a", "status"), b"a-status") in ACCEPTED
-    dev_a.wait_message(device_topic(FLEET, "dev-a", "status"), b"a-status")
+    # ... while the same wildcard does deliver dev-a's own commands to it (marker-2 above).
+
+
+def test_a_device_cannot_command_itself_or_park_retained_topics(deployed: DeployedBroker,
+                                                                 clients: list[Client]) -> None:
+    """Only the operator commands a device; a device writes exactly status, telemetry, events."""
+    op = _connect(deployed, clients, "operator", port=deployed.operator_port)
+    assert op.subscribe(f"edgefleet/{FLEET}/#") == 1
+    dev_a = _connect(deployed, clients, "dev-a")
+    own_commands = device_topic(FLEET, "dev-a", "commands")
+    assert dev_a.subscribe(own_commands) == 1
+    assert dev_a.publish(own_commands, b"self-command") == NOT_AUTHORIZED
+    parked = [f"edgefleet/{FLEET}/devices/dev-a/{suffix}"
+              for suffix in ("status/extra", "events/x/y", "anything", "commands/sub")]
+    for topic in parked:
+        assert dev_a.publish(topic, b"parked", retain=True) == NOT_AUTHORIZED, topic
+    assert dev_a.publish(device_topic(FLEET, "dev-a", "events"), b"marker") in ACCEPTED
+    op.wait_message(device_topic(FLEET, "dev-a", "events"), b"marker")
+    assert dev_a.received(own_commands) == []
+    assert [m.topic for m in op.messages if m.payload in (b"self-command", b"parked")] == []
+    # Nothing was retained: a new subscriber to the whole tree gets no parked message.
+    late = _connect(deployed, clients, "operator", port=deployed.operator_port)
+    assert late.subscribe(f"edgefleet/{FLEET}/devices/dev-a/#") == 1
+    assert late.publish(device_topic(FLEET, "dev-a", "commands"), b"marker-2") in ACCEPTED
+    late.wait_message(device_topic(FLEET, "dev-a", "commands"), b"marker-2")
+    assert [m.topic for m in late.messages if m.payload == b"parked"] == []
 
 
 def test_only_the_operator_rings_the_doorbell(deployed: DeployedBroker, clients: list[Client]) -> None:
