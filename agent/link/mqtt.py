@@ -61,6 +61,7 @@ from agent.wire.base import StrictModel
 from agent.wire.broker import BrokerCredentials, configure_client, parse_broker_url
 from agent.wire.errors import ConfigError, PayloadError
 from agent.wire.mqtt import (
+    MAX_INCOMING_PACKET_BYTES,
     Command,
     DeviceEvent,
     DeviceStatus,
@@ -187,6 +188,7 @@ class MqttLink:
         if self._is_v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            properties.MaximumPacketSize = MAX_INCOMING_PACKET_BYTES
         # Only stores the address; the network thread does the connecting.
         client.connect_async(self.address.host, self.address.port, keepalive=self.keepalive_s,
                              clean_start=False if self._is_v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,

@@ -36,6 +36,9 @@ from agent.wire.errors import PayloadError
 # Incoming payloads larger than this are dropped before they are parsed. The
 # largest legitimate one (a doorbell naming many channels) is well under 1 KiB.
 MAX_INCOMING_PAYLOAD_BYTES = 16 * 1024
+# An MQTT 5 client announces this in CONNECT, so the broker drops a larger packet
+# instead of sending it: the payload cap plus room for the topic and properties.
+MAX_INCOMING_PACKET_BYTES = MAX_INCOMING_PAYLOAD_BYTES + 1024
 
 TOPIC_ROOT = "edgefleet"
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

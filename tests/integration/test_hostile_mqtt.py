@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.wire.broker import BrokerCredentials
-from agent.wire.mqtt import DeviceStatus, Doorbell, device_topic, encode, releases_topic
+from agent.wire.mqtt import MAX_INCOMING_PACKET_BYTES, DeviceStatus, Doorbell, device_topic, encode, releases_topic
 from builder.fleet.rollout import Broker, FleetWatch
 from testkit.brokers import Mosquitto
 from testkit.hostile import hostile_payloads
@@ -100,3 +100,19 @@ def test_a_rollout_watch_survives_2000_hostile_payloads_per_topic_and_goes_blind
         assert "disconnected from" in (watch.blind_reason(0.5) or "")
     finally:
         watch.close()
+
+
+def test_an_mqtt5_link_has_the_broker_drop_packets_over_its_cap(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """MQTT 5's Maximum Packet Size: a 1 MiB payload never reaches the device (paho would read it
+    whole into memory before our size check); a valid doorbell after it arrives."""
+    link = make_link(mosquitto, tmp_path, protocol="5")
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        _flood(mosquitto.port, releases_topic(FLEET), [b"[" * (1 << 20), b"x" * MAX_INCOMING_PACKET_BYTES])
+        _flood(mosquitto.port, releases_topic(FLEET), [encode(Doorbell(repo_timestamp_version=7))])
+        assert link.incoming.get(timeout=10) == Doorbell(repo_timestamp_version=7)
+        counters = link.counters()
+        assert counters.dropped == {} and counters.callback_errors == 0, counters
+    finally:
+        link.stop()

@@ -12,7 +12,7 @@ import pytest
 from agent.link.backoff import Backoff
 from agent.wire.broker import parse_broker_url
 from agent.wire.errors import ConfigError
-from agent.wire.mqtt import Command, Doorbell, device_topic, releases_topic
+from agent.wire.mqtt import MAX_INCOMING_PAYLOAD_BYTES, Command, Doorbell, device_topic, releases_topic
 from testkit.brokers import Mosquitto, Recorder, publish_and_wait
 from testkit.link import FLEET, LinkProcess, make_link
 from testkit.waits import wait_until
@@ -133,7 +133,8 @@ def test_hostile_payloads_dropped_counted_link_healthy(mosquitto: Mosquitto, tmp
         valid_doorbell = Doorbell(repo_timestamp_version=5, channels=["stable"]).model_dump_json().encode()
         valid_command = Command(command="check_now").model_dump_json().encode()
         hostile = {
-            "oversized": b'{"schema_version": 1, "pad": "' + b"x" * 20000 + b'"}',
+            # Over the payload cap, under MQTT 5's packet cap: the link's own check drops it.
+            "oversized": b'{"schema_version": 1, "pad": "' + b"x" * MAX_INCOMING_PAYLOAD_BYTES + b'"}',
             "not_json": b"\xff\xfe not json",
             "unknown_schema": b'{"schema_version": 2, "repo_timestamp_version": 1}',
             "invalid": b'{"schema_version": 1, "command": "install", "model": "evil"}',
