@@ -77,14 +77,19 @@ def publish_channel(repo: Path, channel: str, name: str, version: int, allow_dow
                                 allow_downgrade=allow_downgrade).model_dump_json())
 
 
-def install(store: Store, manifest: Manifest, files: dict[str, bytes]) -> Path:
-    """Adopt the files as blobs (as a verified download would) and assemble the model dir."""
+def adopt_files(store: Store, manifest: Manifest, files: dict[str, bytes]) -> None:
+    """Adopt the files as blobs, as a verified download would."""
     store.ensure_layout()
     for f in manifest.files:
         if not store.has_blob(f.sha256):
             staged = store.staging_file(f"{f.sha256}.part")
             staged.write_bytes(files[f.path])
             store.adopt_blob(staged, f.sha256)
+
+
+def install(store: Store, manifest: Manifest, files: dict[str, bytes]) -> Path:
+    """Adopt the files as blobs and assemble the model dir."""
+    adopt_files(store, manifest, files)
     return store.assemble_model(manifest, manifest.model_dump_json(indent=1).encode())
 
 

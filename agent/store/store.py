@@ -112,15 +112,23 @@ class Store:
         tmp = final.parent / f"{TMP_PREFIX}{manifest.version}.{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
-        for f in manifest.files:
-            dest = tmp / f.path
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.link(self.blob_path(f.sha256), dest)
-        # The manifest goes in last: its presence marks the dir complete.
-        atomic_write_bytes(tmp / MANIFEST_FILENAME, manifest_bytes)
-        fsync_dir(tmp)
-        os.replace(tmp, final)
+        try:
+            tmp.mkdir()
+            for f in manifest.files:
+                dest = tmp / f.path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.link(self.blob_path(f.sha256), dest)
+            # The manifest goes in last: its presence marks the dir complete.
+            atomic_write_bytes(tmp / MANIFEST_FILENAME, manifest_bytes)
+            fsync_dir(tmp)
+            os.replace(tmp, final)
+        except (OSError, StoreError) as e:
+            # Nothing half-assembled stays behind to hold space or inodes until the next recover().
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"cannot assemble {manifest.name} v{manifest.version} in {final.parent}: {e}: "
+                             "check free disk space and permissions of the state dir") from e
         fsync_dir(final.parent)
         return final
 

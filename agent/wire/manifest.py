@@ -132,15 +132,22 @@ class Manifest(FrozenModel):
 
     @model_validator(mode="after")
     def _files_are_unique(self) -> Manifest:
-        seen: set[str] = set()
+        # Case-folded so that two entries cannot collide on a case-insensitive filesystem.
+        files: dict[str, str] = {}
         for f in self.files:
-            # Case-folded so that two entries cannot collide on a case-insensitive filesystem.
-            key = f.path.casefold()
-            if key in seen:
+            if f.path.casefold() in files:
                 raise ValueError(f"duplicate file path {f.path!r} in manifest")
-            if f.path == MANIFEST_FILENAME:
-                raise ValueError(f"{MANIFEST_FILENAME} must not list itself")
-            seen.add(key)
+            files[f.path.casefold()] = f.path
+        if MANIFEST_FILENAME in files:
+            raise ValueError(f"{MANIFEST_FILENAME} must not list itself")
+        # A file cannot also be a directory of another file (`a` and `a/b`): no model dir could hold both.
+        for key, path in files.items():
+            parts = key.split("/")
+            for depth in range(1, len(parts)):
+                parent = "/".join(parts[:depth])
+                if parent in files or parent == MANIFEST_FILENAME:
+                    raise ValueError(f"file path {files.get(parent, MANIFEST_FILENAME)!r} is also a directory "
+                                     f"of {path!r} in manifest")
         return self
 
     @property

@@ -23,6 +23,7 @@ from agent.wire.mqtt import DeviceEvent
 from testkit.agents import Agent, Release
 from testkit.artifacts import serving
 from testkit.disks import fill, small_tmpfs
+from testkit.store import adopt_files, manifest_for, model_files
 
 
 def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -39,6 +40,22 @@ def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_leaves_no_temp_fi
         (disk / "filler").unlink()
         atomic_write_bytes(target, b'{"new": true}')
         assert target.read_bytes() == b'{"new": true}'
+
+
+def test_a_model_assembly_on_a_full_disk_fails_clearly_and_leaves_no_half_assembled_dir(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", 512 * 1024) as disk:
+        store = Store(disk / "store")
+        files = model_files(1, size=64 * 1024)
+        manifest = manifest_for("m", 1, files)
+        adopt_files(store, manifest, files)  # the download is done; only the assembly is left
+        filler = fill(disk)
+        with pytest.raises(StoreError, match="cannot assemble m v1.*check free disk space"):
+            store.assemble_model(manifest, manifest.model_dump_json().encode())
+        assert not any(p.name.startswith(TMP_PREFIX) for p in (disk / "store").rglob("*"))
+        assert store.check_invariants() == []
+        filler.unlink()
+        model = store.assemble_model(manifest, manifest.model_dump_json().encode())
+        assert store.check_model_dir(model, verify_hashes=True) == []
 
 
 def test_the_outbox_on_a_full_disk_refuses_appends_clearly_and_reuses_no_seq(tmp_path: Path) -> None:

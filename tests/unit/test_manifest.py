@@ -85,3 +85,16 @@ def test_cohort_is_stable_and_monotonic_in_percent() -> None:
     assert all(is_in_cohort(Rollout(percent=100, salt="salt"), d) for d in ids)
     with pytest.raises(ValidationError):
         ChannelFile(channel="stable", model="m", version=1, rollout=Rollout(percent=101))
+
+
+@pytest.mark.parametrize("paths", [["a", "a/b"], ["a/b/c", "A/B"], ["manifest.json/x"], ["x/y", "x/y/z/w"]])
+def test_a_file_that_is_also_a_directory_is_rejected(paths: list[str]) -> None:
+    """No model dir can hold both `a` and `a/b`: the manifest is refused before any download."""
+    files = [{"path": p, "size": 1, "sha256": SHA} for p in paths]
+    with pytest.raises(ValidationError, match="is also a directory of"):
+        Manifest.model_validate(manifest_dict(files=files))
+
+
+def test_sibling_paths_sharing_a_prefix_are_fine() -> None:
+    files = [{"path": p, "size": 1, "sha256": SHA} for p in ("a", "ab/c", "a.data", "b/a")]
+    assert [f.path for f in Manifest.model_validate(manifest_dict(files=files)).files] == ["a", "ab/c", "a.data", "b/a"]

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from agent.store.store import Store
+from agent.wire.durable import TMP_PREFIX
 from agent.wire.errors import StoreError
-from testkit.store import install, manifest_for, model_files
+from agent.wire.manifest import ManifestFile
+from testkit.store import adopt_files, install, manifest_for, model_files
 
 SHARED = b"tokenizer" * 100  # 900 bytes shared by every version
 
@@ -139,3 +141,20 @@ def test_a_state_dir_that_cannot_be_written_is_a_clear_error() -> None:
     (/sys refuses a mkdir even for root, as a read-only path does)."""
     with pytest.raises(StoreError, match=r"state_dir /sys/edge-agent-test cannot be written .*ReadWritePaths="):
         Store(Path("/sys/edge-agent-test")).ensure_layout()
+
+
+def test_an_assembly_that_fails_leaves_no_half_assembled_dir(tmp_path: Path) -> None:
+    """A manifest from before the wire refused `a` beside `a/b` (built here without validation):
+    the assembly fails with a StoreError and deletes its `.tmp-` dir at once."""
+    store = Store(tmp_path)
+    files = {"a": b"file a", "b": b"file b"}
+    valid = manifest_for("m", 1, files)
+    adopt_files(store, valid, files)
+    clash = valid.model_copy(update={"files": [valid.files[0], ManifestFile(path="a/b", size=6,
+                                                                            sha256=valid.files[1].sha256)]})
+    with pytest.raises(StoreError, match="cannot assemble m v1"):
+        store.assemble_model(clash, b"{}")
+    assert [p.name for p in (tmp_path / "models" / "m").iterdir()] == []
+    assert not any(p.name.startswith(TMP_PREFIX) for p in tmp_path.rglob("*"))
+    assert store.check_invariants() == []
+    assert store.assemble_model(valid, valid.model_dump_json().encode()) == store.model_dir("m", 1)
