@@ -188,8 +188,14 @@ class Daemon:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
         probation_s = self.config.probation_s
         if probation_s > 0:  # recorded, so that a restart of the daemon keeps the window open
-            self._probation_file.write(ProbationRecord(model_dir=str(model_dir.resolve()),
-                                                       until_unix=time.time() + probation_s))
+            try:
+                self._probation_file.write(ProbationRecord(model_dir=str(model_dir.resolve()),
+                                                           until_unix=time.time() + probation_s))
+            except OSError as e:
+                # The model passed its canary: a full disk must not fail (and refuse) it. This
+                # run still watches the window; only a restart inside it would not know of it.
+                log.error("event=probation_record_failed model_dir=%s error=%s: the window is watched by this run"
+                          " only; check free disk space of the state dir", model_dir, e)
         self._arm_probation(model_dir, probation_s)
 
     def _arm_probation(self, model_dir: Path, probation_s: float) -> None:

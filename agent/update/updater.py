@@ -176,6 +176,8 @@ class Updater:
         self.clock = clock
         self.state = UpdateState()
         self._fired_test_stops: set[Phase] = set()
+        # True while a pass runs and after one that an exception cut short.
+        self._interrupted = False
 
     # -- entry points --------------------------------------------------------------
     def start(self) -> UpdateState:
@@ -185,11 +187,8 @@ class Updater:
             JournalError: state.json is unreadable (the message says what to do).
         """
         self.store.ensure_layout()
-        self.store.recover()
-        self.state = self.journal.load()
-        log.info("event=start phase=%s target=%s store_count=%d",
-                 self.state.phase.value, self.state.target, self.state.store_count)
-        return self.handle(Event(kind=EventKind.RESTARTED))
+        self._interrupted = False
+        return self._replay_journal("start")
 
     def check_now(self) -> UpdateState:
         """One full check (and update, if any) until a resting state."""
@@ -198,14 +197,31 @@ class Updater:
     def handle(self, event: Event) -> UpdateState:
         """Feed `event` and every event the actions produce, until nothing follows.
 
+        A pass that an exception cut short (a journal that could not be written on a full disk,
+        a failed switch) is resumed from the journal at the next call, as a restart would resume
+        it: without this, the phase left in progress would coalesce every later check forever.
+
         Raises:
             JournalError: state.json could not be written; nothing past the last saved state ran.
             InvalidTransition: `event` does not fit the current state (a caller bug).
         """
+        if self._interrupted:
+            self._interrupted = False
+            self._replay_journal("resume")
+        self._interrupted = True
         pending: Event | None = event
         while pending is not None:
             pending = self._transition(pending)
+        self._interrupted = False
         return self.state
+
+    def _replay_journal(self, why: Literal["start", "resume"]) -> UpdateState:
+        """Recover the store and replay the journaled state's RESTARTED event."""
+        self.store.recover()
+        self.state = self.journal.load()
+        log.log(logging.INFO if why == "start" else logging.WARNING, "event=%s phase=%s target=%s store_count=%d",
+                why, self.state.phase.value, self.state.target, self.state.store_count)
+        return self.handle(Event(kind=EventKind.RESTARTED))
 
     # -- the loop ----------------------------------------------------------------------
     def _transition(self, event: Event) -> Event | None:
@@ -299,7 +315,7 @@ class Updater:
             return Event(kind=EventKind.NO_UPDATE, reason=result.reason)
         if result.outcome == "incompatible":
             return Event(kind=EventKind.INCOMPATIBLE, reason=result.reason)
-        if result.target is not None and result.manifest is not None:
+        if result.target is not None and result.manifest is not None and not self.state.is_refused(result.target):
             # Staged before DOWNLOADING is journaled: the download plans disk room with it.
             atomic_write_bytes(self._plan(result.target), result.manifest.model_dump_json().encode())
         return Event(kind=EventKind.UPDATE_AVAILABLE, target=result.target)

@@ -17,6 +17,7 @@ from agent.store.store import Store
 from agent.update.download import Downloader, ExpectedFile
 from agent.update.journal import Journal
 from agent.update.statemachine import Phase
+from agent.update.updater import TEST_STOP_AT_ENV, TEST_STOP_SIGNAL_ENV
 from agent.wire.durable import TMP_PREFIX, atomic_write_bytes
 from agent.wire.errors import StoreError
 from agent.wire.mqtt import DeviceEvent
@@ -128,6 +129,54 @@ def test_a_daemon_whose_disk_fills_up_keeps_serving_says_why_and_updates_once_th
             agent.proc.send_signal(signal.SIGHUP)
             agent.wait_serving("tiny", 2)
             assert agent.proc.poll() is None
+        finally:
+            agent.stop()
+
+
+@pytest.mark.parametrize("phase", [Phase.INSTALLING, Phase.ACTIVATING], ids=lambda p: p.value)
+def test_a_disk_that_fills_in_the_middle_of_an_update_is_resumed_once_there_is_room(
+        tiny_raw: Path, release: Release, tmp_path: Path, phase: Phase) -> None:
+    """The daemon freezes itself right after journaling `phase` (the test stop hook), the disk is
+    filled, and it goes on: INSTALLING's assembly or ACTIVATING's probation record hits the full
+    disk, then the journal cannot record the rollback. v1 keeps serving; once space is freed the
+    next check resumes the update from the journal (it used to coalesce every check forever) and
+    a good release is never refused for a full disk."""
+    import psutil
+
+    release.publish(tiny_raw, "tiny", 1)
+    with small_tmpfs(tmp_path / "a" / "state", 48 * 1024 * 1024) as state:
+        agent = Agent(tmp_path / "a", release)
+        log = tmp_path / "a" / "agent.log"
+        try:
+            agent.start()
+            agent.wait_serving("tiny", 1)
+            agent.wait(lambda: "event=probation_passed" in log.read_text(), 60, "v1's probation to end")
+            agent.stop()
+            release.publish(tiny_raw, "tiny", 2, extra_files={"notes.bin": os.urandom(256 * 1024)})
+            agent.start(**{TEST_STOP_AT_ENV: phase.value, TEST_STOP_SIGNAL_ENV: "STOP"})
+            assert agent.proc is not None
+            daemon = psutil.Process(agent.proc.pid)
+            agent.wait(lambda: daemon.status() == psutil.STATUS_STOPPED, 120, f"the daemon to stop at {phase.value}")
+            filler = fill(state)
+            daemon.resume()
+            agent.wait(lambda: "event=update_pass_failed" in log.read_text().split("---- start ----")[-1], 120,
+                       "the update pass to fail on the full disk")
+            run_log = log.read_text().split("---- start ----")[-1]
+            assert "No space left on device" in run_log and "Traceback" not in run_log, run_log[-3000:]
+            assert agent.phase() is phase  # the journal could not record what came next: nothing past it ran
+            if phase is Phase.ACTIVATING:  # v2 passed its canary: the record's failure does not fail v2
+                assert "event=probation_record_failed" in run_log and "action=ACTIVATE" not in run_log, run_log[-3000:]
+            assert agent.store.current() == agent.store.model_dir("tiny", 1).resolve()
+            assert agent.chat().status_code == 200
+            assert [p.name for p in state.rglob(f"{TMP_PREFIX}*")] == []
+
+            filler.unlink()
+            daemon.send_signal(signal.SIGHUP)
+            agent.wait_serving("tiny", 2)
+            agent.wait(lambda: agent.phase() in (Phase.ACTIVE, Phase.UP_TO_DATE)
+                       and agent.store.current() == agent.store.model_dir("tiny", 2).resolve(), 60, "v2 current")
+            assert Journal(agent.store.journal_path).load().refused == ()
+            assert agent.store.check_invariants() == []
         finally:
             agent.stop()
 

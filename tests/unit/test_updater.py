@@ -11,11 +11,12 @@ the driver are the real ones.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
 
-from agent.update.journal import Journal
+from agent.update.journal import Journal, JournalRecord
 from agent.update.statemachine import MAX_STORE_COUNT, Event, EventKind, ModelRef, Phase, UpdateState
 from agent.update.updater import Updater
 from agent.wire.errors import JournalError
@@ -231,3 +232,44 @@ def test_corrupt_journal_stops_start_with_a_clear_error(repo: Path, tmp_path: Pa
         u.start()
 
 
+
+
+class JournalThatFailsOnce(Journal):
+    """TEST DOUBLE (named as such): the real journal, whose save of one phase fails once as on
+    a full disk. The real full disk, through the daemon, is in tests/integration/test_disk_full.py."""
+
+    def __init__(self, path: Path, fail_at: Phase) -> None:
+        super().__init__(path)
+        self.fail_at: Phase | None = fail_at
+
+    def save(self, state: UpdateState, now: dt.datetime | None = None) -> JournalRecord:
+        if state.phase is self.fail_at:
+            self.fail_at = None
+            raise JournalError(f"cannot write the update journal {self.path}: [Errno 28] No space left on device")
+        return super().save(state, now)
+
+
+@pytest.mark.parametrize("fail_at", [*UPDATE_PHASES[1:], P.ROLLING_BACK], ids=lambda p: p.value)
+def test_a_pass_cut_short_by_the_journal_resumes_at_the_next_check(repo: Path, tmp_path: Path, fail_at: Phase) -> None:
+    """Without the resume the phase left in progress coalesced every later check: no update ever again."""
+    u = make_updater(repo, tmp_path / "state")
+    u.start()
+    publish(repo, 1)
+    assert u.check_now().phase is P.ACTIVE
+    publish(repo, 2, broken_config=fail_at is P.ROLLING_BACK)  # a broken v2 reaches ROLLING_BACK
+    u.journal = JournalThatFailsOnce(u.store.journal_path, fail_at)
+    saved_before = Journal(u.store.journal_path).load()
+    with pytest.raises(JournalError, match="No space left"):
+        u.check_now()
+    assert Journal(u.store.journal_path).load().phase is not fail_at  # nothing past the last saved state
+    assert saved_before.phase is P.ACTIVE and u.store.current() == u.store.model_dir("m", 1).resolve()
+
+    state = u.check_now()  # the disk has room again
+    if fail_at is P.ROLLING_BACK:
+        assert state.phase is P.FAILED and ModelRef(name="m", version=2) in state.refused
+        assert u.store.current() == u.store.model_dir("m", 1).resolve()
+    else:
+        assert state.phase in (P.ACTIVE, P.UP_TO_DATE) and state.active == ModelRef(name="m", version=2)
+        assert u.store.current() == u.store.model_dir("m", 2).resolve()
+    assert Journal(u.store.journal_path).load() == state
+    assert u.store.check_invariants() == [] and list(u.store.staging_dir.iterdir()) == []
