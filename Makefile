@@ -24,10 +24,12 @@ venv: $(STAMP)
 # Real parts for the tests: Mosquitto (+ mosquitto_passwd), openssl for the test
 # certificates of the deploy/ ACL test, systemd-analyze for the unit file, nginx
 # for deploy/nginx.conf, and an emulated aarch64 device (debootstrap, qemu-user,
-# binfmt-support). One apt-get run installs whatever is missing.
+# binfmt-support), and libfaketime for the clock-skew tests (a fake clock, named as
+# such: a real process whose wall clock reads 1970 or years ahead). One apt-get
+# run installs whatever is missing.
 SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_passwd:mosquitto-clients openssl:openssl \
 	systemd-analyze:systemd nginx:nginx-light debootstrap:debootstrap \
-	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support
+	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support faketime:faketime
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \

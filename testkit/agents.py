@@ -9,6 +9,7 @@ for real. Versions of one model differ by a small `edition.txt` file (or an edit
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import json
@@ -59,7 +60,8 @@ def measured_leads(raw_dir: str, ids: tuple[int, ...], prompt: str = CANARY_PROM
 
 def make_real_artifact(raw: Path, out: Path, name: str, version: int, *, canary_ids: list[int] | None = None,
                        requirements: dict[str, Any] | None = None, config_edit: dict[str, Any] | None = None,
-                       extra_files: dict[str, bytes] | None = None, min_ram_bytes: int | None = None) -> Path:
+                       extra_files: dict[str, bytes] | None = None, min_ram_bytes: int | None = None,
+                       created_at: dt.datetime | None = None) -> Path:
     """An artifact of the real model files in `raw` plus a manifest with a measured canary.
 
     `canary_ids` replaces the measured ids (a signed but broken build); such a canary has no
@@ -87,6 +89,8 @@ def make_real_artifact(raw: Path, out: Path, name: str, version: int, *, canary_
                     h.update(chunk)
             entries[p.relative_to(out).as_posix()] = (p.stat().st_size, h.hexdigest())
     data = manifest_dict(name, version, entries)
+    if created_at is not None:
+        data["created_at"] = created_at.isoformat()
     ids = list(canary_ids) if canary_ids is not None else list(measured_canary(str(raw)))
     data["evaluation"]["canary"] = {"prompt": CANARY_PROMPT, "max_new_tokens": CANARY_TOKENS,
                                     "expected_token_ids": ids}

@@ -16,6 +16,7 @@ only: it runs during a rollback, when the network may be what failed.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from pydantic import ValidationError
 from tuf.api.metadata import TargetFile
 
 from agent.config import AgentConfig
@@ -35,7 +37,7 @@ from agent.update.statemachine import ModelRef
 from agent.update.trust import TrustedRepository
 from agent.wire.channel import ChannelFile
 from agent.wire.errors import VerificationError
-from agent.wire.manifest import Manifest
+from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +148,20 @@ class TufUpdateSource:
     def _session(self) -> TrustedRepository:
         if self._trust is None:
             trust = TrustedRepository(self.config.repo_url, self.store.trust_dir)
-            trust.refresh()
+            trust.refresh(self._running_model_built_at())
             self._trust = trust
         return self._trust
+
+    def _running_model_built_at(self) -> dt.datetime | None:
+        """The signed build time of the model `current` serves (TUF verified it when it came)."""
+        current = self.store.current()
+        if current is None:
+            return None
+        try:
+            built = Manifest.model_validate_json((current / MANIFEST_FILENAME).read_bytes()).created_at
+        except (OSError, ValidationError):
+            return None
+        return built if built.tzinfo is not None else built.replace(tzinfo=dt.UTC)
 
     def _release(self, target: ModelRef) -> _Release:
         cached = self._releases.get(target)

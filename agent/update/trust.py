@@ -18,6 +18,7 @@ never re-implemented here.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import logging
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from tuf.ngclient._internal.proxy import ProxyEnvironment
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
 from agent.wire.channel import ChannelFile, channel_target_path
-from agent.wire.errors import ConfigError, DownloadError, ManifestError, StoreError, VerificationError
+from agent.wire.errors import ClockError, ConfigError, DownloadError, ManifestError, StoreError, VerificationError
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 from agent.wire.paths import check_relative_path
 
@@ -44,6 +45,25 @@ ROOT_FILENAME = "root.json"
 # One metadata file must arrive within this long (the largest, root.json, is ~1 KiB per key).
 METADATA_DEADLINE_S = 120.0
 _ACCESS_REFUSED = (401, 403)
+# No release of this agent was made before this instant, so a wall clock that reads earlier was
+# never set (a board without an RTC boots at 1970 or at its image's date): TUF would judge every
+# expiry on it and accept metadata long expired. Raise it with each release.
+CLOCK_FLOOR = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+# The signed build time of the running model is a floor too, less this much skew between the
+# build host's clock and the device's.
+BUILD_CLOCK_SKEW = dt.timedelta(days=2)
+
+
+def check_clock(now: dt.datetime, running_model_built_at: dt.datetime | None = None) -> None:
+    """Raises ClockError when `now` cannot be a real time: earlier than this agent's release
+    or (less `BUILD_CLOCK_SKEW`) than the build of the model this device already runs."""
+    floor, what = CLOCK_FLOOR, "this agent's release"
+    if running_model_built_at is not None and running_model_built_at - BUILD_CLOCK_SKEW > floor:
+        floor, what = running_model_built_at - BUILD_CLOCK_SKEW, "the build of the model it runs (less 2 days)"
+    if now < floor:
+        raise ClockError(f"the wall clock reads {now:%Y-%m-%d %H:%M:%S} UTC, before {what} ({floor:%Y-%m-%d}): "
+                         "it was never set, and TUF cannot judge expiry by it; no metadata is read until time "
+                         "sync sets it (check NTP / systemd-timesyncd and the RTC), the current model keeps serving")
 
 
 # What ngclient raises for a bad repository (RepositoryError) or network (DownloadError,
@@ -64,6 +84,10 @@ def _translate(e: Exception, what: str) -> Exception:
         cause = f"{type(e).__name__}: {e}" + (f" ({e.__cause__})" if e.__cause__ else "")
         return DownloadError(f"{what}: repository unreachable or incomplete: {cause}: "
                              "check repo_url and the network; the next poll retries")
+    if isinstance(e, tuf_exceptions.ExpiredMetadataError):
+        return VerificationError(f"{what} refused by TUF: {type(e).__name__}: {e}: the wall clock reads "
+                                 f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; if it is right, the operator must "
+                                 "re-sign (`edge-builder repo refresh`), else fix this device's time sync")
     if isinstance(e, tuf_exceptions.RepositoryError):
         return VerificationError(f"{what} refused by TUF: {type(e).__name__}: {e}")
     return StoreError(f"{what}: cannot write the trust dir: {e}: check free disk and permissions of state_dir")
@@ -147,13 +171,15 @@ class TrustedRepository:
             raise VerificationError(f"trusted root {root} is invalid: {e}: re-provision the device") from e
         self._consistent = False
 
-    def refresh(self) -> None:
+    def refresh(self, running_model_built_at: dt.datetime | None = None) -> None:
         """Update root (following rotations), timestamp, snapshot and targets.
 
         Raises:
+            ClockError: the wall clock was never set (nothing is fetched).
             VerificationError: metadata is unsigned, expired, replayed (older version) or oversized.
             DownloadError: the repository cannot be reached.
         """
+        check_clock(dt.datetime.now(dt.UTC), running_model_built_at)
         try:
             self._updater.refresh()
         except _TUF_ERRORS as e:

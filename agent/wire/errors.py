@@ -13,6 +13,7 @@
     x TransientDownloadError   one attempt failed in a way a later one may fix (retried, never raised out)
   x VerificationError          TUF or hash verification refused what was fetched
     x DowngradeRefusedError    a channel points below the active version without allow_downgrade
+    x ClockError               the wall clock reads a time no signed metadata could be judged by
   x IncompatibleModelError     this device cannot run the model (RAM, disk, arch, ...)
   x StoreError                 the on-device content store refused or failed an operation
     x StateDirBusyError        another edge-agent process holds the state dir
@@ -119,6 +120,10 @@ class VerificationError(EdgefleetError):
 
 class DowngradeRefusedError(VerificationError):
     """A channel points below the active version without a signed `allow_downgrade`."""
+
+
+class ClockError(VerificationError):
+    """The wall clock reads earlier than this agent or the model it runs was made: it was never set."""
 
 
 class IncompatibleModelError(EdgefleetError):
@@ -246,7 +251,8 @@ class DemoError(EdgefleetError):
 
 # The errors a child process (update job, model worker) may report by name; each takes one message.
 CROSS_PROCESS_ERRORS: dict[str, type[EdgefleetError]] = {cls.__name__: cls for cls in (
-    ConfigError, ManifestError, DownloadError, VerificationError, DowngradeRefusedError, IncompatibleModelError,
+    ConfigError, ManifestError, DownloadError, VerificationError, DowngradeRefusedError, ClockError,
+    IncompatibleModelError,
     StoreError, StateDirBusyError, JournalError, ActivationError, RuntimeModelError, OgaError, ContextLengthError,
 )}
 
