@@ -23,7 +23,7 @@ from agent.store.store import Store
 from agent.wire.channel import ChannelFile
 from agent.wire.errors import EdgefleetError, ManifestError, VerificationError
 from agent.wire.manifest import MANIFEST_FILENAME
-from builder.release.repository import TufRepo
+from builder.release.repository import RepoSettings, TufRepo
 from testkit.artifacts import Faults, make_artifact, manifest_dict, new_repo, provision_device, serving
 from testkit.artifacts import run_update_once_unloaded as run_update_once
 
@@ -129,12 +129,124 @@ def test_replayed_older_snapshot(scene: Scene, caplog: pytest.LogCaptureFixture)
     _refused(scene, caplog, VerificationError, "BadVersionNumberError|LengthOrHashMismatchError")
 
 
-def test_expired_timestamp(scene: Scene, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("role", ["timestamp", "snapshot", "targets", "root"])
+def test_expired_role(scene: Scene, caplog: pytest.LogCaptureFixture, role: str) -> None:
+    """Each role, signed (no clock faking) to have expired an hour ago, over a new v2."""
     scene.publish_v2()
-    # The operator's cron stopped: the last timestamp expired an hour ago (signed that way, no clock faking).
-    scene.repo.expiry_override["timestamp"] = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
-    scene.repo.refresh()
-    _refused(scene, caplog, VerificationError, "ExpiredMetadataError")
+    repo = scene.repo
+    repo.expiry_override[role] = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    if role == "root":
+        with repo.edit_root():
+            pass
+    elif role == "targets":
+        with repo.edit("targets"):
+            pass
+    repo.do_snapshot(force=role in ("snapshot", "targets"))
+    repo.do_timestamp(force=True)
+    _refused(scene, caplog, VerificationError, rf"ExpiredMetadataError: [^:]*{role}(\.json)? is expired.*wall clock reads")
+
+
+def test_replayed_older_targets(scene: Scene, caplog: pytest.LogCaptureFixture) -> None:
+    older = scene.repo.targets().version
+    old_targets = (scene.repo.metadata_dir / f"{older}.targets.json").read_bytes()
+    scene.publish_v2()
+    newest = scene.repo.targets().version
+    assert newest > older
+    # The mirror answers the newest targets URL with the older (validly signed, unexpired) one: v2 hidden.
+    (scene.repo.metadata_dir / f"{newest}.targets.json").write_bytes(old_targets)
+    _refused(scene, caplog, VerificationError, "BadVersionNumberError")
+
+
+def test_signed_manifest_of_another_version_or_model(scene: Scene, caplog: pytest.LogCaptureFixture) -> None:
+    # A compromised build pipeline signs v1's manifest under v2's path: "v2" would install v1's files.
+    scene.repo.add_raw_targets({f"models/tiny/2/{MANIFEST_FILENAME}":
+                                json.dumps(manifest_dict("tiny", 1, V1_FILES)).encode()})
+    scene.repo.set_channel(ChannelFile(channel="stable", model="tiny", version=2))
+    _refused(scene, caplog, ManifestError, "describes tiny v1: refused")
+    caplog.clear()
+    scene.repo.add_raw_targets({f"models/tiny/2/{MANIFEST_FILENAME}":
+                                json.dumps(manifest_dict("other", 2, V2_FILES)).encode()})
+    _refused(scene, caplog, ManifestError, "describes other v2: refused")
+
+
+def test_channel_file_of_another_channel(scene: Scene, caplog: pytest.LogCaptureFixture) -> None:
+    scene.publish_v2()
+    scene.repo.set_channel(ChannelFile(channel="beta", model="tiny", version=2))
+    scene.repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
+    # Signed, but the beta file under the stable path: refused by what it says.
+    beta = scene.target_file("channels/beta.json").read_bytes()
+    scene.repo.add_raw_targets({"channels/stable.json": beta})
+    _refused(scene, caplog, VerificationError, "names channel 'beta'")
+    caplog.clear()
+    # Unsigned: the mirror serves beta's bytes at stable's (consistent) URL.
+    scene.repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
+    scene.target_file("channels/stable.json").write_bytes(beta)
+    _refused(scene, caplog, VerificationError, "LengthOrHashMismatchError")
+
+
+def test_fast_forward_attack_is_recovered_by_rotating_the_timestamp_key(
+        scene: Scene, caplog: pytest.LogCaptureFixture) -> None:
+    """An attacker with the (online) timestamp key signs timestamp version 1,000,000: the device
+    accepts it, and then refuses every honest timestamp as a rollback. The operator's recovery is
+    a new timestamp key in root; the device follows the new root and trusts lower versions again."""
+    repo = scene.repo
+    stolen = repo._signers_for(repo.root(), "timestamp")
+    md = Metadata.from_bytes((repo.metadata_dir / "timestamp.json").read_bytes())
+    md.signed.version = 1_000_000
+    md.signatures.clear()
+    for signer in stolen:
+        md.sign(signer, append=True)
+    (repo.metadata_dir / "timestamp.json").write_bytes(md.to_bytes())
+    assert run_update_once(scene.config, scene.store).status == "up_to_date"  # validly signed: accepted
+
+    scene.publish_v2()  # honest timestamp version 3 or so
+    _refused(scene, caplog, VerificationError, "BadVersionNumberError")
+
+    repo.rotate_key("timestamp")
+    outcome = run_update_once(scene.config, scene.store)
+    assert (outcome.status, outcome.version) == ("installed", 2)
+    assert scene.store.current() == scene.store.model_dir("tiny", 2)
+
+
+@pytest.fixture
+def two_key_scene(tmp_path: Path) -> Iterator[Scene]:
+    """The scene with a targets threshold of 2."""
+    settings = RepoSettings(thresholds={"root": 1, "targets": 2, "snapshot": 1, "timestamp": 1})
+    repo = TufRepo.init(tmp_path / "repo", settings)
+    repo.publish(make_artifact(tmp_path / "v1", "tiny", 1, V1_FILES))
+    repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
+    with serving(repo.www_dir) as (url, faults):
+        config, store = provision_device(tmp_path / "dev", repo, url)
+        assert run_update_once(config, store).version == 1
+        v1_dir = store.model_dir("tiny", 1)
+        snap = {p.relative_to(v1_dir).as_posix(): p.read_bytes() for p in v1_dir.rglob("*") if p.is_file()}
+        yield Scene(repo, config, store, faults, tmp_path, snap)
+
+
+def test_a_threshold_of_two_holds_against_one_compromised_key(
+        two_key_scene: Scene, caplog: pytest.LogCaptureFixture) -> None:
+    scene = two_key_scene
+    repo = scene.repo
+    scene.publish_v2()  # honest: both targets keys sign; the channel now names v2
+    newest = repo.targets().version
+    honest = (repo.metadata_dir / f"{newest}.targets.json").read_bytes()
+    one_key = repo._signers_for(repo.root(), "targets")[0]
+    assert len(repo.root().roles["targets"].keyids) == 2
+
+    # The attacker holds one targets key (and the online snapshot and timestamp keys): the same
+    # version, its own channel file, signed by that one key.
+    evil = repo._store_target_bytes("channels/stable.json", ChannelFile(
+        channel="stable", model="tiny", version=1, allow_downgrade=True).model_dump_json().encode())
+    md = Metadata.from_bytes(honest)
+    md.signed.targets["channels/stable.json"] = evil
+    md.signatures.clear()
+    md.sign(one_key)
+    (repo.metadata_dir / f"{newest}.targets.json").write_bytes(md.to_bytes())
+    _refused(scene, caplog, VerificationError, "UnsignedMetadataError: targets was signed by 1/2 keys")
+
+    # Control: the same files with both signatures install v2.
+    (repo.metadata_dir / f"{newest}.targets.json").write_bytes(honest)
+    assert run_update_once(scene.config, scene.store).version == 2
 
 
 def test_mix_and_match_manifest_with_file_of_another_version(
