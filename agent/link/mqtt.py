@@ -59,7 +59,7 @@ from agent.link.backoff import Backoff
 from agent.link.outbox import Outbox
 from agent.wire.base import StrictModel
 from agent.wire.broker import BrokerCredentials, configure_client, parse_broker_url
-from agent.wire.errors import ConfigError, PayloadError
+from agent.wire.errors import ConfigError, EdgefleetError, PayloadError
 from agent.wire.mqtt import (
     MAX_INCOMING_PACKET_BYTES,
     Command,
@@ -102,6 +102,7 @@ class LinkCounters(StrictModel):
     telemetry_published: int = 0
     telemetry_skipped: int = 0
     callback_errors: int = 0  # exceptions caught in paho callbacks (each logged with its traceback)
+    thread_restarts: int = 0  # the network loop itself failed and was started again (each also an event)
 
     @property
     def dropped_total(self) -> int:
@@ -306,6 +307,35 @@ class MqttLink:
             pass  # the pipe is full (a wake-up is already pending) or closed at stop
 
     def _run(self) -> None:
+        """The network thread: its loop, started again after anything it did not foresee, so
+        that no bug or odd packet ends the device's MQTT for the rest of the process."""
+        while True:
+            try:
+                self._run_loop()
+                return
+            except Exception as e:
+                with self._lock:
+                    self._counters.thread_restarts += 1
+                self._connected.clear()
+                delay = self._backoff.next_delay_s()
+                log.exception("event=mqtt_thread_restarted retry_in_s=%.2f", delay)
+                self._report_restart(e)
+                try:
+                    self._client.disconnect()  # whatever state the socket was left in
+                except Exception:  # the reconnect that follows replaces the socket anyway
+                    pass
+                if self._stop.wait(delay):
+                    return
+
+    def _report_restart(self, error: Exception) -> None:
+        """An `error` event, sent through the outbox once the link is back."""
+        try:
+            self.publish_event("error", reason=f"mqtt_link_restarted: the MQTT network loop failed and was "
+                                               f"started again: {type(error).__name__}: {error}"[:2000])
+        except EdgefleetError:
+            log.exception("event=mqtt_restart_report_failed")
+
+    def _run_loop(self) -> None:
         while not self._stop.is_set():
             self._set_will()
             try:

@@ -205,6 +205,11 @@ class Outbox:
             return DeviceEvent.model_validate_json(path.read_bytes())
         except FileNotFoundError:
             return None  # removed (acknowledged or trimmed) since the listing
+        except OSError as e:
+            # Unreadable now (an I/O error, a directory in its place): kept, tried again on the next
+            # pass, and never raised into the link's network thread.
+            log.warning("event=outbox_unreadable_event seq=%d path=%s error=%s", seq, path, e)
+            return None
         except (ValidationError, ValueError) as e:
             log.warning("event=outbox_corrupt_event seq=%d path=%s error=%s", seq, path, e)
             with self._lock:

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.config import AgentConfig
+from agent.link.backoff import Backoff
+from agent.link.mqtt import MqttLink
+from agent.link.outbox import Outbox
 from agent.wire.broker import BrokerCredentials
 from agent.wire.mqtt import MAX_INCOMING_PACKET_BYTES, DeviceStatus, Doorbell, device_topic, encode, releases_topic
 from builder.fleet.rollout import Broker, FleetWatch
-from testkit.brokers import Mosquitto
+from testkit.brokers import Mosquitto, Recorder
 from testkit.hostile import hostile_payloads
 from testkit.link import FLEET, make_link
 from testkit.waits import wait_until
@@ -116,3 +121,39 @@ def test_an_mqtt5_link_has_the_broker_drop_packets_over_its_cap(mosquitto: Mosqu
         assert counters.dropped == {} and counters.callback_errors == 0, counters
     finally:
         link.stop()
+
+
+class LinkWithOneBug(MqttLink):
+    """TEST DOUBLE (named as such): the real link whose network loop raises once, standing for a
+    bug no input reaches (paho returned error codes for 800 malformed broker packets tried; the
+    outbox's unreadable files no longer raise): the loop must be started again and say so."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.armed = True
+
+    def _send_pending_work(self) -> None:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("an unforeseen bug")
+        super()._send_pending_work()
+
+
+def test_a_network_loop_that_fails_anyway_is_restarted_and_reported(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    config = AgentConfig(device_id="dev-1", fleet=FLEET, repo_url="http://127.0.0.1:9", state_dir=tmp_path / "dev-1",
+                         broker_url=mosquitto.url)
+    link = LinkWithOneBug(config, Outbox(config.state_dir / "outbox"), keepalive_s=5,
+                          backoff=Backoff(initial_s=0.05, max_s=0.5))
+    recorder = Recorder(mosquitto.port, [device_topic(FLEET, "dev-1", "events")])
+    link.start()
+    try:
+        wait_until(lambda: link.counters().thread_restarts == 1 and link.is_connected, 10, "the loop restarted")
+        recorder.wait_for(lambda ms: any(b"mqtt_link_restarted" in m.payload for m in ms), 10, "the report")
+        (report,) = recorder.payloads("/events")
+        assert report["kind"] == "error" and "RuntimeError: an unforeseen bug" in report["reason"]
+        assert link.counters().connects == 2
+        _flood(mosquitto.port, releases_topic(FLEET), [encode(Doorbell(repo_timestamp_version=8))])
+        assert link.incoming.get(timeout=10) == Doorbell(repo_timestamp_version=8)
+    finally:
+        link.stop()
+        recorder.close()

@@ -143,7 +143,8 @@ def test_expired_role(scene: Scene, caplog: pytest.LogCaptureFixture, role: str)
             pass
     repo.do_snapshot(force=role in ("snapshot", "targets"))
     repo.do_timestamp(force=True)
-    _refused(scene, caplog, VerificationError, rf"ExpiredMetadataError: [^:]*{role}(\.json)? is expired.*wall clock reads")
+    expired = rf"ExpiredMetadataError: [^:]*{role}(\.json)? is expired.*wall clock reads"
+    _refused(scene, caplog, VerificationError, expired)
 
 
 def test_replayed_older_targets(scene: Scene, caplog: pytest.LogCaptureFixture) -> None:

@@ -87,6 +87,22 @@ def test_corrupt_event_file_set_aside_and_counted(tmp_path: Path) -> None:
     assert (tmp_path / "events" / f"corrupt-{2:016d}.json").exists()
 
 
+def test_an_unreadable_event_is_kept_and_skipped_not_raised(tmp_path: Path) -> None:
+    """An I/O error (here a directory where the event file should be) used to raise out of
+    `pending()` into the link's network thread and end it."""
+    box = Outbox(tmp_path)
+    for _ in range(3):
+        box.append(_event)
+    path = tmp_path / "events" / f"{2:016d}.json"
+    path.unlink()
+    path.mkdir()
+    assert [e.seq for e in box.pending()] == [1, 3]
+    assert box.pending_count == 3 and box.dropped_total == 0  # not dropped: it may read again
+    path.rmdir()
+    path.write_text(_event(2).model_dump_json())
+    assert [e.seq for e in box.pending()] == [1, 2, 3]
+
+
 def test_damaged_files_kept_as_evidence_are_bounded(tmp_path: Path) -> None:
     box = Outbox(tmp_path)
     total = MAX_CORRUPT_KEPT + 5
