@@ -23,6 +23,7 @@ from agent.wire.errors import StoreError
 from agent.wire.mqtt import DeviceEvent
 from testkit.agents import Agent, Release
 from testkit.artifacts import serving
+from testkit.brokers import Mosquitto, Recorder
 from testkit.disks import fill, small_tmpfs
 from testkit.store import adopt_files, manifest_for, model_files
 
@@ -103,10 +104,11 @@ def test_a_download_that_fills_the_disk_stops_and_gives_the_space_back(tmp_path:
 
 
 def test_a_daemon_whose_disk_fills_up_keeps_serving_says_why_and_updates_once_there_is_room(
-        tiny_raw: Path, release: Release, tmp_path: Path) -> None:
+        tiny_raw: Path, release: Release, tmp_path: Path, mosquitto: Mosquitto) -> None:
     release.publish(tiny_raw, "tiny", 1)
     with small_tmpfs(tmp_path / "a" / "state", 48 * 1024 * 1024) as state:
-        agent = Agent(tmp_path / "a", release)
+        agent = Agent(tmp_path / "a", release, broker_url=mosquitto.url)
+        recorder = Recorder(mosquitto.port, ["edgefleet/test/devices/box-1/#"])
         try:
             agent.start()
             agent.wait_serving("tiny", 1)
@@ -129,8 +131,15 @@ def test_a_daemon_whose_disk_fills_up_keeps_serving_says_why_and_updates_once_th
             agent.proc.send_signal(signal.SIGHUP)
             agent.wait_serving("tiny", 2)
             assert agent.proc.poll() is None
+            # MQTT stayed up throughout: events flow again once the outbox can store them, and no
+            # status ever said offline (the will is only sent when the connection drops).
+            recorder.wait_for(lambda ms: any(b'"to_state":"ACTIVE"' in m.payload and b'"version":2' in m.payload
+                                             for m in ms), 30, "v2's ACTIVE event")
+            statuses = recorder.payloads("/status")
+            assert statuses and all(status["online"] for status in statuses), statuses
         finally:
             agent.stop()
+            recorder.close()
 
 
 @pytest.mark.parametrize("phase", [Phase.INSTALLING, Phase.ACTIVATING], ids=lambda p: p.value)
