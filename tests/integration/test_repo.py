@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import socket
 import stat
@@ -22,6 +23,8 @@ from builder.release.repository import TufRepo, parse_duration_s
 from builder.release.server import parse_range
 from testkit.artifacts import make_artifact
 from testkit.env import subprocess_env
+
+SECRET = b"the operator's secret beside www/"
 
 
 def _builder(*args: str) -> subprocess.CompletedProcess[str]:
@@ -132,6 +135,7 @@ def served_www(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
     (www / "targets").mkdir(parents=True)
     data = bytes(range(256)) * 40
     (www / "targets" / "f.bin").write_bytes(data)
+    (tmp_path / "secret.txt").write_bytes(SECRET)  # beside www/: must never be served
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "serve", str(www), "--port", str(port)],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -165,4 +169,23 @@ def test_serve_range_semantics(served_www: tuple[str, bytes]) -> None:
     head = requests.head(f"{url}/targets/f.bin", timeout=5)
     assert head.status_code == 200 and int(head.headers["Content-Length"]) == len(data) and head.content == b""
     assert requests.get(f"{url}/targets/", timeout=5).status_code == 404  # no listings
-    assert requests.get(f"{url}/targets/../../etc/passwd", timeout=5).status_code == 404
+
+
+@pytest.mark.parametrize("raw_path", [
+    "/targets/../../secret.txt", "/../secret.txt", "/targets/%2e%2e/%2e%2e/secret.txt",
+    "/targets/..%2f..%2fsecret.txt", "//secret.txt", "/targets/../../../../etc/hostname"])
+def test_serve_never_leaves_its_directory(served_www: tuple[str, bytes], raw_path: str) -> None:
+    """The path goes out exactly as written (`requests` would normalise `..` away before sending,
+    so the server would never see it); a secret beside the served dir must not come back."""
+    url, _ = served_www
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.putrequest("GET", raw_path, skip_accept_encoding=True)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 404, (response.status, body[:200])
+    assert SECRET not in body
