@@ -575,6 +575,9 @@ def _install_signal_handlers() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
+    # Ctrl-C (SIGINT) stops the demo however it was started: Python leaves SIGINT ignored when it
+    # inherits it so, as every command started with `&` by a shell without job control (CI runners).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_demo(settings: _Settings) -> DemoSummary:

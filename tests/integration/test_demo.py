@@ -67,8 +67,10 @@ def test_demo_quick_end_to_end_then_ctrl_c_leaves_nothing_running(tmp_path: Path
             "--cache-dir", str(model_cache_dir / "builder-cache"),
             "--artifacts-dir", str(model_cache_dir / "demo-artifacts")]
     with open(log_path, "wb") as log:
+        # Started with SIGINT ignored, as a shell without job control (a CI runner) starts a
+        # command with `&`: Ctrl-C below must stop the demo all the same.
         demo = subprocess.Popen(argv, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         # --keep-running writes the summary with is_fleet_up once every step is done; a failure
         # ends the process instead.
