@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.update.journal import Journal
+from agent.update.statemachine import ModelRef
 from agent.wire.channel import ChannelFile, Rollout, cohort_bucket
+from agent.wire.errors import JournalError
 from agent.wire.mqtt import all_devices_topic
 from builder.fleet.state import RolloutPhase, load_state
 from builder.release.repository import TufRepo
@@ -123,6 +126,17 @@ def _rollout_args(env: Env) -> list[str]:
             "--min-success", "0.95", "--wait", "3m", "--salt", env.salt, "--json"]
 
 
+def _took_up_v2(state_dir: Path) -> bool:
+    """The device began on v2: its journal names it, or its store holds v2's model dir."""
+    if (state_dir / "models" / "tiny" / "2").exists():
+        return True
+    try:
+        state = Journal(state_dir / "state.json").load()
+    except JournalError:
+        return False
+    return ModelRef(name="tiny", version=2) in (state.target, state.active)
+
+
 def _current_version(state_dir: Path) -> int | None:
     current = state_dir / "current"
     if not current.exists():
@@ -134,9 +148,14 @@ def test_three_wave_rollout_across_real_agents_survives_a_controller_kill(good_e
     env = good_env
     first = subprocess.Popen(_rollout_args(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=subprocess_env())
+    # Seen on the devices themselves while wave 1 runs (the controller saves wave_index 1 before
+    # it signs wave 2): which ones took up v2, from their journals and stores.
+    took_up_v2_in_wave_1: set[str] = set()
     try:
         def past_wave_1() -> bool:
             st = load_state(env.repo.dir, "stable")
+            if st is None or st.wave_index == 0:
+                took_up_v2_in_wave_1.update(a.device_id for a in env.fleet.agents if _took_up_v2(a.state_dir))
             return st is not None and st.wave_index >= 1
         wait_until(past_wave_1, SETTLE_S, "the first wave to pass", interval_s=0.1)
         first.send_signal(signal.SIGKILL)
@@ -149,6 +168,7 @@ def test_three_wave_rollout_across_real_agents_survives_a_controller_kill(good_e
     assert saved is not None and saved.phase is RolloutPhase.RUNNING and saved.history[0].outcome == "passed"
     # Wave 1 had exactly its cohort; nobody outside it had started on v2 while it ran.
     assert saved.history[0].expected == len(env.wave(WAVES[0]))
+    assert took_up_v2_in_wave_1 and took_up_v2_in_wave_1 <= env.wave(WAVES[0]), took_up_v2_in_wave_1
 
     result = subprocess.run(_rollout_args(env), capture_output=True, text=True, env=subprocess_env(),
                             timeout=SETTLE_S * 2)
