@@ -95,6 +95,13 @@ def test_demo_quick_end_to_end_then_ctrl_c_leaves_nothing_running(tmp_path: Path
             health = requests.get(f"{dev.api_url}/healthz", timeout=5)
             assert health.status_code == 200, health.text
             assert health.json()["version"] == 2
+        # The demo's "0 failed requests" checked against the devices' own counters (/metrics):
+        # every chat request a device saw was answered 200, at least as many as the demo counted.
+        assert up.rollout is not None
+        for dev in up.devices:
+            chat = _chat_requests_by_status(requests.get(f"{dev.api_url}/metrics", timeout=5).text)
+            assert set(chat) == {200}, chat
+            assert chat[200] >= up.rollout.requests_by_device[dev.device_id] >= 2, (chat, up.rollout)
 
         # Ctrl-C: the demo stops everything and exits 0 (keep-running ends this way).
         os.kill(demo.pid, signal.SIGINT)
@@ -169,6 +176,18 @@ def test_demo_quick_end_to_end_then_ctrl_c_leaves_nothing_running(tmp_path: Path
     for p in summary.processes:
         assert group_members(p.pgid) == [], f"{p.name}'s process group {p.pgid} still has processes"
     assert _processes_mentioning(str(workdir)) == []
+
+
+def _chat_requests_by_status(metrics_text: str) -> dict[int, int]:
+    """`edgefleet_requests_total` of /v1/chat/completions by status code, from Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[int, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "edgefleet_requests_total" and sample.labels["endpoint"] == "/v1/chat/completions":
+                counts[int(sample.labels["status"])] = int(sample.value)
+    return counts
 
 
 def _has_mosquitto() -> bool:
