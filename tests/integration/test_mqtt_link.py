@@ -23,8 +23,9 @@ def test_broker_url_parsing() -> None:
     assert parse_broker_url("mqtts://b.example:8884").port == 8884
     assert parse_broker_url("mqtts://b.example").port == 8883
     assert parse_broker_url("mqtts://b.example").is_tls
-    for bad in ("http://h", "mqtt://", "mqtt://h:99999"):
-        with pytest.raises(ConfigError):
+    for bad, why in (("http://h", "scheme must be mqtt:// or mqtts://"), ("mqtt://", "has no host"),
+                     ("mqtt://h:99999", "Port out of range")):
+        with pytest.raises(ConfigError, match=f"broker_url '{bad}'.*{why}"):
             parse_broker_url(bad)
 
 

@@ -1,4 +1,4 @@
-"""deploy/nginx.conf serves a real repository to a real device (skipped where nginx is not installed)."""
+"""deploy/nginx.conf serves a real repository to a real device (`make system-deps` installs nginx)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,15 @@ from testkit.artifacts import make_artifact, new_repo, provision_device
 from testkit.artifacts import run_update_once_unloaded as run_update_once
 from testkit.env import REPO_ROOT
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 CONF = REPO_ROOT / "deploy" / "nginx.conf"
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
+
+def nginx_binary() -> str:
+    """Fails loudly like the other real parts: a suite that skips it proves nothing of nginx.conf."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if found is None:
+        pytest.fail("nginx is not installed: run `make system-deps` (apt-get install nginx-light)")
+    return found
 
 
 @pytest.fixture
@@ -45,7 +50,7 @@ def nginx(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         f"{user}master_process off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\nevents {{}}\nhttp {{\n"
         f"access_log {prefix}/access.log;\nclient_body_temp_path {prefix};\nproxy_temp_path {prefix};\n"
         f"fastcgi_temp_path {prefix};\nuwsgi_temp_path {prefix};\nscgi_temp_path {prefix};\n{server}\n}}\n")
-    proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(main), "-g", "daemon off;"],
+    proc = subprocess.Popen([nginx_binary(), "-p", str(prefix), "-c", str(main), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20

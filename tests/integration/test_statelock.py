@@ -58,6 +58,6 @@ def test_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
         holder.wait()
     with StateLock(tmp_path):  # no stale lock after kill -9
         assert (tmp_path / "agent.lock").read_text().strip() == str(os.getpid())
-        with pytest.raises(StateDirBusyError):
+        with pytest.raises(StateDirBusyError, match=rf"in use by another edge-agent process \(pid {os.getpid()}\)"):
             StateLock(tmp_path).acquire()  # exclusive within one process too
     StateLock(tmp_path).acquire().release()  # released on exit from the block
