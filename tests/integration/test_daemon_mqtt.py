@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,42 @@ def test_update_rung_by_the_doorbell(tiny_raw: Path, release: Release, mosquitto
     rec.wait_for(lambda ms: any(m.topic.endswith("/status") and json.loads(m.payload).get("version") == 2
                                 and json.loads(m.payload)["state"] == "ACTIVE" for m in ms), 30, "status v2")
     rec.close()
+
+
+def test_a_burst_of_doorbells_coalesces_into_one_or_two_checks(tiny_raw: Path, release: Release,
+                                                               mosquitto: Mosquitto, tmp_path: Path,
+                                                               agents: list[Agent]) -> None:
+    """20 doorbells within milliseconds: one pass runs and at most one more answers every doorbell
+    that came during it, counted from the repository's own access log (TUF timestamp fetches)."""
+    release.publish(tiny_raw, "tiny", 1)
+    agent = Agent(tmp_path / "a", release, broker_url=mosquitto.url, poll_interval_s=3600)
+    agents.append(agent.start())
+    agent.wait_serving("tiny", 1)
+    agent.wait(lambda: "event=probation_passed" in agent.log(), 60, "v1's probation to end (checks wait for it)")
+    faults = release.faults
+    with faults.lock:
+        mark = len(faults.requests)
+    passes_before = agent.log().count("event=check_requested")
+    for n in range(20):
+        publish_and_wait(mosquitto.port, f"edgefleet/{FLEET}/releases",
+                         Doorbell(repo_timestamp_version=100 + n, channels=["stable"]).model_dump_json().encode())
+    agent.wait(lambda: agent.log().count("event=check_requested") > passes_before
+               and agent.phase() is Phase.UP_TO_DATE, 60, "the check to run")
+
+    def timestamp_fetches() -> int:
+        with faults.lock:
+            return sum(1 for path, _ in faults.requests[mark:] if path.endswith("/timestamp.json"))
+    # No new fetch for 3 s: no further pass is coming.
+    last = {"n": timestamp_fetches(), "at": time.monotonic()}
+
+    def quiet() -> bool:
+        if (n := timestamp_fetches()) != last["n"]:
+            last.update(n=n, at=time.monotonic())
+        return time.monotonic() - last["at"] >= 3.0
+    wait_until(quiet, 30, "the passes to settle")
+    passes = agent.log().count("event=check_requested") - passes_before
+    assert 1 <= passes <= 2 and 1 <= timestamp_fetches() <= 2, (passes, timestamp_fetches())
+    assert "triggers=doorbell" in agent.log()
 
 
 def test_update_found_only_by_polling(tiny_raw: Path, release: Release, tmp_path: Path,
