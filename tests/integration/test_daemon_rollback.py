@@ -92,6 +92,38 @@ def _worker_of(agent: Agent, version: int) -> psutil.Process | None:
     return None
 
 
+def test_a_drain_first_switch_that_fails_reloads_the_old_model_and_fails_no_request(
+        tiny_raw: Path, release: Release, agent: Agent) -> None:
+    """switch_mode "drain" (no RAM for two models): the old worker is stopped before the new one
+    loads; when the new one fails its canary, the old model is loaded again, and the requests that
+    waited in the queue meanwhile are answered by it, none failed."""
+    assert agent.proc is not None
+    daemon = psutil.Process(agent.proc.pid)
+
+    def worker_pids() -> set[int]:
+        return {c.pid for c in daemon.children() if "agent.serving.worker" in " ".join(c.cmdline())}
+    v1_worker = worker_pids()
+    assert len(v1_worker) == 1
+    expected = list(measured_canary(str(tiny_raw)))
+    release.publish(tiny_raw, "tiny", 2, canary_ids=[expected[0] + 1, *expected[1:]])
+    agent.write_config({**agent.config_values, "switch_mode": "drain"})
+    with Poller(agent) as poller:
+        n = _check_count(agent)
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait(lambda: _check_count(agent) > n and agent.phase() is Phase.FAILED, 60, "v2 rolled back")
+        agent.wait(lambda: agent.health() == {"status": "ok", "model": "tiny", "version": 1}, 60, "v1 serving")
+        answered_after = len(poller.results)
+        agent.wait(lambda: len(poller.results) > answered_after + 2, 30, "answers after the rollback")
+    log = agent.log()
+    assert "event=drained model=tiny" in log and "mode=drain error=" in log and "reloading" in log, log[-3000:]
+    assert poller.failures() == [], poller.failures()[:5]
+    # v1 really went away and came back: another worker process serves it now.
+    assert len(worker_pids()) == 1 and worker_pids() != v1_worker
+    state = Journal(agent.store.journal_path).load()
+    assert "failed its canary" in (state.reason or "") and ModelRef(name="tiny", version=2) in state.refused
+    assert agent.store.current() == agent.store.model_dir("tiny", 1).resolve()
+
+
 def test_new_model_crashing_in_probation_rolls_back_to_previous(tiny_raw: Path, release: Release,
                                                                 agent: Agent) -> None:
     release.publish(tiny_raw, "tiny", 2)
