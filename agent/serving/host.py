@@ -32,6 +32,8 @@ from agent.wire.worker import ChatMessage, DoneEvent, GenerateCommand, RequestEv
 log = logging.getLogger(__name__)
 
 HostState = Literal["empty", "loading", "ready", "failed"]
+# A restarted worker that serves this long without dying ends a crash loop's backoff.
+STABLE_WORKER_S = 60.0
 
 
 class ModelHost:
@@ -184,12 +186,16 @@ class ModelHost:
 
         Its open requests have already failed with `worker_died` (503); queued
         ones wait and then go to the restarted worker. Restarts back off
-        (1, 2, 4 ... 60 s) so that a model that crashes at once cannot spin the CPU.
+        (1, 2, 4 ... 60 s) while each restarted worker dies within `STABLE_WORKER_S`,
+        so that a model that crashes soon after every load cannot spin the CPU. A
+        restart that fails leaves the host `failed`: queued requests get a 503.
         """
         await worker.wait_exited()
         if self._current is not worker:
             return  # switched away or closed: a planned stop
         self.metrics.worker_restarts_total += 1
+        if time.monotonic() - worker.ready_at >= STABLE_WORKER_S:
+            self._consecutive_restarts = 0  # it served a good while: a new incident, not a loop
         delay_s = min(60.0, 2.0 ** (self._consecutive_restarts))
         self._consecutive_restarts += 1
         self.state = "loading"
@@ -205,7 +211,6 @@ class ModelHost:
             async with self._slot_freed:
                 self._slot_freed.notify_all()  # queued requests get 503 instead of waiting forever
             return
-        self._consecutive_restarts = 0
 
     async def _check_canary(self, worker: WorkerClient, canary: Canary) -> None:
         """The new worker replays the manifest's canary; the leads of its tokens must match the

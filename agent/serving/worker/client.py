@@ -14,6 +14,7 @@ import collections
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Annotated
@@ -81,6 +82,9 @@ class WorkerClient:
         self.load_s = ready.load_s
         self._queues: dict[str, _EventBox] = {}
         self.is_alive = True
+        self.ready_at = time.monotonic()  # when it began to serve
+        # Generations the worker confirmed it dropped after their client went away.
+        self.cancels_confirmed = 0
         self._reader = asyncio.get_running_loop().create_task(self._read_events())
 
     @classmethod
@@ -145,6 +149,9 @@ class WorkerClient:
             box = self._queues.get(getattr(event, "id", ""))
             if box is not None:
                 box.put(event)  # type: ignore[arg-type]
+            elif isinstance(event, DoneEvent) and event.finish_reason == "cancelled":
+                self.cancels_confirmed += 1
+                log.info("event=generation_cancelled id=%s completion_tokens=%d", event.id, event.completion_tokens)
         self.is_alive = False
         code = await self.proc.wait()
         if self._queues:
