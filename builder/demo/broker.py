@@ -82,7 +82,7 @@ def broker_command(kind: BrokerKind, port: int, workdir: Path, host: str = "127.
         conf = workdir / "mosquitto.conf"
         conf.write_text(mosquitto_conf(port, host))
         return [binary, "-c", str(conf)]
-    return [sys.executable, "-m", "builder.demo.broker", "--port", str(port), "--host", host]
+    return [sys.executable, "-m", "builder.demo.broker", "--port", str(port), "--host", host, "--workdir", str(workdir)]
 
 
 def _amqtt_config(host: str, port: int) -> dict[str, object]:
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description="embedded MQTT 3.1.1 broker (amqtt), anonymous, for demos")
     parser.add_argument("--port", type=int, required=True, help="TCP port")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="the demo run this broker belongs to: named on the command line so that a later demo "
+                             "finds and stops it if this one was killed (nothing is written there)")
     args = parser.parse_args(argv)
     # amqtt logs every packet at INFO; a demo broker only has to say when something is wrong.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -89,6 +89,9 @@ def test_demo_quick_end_to_end_then_ctrl_c_leaves_nothing_running(tmp_path: Path
         assert {"broker", "repo-server"} <= names
         for p in up.processes:
             assert Path(f"/proc/{p.pid}").exists(), f"{p.name} (pid {p.pid}) is not running while the fleet is up"
+            # What a later demo's kill_leftovers needs to stop it if this demo is SIGKILLed.
+            cmdline = Path(f"/proc/{p.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            assert str(workdir) in cmdline, f"{p.name}'s command line does not name the run: {cmdline}"
         assert up.repo is not None
         assert requests.get(f"{up.repo.url}/metadata/root.json", timeout=5).status_code == 200
         for dev in up.devices:
