@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -21,6 +20,7 @@ from agent.wire.errors import UpdateJobError, VerificationError
 from agent.wire.manifest import Manifest
 from testkit.artifacts import make_artifact, new_repo, provision_device, serving
 from testkit.env import subprocess_env
+from testkit.waits import wait_until
 
 FILES = {"model.onnx": os.urandom(200_000), "genai_config.json": b'{"v": 1}'}
 
@@ -102,6 +102,13 @@ def test_errors_come_back_typed_and_a_killed_job_is_replaced(tmp_path: Path) -> 
             source.close()
 
 
+def _wait_channel(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
 def test_job_dies_with_its_parent(tmp_path: Path) -> None:
     """SIGKILL of the daemon leaves no job behind, even one whose stdin stays open (blocked in I/O):
     the kernel kills it (PR_SET_PDEATHSIG)."""
@@ -114,14 +121,11 @@ def test_job_dies_with_its_parent(tmp_path: Path) -> None:
             stdout=subprocess.PIPE, text=True, env=subprocess_env(), pass_fds=(stdin_read,))
         assert parent.stdout is not None
         job_pid = int(parent.stdout.readline())
-        time.sleep(0.5)
-        assert not _gone(job_pid)  # alive, waiting for its start line
+        # Blocked in a read of its stdin, waiting for its start line (the kernel's wait channel).
+        wait_until(lambda: "pipe_read" in _wait_channel(job_pid), 30, "the job waiting on its stdin")
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        while not _gone(job_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(job_pid)
+        wait_until(lambda: _gone(job_pid), 10, "the job to die with its parent")
     finally:
         os.close(stdin_read)
         os.close(stdin_write)
