@@ -8,6 +8,7 @@ ran. Quality itself is covered by the SmolLM2 build.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -52,6 +53,17 @@ def test_tiny_architecture_builds_to_a_verified_int4_artifact(arch: str, tiny_mo
     assert ev.perplexity_ratio < DEFAULT_MAX_PPL_RATIO
     assert len(ev.canary.expected_token_ids) == ev.canary.max_new_tokens
     assert result.canary_token_ids == ev.canary.expected_token_ids and result.is_reused is False
+    # The manifest names its own input: the sha256 of a sha256sum-style listing of the source
+    # folder, recomputed here; and the cached reference it was judged against is that source's
+    # own (the four architectures share one cache: none may reuse another's perplexity).
+    src = tiny_model_dir(arch)
+    listing = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(src).as_posix()}\n"
+                      for p in sorted(src.rglob("*")) if p.is_file())
+    assert manifest.source.sha256 == hashlib.sha256(listing.encode()).hexdigest()
+    (ppl_file,) = (builder_cache_dir / "reference").glob(f"{manifest.source.sha256[:16]}-w*.ppl")
+    assert float(ppl_file.read_text()) == ev.reference_perplexity
+    others = [p for p in (builder_cache_dir / "reference").glob("*.ppl") if p != ppl_file]
+    assert ev.reference_perplexity not in [float(p.read_text()) for p in others]
 
 
 def test_quality_gate_failure_packages_nothing(tiny_model_dir, tmp_path: Path, builder_cache_dir: Path) -> None:
