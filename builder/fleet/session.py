@@ -9,6 +9,7 @@ so several operators can look at once. The commands are `builder.cli.fleet`.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import uuid
@@ -60,6 +61,9 @@ class _Session:
         self.client.on_message = self._message
         try:
             self.client.connect(address.host, address.port, keepalive=30)
+        except ssl.SSLCertVerificationError as e:
+            raise BrokerError(f"cannot connect to broker {broker_url}: its TLS certificate is not trusted "
+                              f"({e.verify_message}): pass the fleet's CA certificate with --ca-file") from e
         except OSError as e:
             raise BrokerError(f"cannot connect to broker {broker_url}: {e}; check the URL, that the broker "
                               "runs and that this host may reach it") from e

@@ -8,11 +8,13 @@ openssl CLI, passwords from mosquitto_passwd.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -29,10 +31,12 @@ from agent.config import AgentConfig
 from agent.link.backoff import Backoff
 from agent.link.mqtt import MqttLink
 from agent.link.outbox import Outbox
-from agent.wire.mqtt import Doorbell, device_topic, releases_topic
+from agent.wire.broker import BrokerCredentials
+from agent.wire.mqtt import DeviceStatus, Doorbell, device_topic, encode, releases_topic
 from builder.demo.ports import free_port
+from builder.fleet.session import ring_doorbell
 from testkit.brokers import Mosquitto
-from testkit.env import REPO_ROOT
+from testkit.env import REPO_ROOT, subprocess_env
 from testkit.waits import wait_until
 
 FLEET = "prod"
@@ -324,3 +328,45 @@ def test_the_agent_link_works_with_the_deploy_config(deployed: DeployedBroker, c
         assert link.wait_outbox_empty(10)
     finally:
         link.stop()
+
+
+def _fleet_status(deployed: DeployedBroker, tmp_path: Path, password: str, *,
+                  ca: bool = True) -> subprocess.CompletedProcess[str]:
+    password_file = tmp_path / "operator.password"
+    password_file.write_text(password + "\n")
+    return subprocess.run(
+        [sys.executable, "-m", "builder.cli", "fleet", "status", "--broker", f"mqtts://127.0.0.1:{deployed.operator_port}",
+         "--fleet", FLEET, "--username", "operator", "--password-file", str(password_file),
+         *(["--ca-file", deployed.ca_file] if ca else []), "--json"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=60)
+
+
+def test_the_operator_commands_over_tls_with_a_password(deployed: DeployedBroker, clients: list[Client],
+                                                        tmp_path: Path) -> None:
+    """`fleet status` and the doorbell as an operator uses them against the deployed broker:
+    TLS with the fleet's CA, the operator's password from a file; a wrong password or an unknown
+    CA is refused with a message that says which."""
+    dev_a = _connect(deployed, clients, "dev-a")
+    status = DeviceStatus(device_id="dev-a", online=True, state="ACTIVE", channel="stable", model="tiny", version=3,
+                          agent_version="0.1.0")
+    assert dev_a.publish(device_topic(FLEET, "dev-a", "status"), encode(status), retain=True) in ACCEPTED
+
+    done = _fleet_status(deployed, tmp_path, PASSWORDS["operator"])
+    assert done.returncode == 0, done.stderr
+    devices = {d["device_id"]: d for d in json.loads(done.stdout)["devices"]}
+    assert devices["dev-a"]["version"] == 3 and devices["dev-a"]["state"] == "ACTIVE"
+
+    wrong = _fleet_status(deployed, tmp_path, "not-the-password")
+    assert wrong.returncode != 0 and "refused the connection" in wrong.stderr, wrong.stderr
+    assert "check the username/password" in wrong.stderr
+    untrusted = _fleet_status(deployed, tmp_path, PASSWORDS["operator"], ca=False)  # the system CAs
+    assert untrusted.returncode != 0 and "TLS certificate is not trusted" in untrusted.stderr, untrusted.stderr
+    assert "--ca-file" in untrusted.stderr
+
+    # The doorbell, as `rollout` and `rollback` ring it, reaches a device over the device port.
+    assert dev_a.subscribe(releases_topic(FLEET)) == 1
+    doorbell = Doorbell(repo_timestamp_version=42, channels=["stable"])
+    ring_doorbell(f"mqtts://127.0.0.1:{deployed.operator_port}",
+                  BrokerCredentials(username="operator", password=PASSWORDS["operator"], ca_file=deployed.ca_file),
+                  FLEET, doorbell)
+    dev_a.wait_message(releases_topic(FLEET), encode(doorbell))
