@@ -66,6 +66,28 @@ def test_tiny_architecture_builds_to_a_verified_int4_artifact(arch: str, tiny_mo
     assert ev.reference_perplexity not in [float(p.read_text()) for p in others]
 
 
+@pytest.mark.parametrize(("precision", "algo"), [("int8", None), ("fp32", None), ("int4", "k_quant_mixed")])
+def test_other_precisions_and_algorithms_build_load_and_generate(precision: str, algo: str | None, tiny_model_dir,
+                                                               tmp_path: Path, builder_cache_dir: Path) -> None:
+    """INT8, FP32 and INT4 with k_quant_mixed through the whole pipeline (gate, footprint, package),
+    then loaded and run by the device's runtime: its greedy tokens are the manifest's canary."""
+    from agent.serving.runtime import ModelRuntime
+
+    out = tmp_path / "artifact"
+    result = build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=out, precision=precision,
+                                         algo=algo, cache_dir=builder_cache_dir))
+    manifest = verify_artifact(out)
+    assert manifest.build.precision == precision
+    assert manifest.build.builder_options.get("algo_config") == algo
+    assert manifest.evaluation.perplexity_ratio < DEFAULT_MAX_PPL_RATIO
+    if precision == "fp32":  # no quantization at all: the candidate is the reference
+        assert manifest.evaluation.perplexity_ratio == pytest.approx(1.0, abs=1e-3)
+    runtime = ModelRuntime(out, intra_op_num_threads=1)
+    canary = manifest.evaluation.canary
+    assert runtime.greedy_token_ids(canary.prompt, canary.max_new_tokens) == canary.expected_token_ids
+    assert result.canary_token_ids == canary.expected_token_ids
+
+
 def test_quality_gate_failure_packages_nothing(tiny_model_dir, tmp_path: Path, builder_cache_dir: Path) -> None:
     out = tmp_path / "artifact"
     with pytest.raises(QualityGateError, match=r"over --max-ppl-ratio 0.5: .*nothing was packaged"):
