@@ -78,6 +78,7 @@ _EVENT_ERRORS: dict[str, tuple[int, str, str]] = {
     "invalid_request": (400, "invalid_request_error", "invalid_request"),
     "runtime": (500, "server_error", "generation_failed"),
     "worker_died": (503, "unavailable_error", "worker_died"),
+    "model_replaced": (503, "unavailable_error", "model_replaced"),
 }
 
 

@@ -246,6 +246,8 @@ class ModelHost:
                     break
         if old.inflight:
             log.warning("event=drain_timeout model=%s open_requests=%d", old.identity.name, old.inflight)
+            old.end_open_requests(f"the model was replaced and this request ran past the drain timeout "
+                                  f"(drain_timeout_s = {self.drain_timeout_s:g} s): retry it on the new model")
         await old.stop()
 
     async def close(self) -> None:

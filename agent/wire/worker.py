@@ -81,7 +81,7 @@ class SamplingOptions:
 # A canary longer than this is not a health check any more.
 MAX_CANARY_TOKENS = 256
 
-ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died"]
+ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died", "model_replaced"]
 
 _STRICT = {"extra": "forbid", "strict": True}  # a pydantic ConfigDict, read by pydantic without importing it
 

@@ -256,6 +256,29 @@ def test_a_restart_that_fails_answers_the_queued_request_503(smollm2_int4_raw: P
         assert requests.get(f"{srv.url}/healthz", timeout=5).status_code == 503
 
 
+def test_a_switch_ends_a_request_that_outlasts_the_drain_timeout(smollm2_int4_raw: Path, tmp_path: Path) -> None:
+    """A hot switch lets in-flight requests finish on the old model for at most `drain_timeout_s`:
+    one that runs longer is ended with an error event in OpenAI's shape (not left hanging, and
+    not holding the old model in RAM), and the switch completes."""
+    twin = tmp_path / "twin"
+    shutil.copytree(smollm2_int4_raw, twin, copy_function=os.link)
+    with ServerThread(smollm2_int4_raw, threads=2, parallel=2, queue_size=2) as srv:
+        srv.host.drain_timeout_s = 1.0
+        stream = _open_stream(srv.port)  # 4000 tokens: far longer than the drain timeout
+        old = srv.host.current_worker
+        assert old is not None
+        srv.call(srv.host.switch(twin), timeout_s=120)
+        received = b""
+        while not received.endswith(b"0\r\n\r\n"):  # the end of the chunked SSE body
+            chunk = stream.recv(65536)
+            assert chunk, "connection closed without ending the stream"
+            received += chunk
+        stream.close()
+        assert b'"error"' in received and b"drain_timeout_s" in received, received[-600:]
+        assert not old.is_alive and srv.host.current_worker is not old
+        assert _chat(srv.url, 3).status_code == 200
+
+
 def test_client_leaving_the_queue_never_runs(small_server: ServerThread) -> None:
     running = _open_stream(small_server.port)  # holds the only slot
     body = json.dumps({"model": "default", "max_tokens": 50, "temperature": 0,

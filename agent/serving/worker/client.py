@@ -231,6 +231,13 @@ class WorkerClient:
             raise RuntimeModelError(f"the canary could not run ({event.kind}): {event.message}")
         raise RuntimeModelError(f"the model worker answered a canary with a {event.type} event")
 
+    def end_open_requests(self, message: str) -> None:
+        """End every open request with a `model_replaced` error (before a planned stop, so that
+        its client reads why rather than `worker_died`)."""
+        for request_id, box in list(self._queues.items()):
+            box.put(ErrorEvent(id=request_id, kind="model_replaced", message=message))
+        self._queues.clear()
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout_s`."""
         if self.proc.returncode is None:
