@@ -52,7 +52,9 @@ class _Session:
         self.subacked = threading.Event()
         self.last_message_at = time.monotonic()
         self.callback_errors = 0
+        self.thread_restarts = 0  # the network loop failed and was started again (each logged)
         self.disconnected_since: float | None = None  # monotonic; None while connected
+        self._closing = threading.Event()
         self._on_message = on_message
         self._topics: list[str] = []
         self.client.on_connect = self._connected
@@ -67,7 +69,8 @@ class _Session:
         except OSError as e:
             raise BrokerError(f"cannot connect to broker {broker_url}: {e}; check the URL, that the broker "
                               "runs and that this host may reach it") from e
-        self.client.loop_start()
+        self._network = threading.Thread(target=self._run_network, name=f"operator-mqtt-{address.host}", daemon=True)
+        self._network.start()
         if not self.connack.wait(CONNECT_TIMEOUT_S):
             self.close()
             raise BrokerError(f"no CONNACK from {broker_url} within {CONNECT_TIMEOUT_S}s: is it an MQTT broker?")
@@ -111,9 +114,29 @@ class _Session:
         if not self.subacked.wait(CONNECT_TIMEOUT_S):
             raise BrokerError(f"no SUBACK from {self.broker_url} for {topics}")
 
+    def _run_network(self) -> None:
+        """paho's loop, started again after anything it raises (paho re-raises a callback's
+        exception and its own thread would end there): a watch that stops seeing must say so."""
+        while not self._closing.is_set():
+            try:
+                self.client.loop_forever(retry_first_connection=True)
+                return  # close() disconnected
+            except Exception:
+                self.thread_restarts += 1
+                if self.disconnected_since is None:
+                    self.disconnected_since = time.monotonic()
+                log.exception("event=operator_network_restarted broker=%s", self.broker_url)
+                if self._closing.wait(1.0):
+                    return
+                try:
+                    self.client.reconnect()  # a fresh session, whose CONNACK subscribes again
+                except OSError:
+                    pass  # loop_forever goes on retrying
+
     def close(self) -> None:
+        self._closing.set()
         self.client.disconnect()
-        self.client.loop_stop()
+        self._network.join(10)
 
 
 # Public name for the other operator commands of builder/ (rollout) that watch a fleet.

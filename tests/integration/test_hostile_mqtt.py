@@ -157,3 +157,30 @@ def test_a_network_loop_that_fails_anyway_is_restarted_and_reported(mosquitto: M
     finally:
         link.stop()
         recorder.close()
+
+
+def test_a_rollout_watch_whose_network_loop_fails_is_restarted_and_sees_again(mosquitto: Mosquitto) -> None:
+    """paho re-raises what a callback raises and its thread used to end there, leaving the watch
+    deaf without ever saying it was disconnected. Here its connect callback raises once (a TEST
+    DOUBLE for a bug: the real callback wrapped) on the reconnect after a broker restart."""
+    watch = FleetWatch(Broker(mosquitto.url, BrokerCredentials(), FLEET), "m", 2)
+    try:
+        client = watch._session.client
+        real_on_connect = client.on_connect
+        armed = [True]
+
+        def on_connect_with_a_bug(*args: Any) -> None:
+            if armed[0]:
+                armed[0] = False
+                raise RuntimeError("an unforeseen bug in on_connect")
+            real_on_connect(*args)
+        client.on_connect = on_connect_with_a_bug
+        mosquitto.restart()
+        wait_until(lambda: watch._session.thread_restarts == 1, 30, "the network loop restarted")
+        late = DeviceStatus(device_id="late", online=True, state="ACTIVE", channel="stable", model="m", version=2,
+                            agent_version="0.1.0")
+        wait_until(lambda: _flood(mosquitto.port, device_topic(FLEET, "late", "status"), [encode(late)]) is None
+                   and "late" in watch.observer.on_channel("stable"), 30, "a status after the restart")
+        assert watch.blind_reason(60) is None
+    finally:
+        watch.close()
