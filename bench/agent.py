@@ -189,6 +189,7 @@ def main() -> None:
                 doorbell_s: list[float] = []
                 for i in range(args.n):
                     version = manifest.version + 1 + i
+                    passed = agent.log().count("event=probation_passed")
                     release.publish(args.artifact, manifest.name, version)
                     t0 = time.perf_counter()
                     ring_doorbell(broker.url, BrokerCredentials(), "bench", Doorbell(repo_timestamp_version=version))
@@ -196,7 +197,8 @@ def main() -> None:
                     doorbell_s.append(time.perf_counter() - t0)
                     agent.wait(lambda: agent.store.current() == agent.store.model_dir(manifest.name, version).resolve(),
                                60, "current moved")
-                    time.sleep(1.5)  # past probation, before the next round
+                    # This version's probation over before the next round: checks wait for it to end.
+                    agent.wait(lambda n=passed: agent.log().count("event=probation_passed") > n, 60, "probation")
                 agent.kill(signal.SIGTERM)
             finally:
                 agent.stop()

@@ -40,10 +40,13 @@ class Arrivals:
         self.count = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
         self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.subscribe(topic, qos=1)
         self.client.loop_start()
-        time.sleep(0.3)
+        if not subscribed.wait(10):
+            raise SystemExit(f"no SUBACK for {topic} from the broker on port {port}")
 
     def _on_message(self, *args: object) -> None:
         with self.cond:
