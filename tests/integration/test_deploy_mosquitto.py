@@ -59,6 +59,13 @@ def _make_certs(d: Path) -> None:
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+    # Device certificates, CN = device id, for the client-certificate variant of the device listener.
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for device in ("dev-a", "dev-b"):
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", f"{device}.key", "-out", f"{device}.csr", "-subj", f"/CN={device}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{device}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{device}.crt", "-days", "2", "-extfile", "client.ext", cwd=d)
 
 
 @dataclass
@@ -67,6 +74,8 @@ class DeployedBroker:
     device_port: int
     operator_port: int
     ca_file: str
+    cert_port: int  # the device listener with the two commented-out client-certificate lines enabled
+    files: Path
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +102,23 @@ def deployed() -> Iterator[DeployedBroker]:
             mosq = pwd.getpwnam("mosquitto")
             for p in [files, state, *files.iterdir()]:
                 os.chown(p, mosq.pw_uid, mosq.pw_gid)
-        device_port, operator_port = free_port(), free_port()
+        device_port, operator_port, cert_port = free_port(), free_port(), free_port()
         conf = (REPO_ROOT / "deploy" / "mosquitto.conf").read_text()
         assert conf.count("/etc/mosquitto/edgefleet/") >= 5 and "listener 8883\n" in conf and "listener 8884\n" in conf
+        # The device listener once more, with client certificates as its comment says to enable them.
+        device_section = conf[conf.index("listener 8883\n"):conf.index("# --- Operators")]
+        assert "#require_certificate true\n#use_identity_as_username true\n" in device_section
+        conf += device_section.replace("listener 8883\n", f"listener {cert_port}\n").replace(
+            "#require_certificate true\n#use_identity_as_username true\n",
+            "require_certificate true\nuse_identity_as_username true\n")
         conf = (conf.replace("/etc/mosquitto/edgefleet/", f"{files}/")
                 .replace("/var/lib/mosquitto/", f"{state}/")
                 .replace("listener 8883\n", f"listener {device_port}\n")
                 .replace("listener 8884\n", f"listener {operator_port}\n"))
-        broker = Mosquitto(root / "run", conf_text=conf, ready_ports=[device_port, operator_port])
+        broker = Mosquitto(root / "run", conf_text=conf, ready_ports=[device_port, operator_port, cert_port])
         broker.start()
         try:
-            yield DeployedBroker(broker, device_port, operator_port, str(files / "ca.crt"))
+            yield DeployedBroker(broker, device_port, operator_port, str(files / "ca.crt"), cert_port, files)
         finally:
             broker.kill()
     finally:
@@ -114,7 +129,8 @@ class Client:
     """A synchronous MQTT v5 client over TLS: v5 so the broker names each refusal."""
 
     def __init__(self, d: DeployedBroker, user: str | None, password: str | None = None, *,
-                 port: int | None = None, client_id: str | None = None, tls: bool = True) -> None:
+                 port: int | None = None, client_id: str | None = None, tls: bool = True,
+                 cert: str | None = None) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self.cond = threading.Condition()
         self.connack: Any = None
@@ -123,7 +139,9 @@ class Client:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"c-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5, reconnect_on_failure=False)
         if tls:
-            self.client.tls_set(ca_certs=d.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self.client.tls_set(ca_certs=d.ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                                certfile=str(d.files / f"{cert}.crt") if cert else None,
+                                keyfile=str(d.files / f"{cert}.key") if cert else None)
         if user is not None:
             self.client.username_pw_set(user, password)
         self.client.on_connect = self._on_connect
@@ -370,3 +388,36 @@ def test_the_operator_commands_over_tls_with_a_password(deployed: DeployedBroker
                   BrokerCredentials(username="operator", password=PASSWORDS["operator"], ca_file=deployed.ca_file),
                   FLEET, doorbell)
     dev_a.wait_message(releases_topic(FLEET), encode(doorbell))
+
+
+def test_devices_with_client_certificates(deployed: DeployedBroker, clients: list[Client], tmp_path: Path) -> None:
+    """The deploy config's client-certificate variant (its two commented lines enabled): the real
+    MqttLink connects with a certificate whose CN is its device id and no password; the ACL holds
+    for the identity in the certificate; no certificate, no session."""
+    op = _connect(deployed, clients, "operator", port=deployed.operator_port)
+    assert op.subscribe(f"edgefleet/{FLEET}/devices/+/status") == 1
+    files = deployed.files
+    config = AgentConfig(device_id="dev-a", fleet=FLEET, repo_url="http://127.0.0.1:9", state_dir=tmp_path,
+                         broker_url=f"mqtts://127.0.0.1:{deployed.cert_port}", broker_ca_file=Path(deployed.ca_file),
+                         broker_cert_file=files / "dev-a.crt", broker_key_file=files / "dev-a.key")
+    link = MqttLink(config, Outbox(tmp_path / "outbox"), backoff=Backoff(0.05, 0.5))
+    link.publish_status(state="ACTIVE", model="smollm2", version=5)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        wait_until(lambda: any(b'"version":5' in p for p in op.received(device_topic(FLEET, "dev-a", "status"))),
+                   10, "dev-a's status over a client certificate")
+    finally:
+        link.stop()
+    # dev-b's certificate is dev-b, whatever username it claims: dev-a's topics are not its own.
+    dev_b = Client(deployed, "dev-a", None, port=deployed.cert_port, cert="dev-b")
+    clients.append(dev_b)
+    rc = dev_b.wait_connack()
+    assert rc is not None and not rc.is_failure, rc
+    assert dev_b.publish(device_topic(FLEET, "dev-a", "status"), b"forged", retain=True) == NOT_AUTHORIZED
+    assert dev_b.publish(device_topic(FLEET, "dev-b", "status"), b"own") in ACCEPTED
+    # Without a certificate the TLS handshake itself fails: no CONNACK at all.
+    bare = Client(deployed, "dev-a", None, port=deployed.cert_port)
+    clients.append(bare)
+    wait_until(lambda: bare.disconnected.is_set() or bare.connack is not None, 10, "the bare client refused")
+    assert bare.connack is None
