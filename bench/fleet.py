@@ -1,21 +1,26 @@
 """A fleet update, end to end, with N real `edge-agent run` processes.
 
 For each N: one real Mosquitto, the real repository server, N agents (tiny
-random-weight INT4 Llama, testkit/fleet.py) installed on v1. Then two
-updates of the same fleet, each a channel change to 100%:
+random-weight INT4 Llama, testkit/fleet.py) installed on v1. Then --rounds
+pairs of updates of the same fleet, each a channel change to 100% onto a
+freshly built model (new weights, so every update downloads the same amount):
 
-  baseline   v1 -> v2 signed, no doorbell: devices find it on their poll
+  baseline   signed, no doorbell: devices find it on their poll
              (poll_interval_s = --poll, so the expected wait is about poll/2)
-  candidate  v2 -> v3 signed and the doorbell rung (what `rollout` does)
+  candidate  signed and the doorbell rung (what `rollout` does)
 
-Reported per update: time from the signing to the last device ACTIVE, the
-per-device time (median, p90), the share of the summed device time spent
-waiting for the check to start (doorbell / poll), checking, downloading +
-verifying + installing, and activating (from each device's own event
-timestamps), and broker messages per device per update (device-published
-status/events/telemetry on the fleet topics plus the doorbell delivered).
+The two alternate, in swapped order every round (poll first, then doorbell
+first), so that neither is always the fleet's first or second update.
 
-    python bench/fleet.py --agents 20 [--agents 50 ...] [--poll 20]
+Reported per mode, the median over its rounds: time from the signing to the
+last device ACTIVE, the per-device time (median, p90), the share of the summed
+device time spent waiting for the check to start (doorbell / poll), checking,
+downloading + verifying + installing, and activating (from each device's own
+event timestamps), and broker messages per device per update, counted, not
+assumed: what the devices published on the fleet topics (seen by a subscriber)
+plus every PUBLISH the broker sent to a device (its own log, `log_type all`).
+
+    python bench/fleet.py --agents 20 [--agents 50 ...] [--poll 20] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ from agent.wire.mqtt import Doorbell, parse_device_topic  # noqa: E402
 from builder.fleet.session import ring_doorbell  # noqa: E402
 from testkit.artifacts import new_repo, serving  # noqa: E402
 from testkit.brokers import Mosquitto  # noqa: E402
-from testkit.fleet import make_fleet, make_fleet_artifact, tiny_int4_build  # noqa: E402
+from testkit.fleet import Fleet, make_fleet, make_fleet_artifact, tiny_int4_build  # noqa: E402
 
 FLEET = "bench"
+# Short, so that rounds follow each other quickly; the bench waits for each window to end.
+PROBATION_S = 3.0
 _PHASES = ("wait_check", "check", "download_verify_install", "activate")
 
 
@@ -155,8 +162,21 @@ def _analyse(traffic: Traffic, t0: float, t_done: float, n: int, version: int) -
     }
 
 
-def run_one(n: int, poll_s: int, cache: Path, tokenizer_dir: Path, work: Path) -> tuple[dict[str, object], ...]:
-    builds = [tiny_int4_build(cache, tokenizer_dir, seed) for seed in (1, 2, 3)]
+def _deliveries_to_devices(log_path: Path, offset: int, device_ids: set[str]) -> int:
+    """PUBLISH packets the broker sent to a device since byte `offset` of its log."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return sum(1 for line in text.splitlines()
+               if "Sending PUBLISH to " in line and line.split("Sending PUBLISH to ", 1)[1].split(" ", 1)[0]
+               in device_ids)
+
+
+def run_one(n: int, poll_s: int, rounds: int, cache: Path, tokenizer_dir: Path,
+            work: Path) -> dict[str, list[dict[str, object]]]:
+    """{"poll": [result per round], "doorbell": [...]}."""
+    order = [mode for k in range(rounds) for mode in (("poll", "doorbell") if k % 2 == 0 else ("doorbell", "poll"))]
+    builds = [tiny_int4_build(cache, tokenizer_dir, seed) for seed in range(1, len(order) + 2)]
     repo = new_repo(work / "repo")
     for v, raw in enumerate(builds, start=1):
         repo.publish(make_fleet_artifact(raw, work / f"art{v}", "tiny", v))
@@ -167,7 +187,9 @@ def run_one(n: int, poll_s: int, cache: Path, tokenizer_dir: Path, work: Path) -
     sub = _subscribe(broker.port, traffic)
     try:
         with serving(repo.www_dir) as (url, _faults):
-            fleet = make_fleet(work / "devices", repo, url, broker.url, FLEET, n, poll_interval_s=poll_s)
+            fleet = make_fleet(work / "devices", repo, url, broker.url, FLEET, n, poll_interval_s=poll_s,
+                               probation_s=PROBATION_S)
+            device_ids = {a.device_id for a in fleet.agents}
             started = time.time()
             fleet.start()
             try:
@@ -179,20 +201,28 @@ def run_one(n: int, poll_s: int, cache: Path, tokenizer_dir: Path, work: Path) -
                         rss += sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
                 print(f"n={n}: {n} agents ACTIVE on v1 after {ready - started:.1f} s; total agent RSS "
                       f"{rss / 2**20:.0f} MiB ({rss / n / 2**20:.0f} MiB each)", file=sys.stderr)
-                results = []
-                for version, ring in ((2, False), (3, True)):
-                    time.sleep(1.0)  # let telemetry and status traffic of the last update settle
+                results: dict[str, list[dict[str, object]]] = {"poll": [], "doorbell": []}
+                for version, mode in enumerate(order, start=2):
+                    # Every device past the last switch's probation (checks wait for it: measured, it
+                    # would be the probation, not the poll or the doorbell), then 1 s without a message.
+                    _wait_probations(fleet, version - 1)
+                    while time.time() - max((m[0] for m in traffic.since(time.time() - 5)), default=0) < 1.0:
+                        time.sleep(0.1)
+                    log_offset = broker.log_path.stat().st_size
                     t0 = time.time()
                     repo.set_channel(ChannelFile(channel="stable", model="tiny", version=version))
-                    if ring:
+                    if mode == "doorbell":
                         ring_doorbell(broker.url, BrokerCredentials(), FLEET,
                                       Doorbell(repo_timestamp_version=repo.timestamp().version, channels=["stable"]))
                     done = _wait_all(traffic, n, version, 600 + poll_s, fleet)
                     r = _analyse(traffic, t0, done, n, version)
-                    if ring:
-                        r["messages_per_device"] = float(r["messages_per_device"]) + 1  # the doorbell delivered
-                    results.append(r)
-                return tuple(results)
+                    sent = _deliveries_to_devices(broker.log_path, log_offset, device_ids)
+                    r["to_devices_per_device"] = sent / n
+                    r["messages_per_device"] = float(r["messages_per_device"]) + sent / n
+                    print(f"n={n}: v{version} by {mode}: last device ACTIVE after {r['last_active_s']:.1f} s",
+                          file=sys.stderr)
+                    results[mode].append(r)
+                return results
             finally:
                 fleet.close()
     finally:
@@ -201,10 +231,29 @@ def run_one(n: int, poll_s: int, cache: Path, tokenizer_dir: Path, work: Path) -
         broker.kill()
 
 
+def _wait_probations(fleet: Fleet, passed: int, timeout_s: float = 300.0) -> None:
+    """Until every agent's log shows `passed` probation windows ended."""
+    deadline = time.monotonic() + timeout_s
+    for a in fleet.agents:
+        log = a.state_dir.parent / f"{a.device_id}.log"
+        while log.read_text(errors="replace").count("event=probation_passed") < passed:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{a.device_id}: probation {passed} never ended:\n{fleet.log_tail(a.device_id)}")
+            time.sleep(0.1)
+
+
+def _median_of(results: list[dict[str, object]], key: str) -> object:
+    values = [r[key] for r in results]
+    if all(isinstance(v, (int, float)) for v in values):
+        return statistics.median(float(v) for v in values)  # type: ignore[arg-type]
+    return values[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, action="append", help="fleet size (repeatable); default 20")
     parser.add_argument("--poll", type=int, default=20, help="poll_interval_s of the agents (the baseline)")
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of updates, poll and doorbell, in swapped order")
     parser.add_argument("--cache", default="/work/cache", help="where the tiny builds are cached")
     args = parser.parse_args()
     cache = Path(args.cache)
@@ -220,18 +269,20 @@ def main() -> None:
     rows = []
     for n in args.agents or [20]:
         with tempfile.TemporaryDirectory(prefix=f"bench-fleet-{n}-") as tmp:
-            base, cand = run_one(n, args.poll, cache, tokenizer_dir, Path(tmp))
-        rows.append((n, base, cand))
+            results = run_one(n, args.poll, args.rounds, cache, tokenizer_dir, Path(tmp))
+        rows.append((n, results["poll"], results["doorbell"]))
+    print(f"medians of {args.rounds} update(s) per mode")
     print("| agents | metric | poll (baseline) | doorbell (candidate) | doorbell/poll |")
     print("| --- | --- | --- | --- | --- |")
     for n, base, cand in rows:
         for key, fmt in (("last_active_s", "{:.1f}"), ("device_median_s", "{:.1f}"), ("device_p90_s", "{:.1f}"),
                          ("share_wait_check", "{:.0%}"), ("share_check", "{:.0%}"),
                          ("share_download_verify_install", "{:.0%}"), ("share_activate", "{:.0%}"),
-                         ("messages_per_device", "{:.1f}"), ("events_per_device", "{:.1f}"),
+                         ("messages_per_device", "{:.1f}"), ("to_devices_per_device", "{:.1f}"),
+                         ("events_per_device", "{:.1f}"),
                          ("status_per_device", "{:.1f}"), ("telemetry_per_device", "{:.1f}"),
                          ("timed_devices", "{}")):
-            b, c = base[key], cand[key]
+            b, c = _median_of(base, key), _median_of(cand, key)
             ratio = f"{float(c) / float(b):.2f}" if isinstance(b, float) and b else ""
             print(f"| {n} | {key} | {fmt.format(b)} | {fmt.format(c)} | {ratio} |")
 

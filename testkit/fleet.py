@@ -139,10 +139,12 @@ class Fleet:
 
 
 def make_fleet(root: Path, repo: TufRepo, repo_url: str, broker_url: str, fleet: str, n: int,
-               channel: str = "stable", prefix: str = "dev", poll_interval_s: int = 3600) -> Fleet:
+               channel: str = "stable", prefix: str = "dev", poll_interval_s: int = 3600,
+               probation_s: float | None = None) -> Fleet:
     """Provision `n` devices (root.json + agent.toml) under `root`; not started yet.
 
     The poll interval is long on purpose: updates then come from the doorbell, as in production.
+    `probation_s`: None keeps the agent's default (checks wait until a switch's window ends).
     """
     agents: list[Agent] = []
     ports: set[int] = set()
@@ -159,7 +161,8 @@ def make_fleet(root: Path, repo: TufRepo, repo_url: str, broker_url: str, fleet:
         config_path.write_text(
             f'device_id = "{device_id}"\nfleet = "{fleet}"\nchannel = "{channel}"\nrepo_url = "{repo_url}"\n'
             f'state_dir = "{state_dir}"\napi_bind = "127.0.0.1:{port}"\nbroker_url = "{broker_url}"\n'
-            f"poll_interval_s = {poll_interval_s}\ntelemetry_interval_s = 60\nintra_op_num_threads = 1\n")
+            f"poll_interval_s = {poll_interval_s}\ntelemetry_interval_s = 60\nintra_op_num_threads = 1\n"
+            + (f"probation_s = {probation_s}\n" if probation_s is not None else ""))
         agents.append(Agent(device_id, state_dir, config_path, port))
     return Fleet(agents)
 

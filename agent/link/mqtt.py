@@ -101,6 +101,7 @@ class LinkCounters(StrictModel):
     events_acked: int = 0
     telemetry_published: int = 0
     telemetry_skipped: int = 0
+    subscribed: int = 0  # SUBACKs granting the releases and commands subscriptions
     callback_errors: int = 0  # exceptions caught in paho callbacks (each logged with its traceback)
     thread_restarts: int = 0  # the network loop itself failed and was started again (each also an event)
 
@@ -482,8 +483,11 @@ class MqttLink:
                 self._counters.connect_failures += 1
             return
         self._backoff.reset()
-        # Renewed on every connect: a broker restarted without persistence forgot them.
-        client.subscribe([(self.topic_releases, 1), (self.topic_commands, 1)])
+        if not flags.session_present:
+            # A new session (first connect, or a broker restarted without persistence): subscribe.
+            # A kept one still has them, and subscribing again would make the broker send the
+            # retained doorbell once more on every reconnect (each will refresh after a switch).
+            client.subscribe([(self.topic_releases, 1), (self.topic_commands, 1)])
         with self._lock:
             self._counters.connects += 1
             self._status = self._status.model_copy(update={"online": True, "timestamp": utc_now()})
@@ -509,6 +513,9 @@ class MqttLink:
         for rc in reason_codes:
             if rc.is_failure:
                 log.warning("event=mqtt_subscribe_refused reason=%s: check the broker ACL for this device", rc)
+        if not any(rc.is_failure for rc in reason_codes):
+            with self._lock:
+                self._counters.subscribed += 1
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:

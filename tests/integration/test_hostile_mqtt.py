@@ -47,6 +47,7 @@ def test_a_device_link_survives_2000_hostile_payloads_per_topic(mosquitto: Mosqu
     link.start()
     try:
         assert link.wait_connected(10)
+        wait_until(lambda: link.counters().subscribed == 1, 10, "the subscriptions granted")
         doorbell = {"schema_version": 1, "repo_timestamp_version": 3, "channels": ["stable"]}
         command = {"schema_version": 1, "command": "check_now"}
 
@@ -114,6 +115,7 @@ def test_an_mqtt5_link_has_the_broker_drop_packets_over_its_cap(mosquitto: Mosqu
     link.start()
     try:
         assert link.wait_connected(10)
+        wait_until(lambda: link.counters().subscribed == 1, 10, "the subscriptions granted")
         _flood(mosquitto.port, releases_topic(FLEET), [b"[" * (1 << 20), b"x" * MAX_INCOMING_PACKET_BYTES])
         _flood(mosquitto.port, releases_topic(FLEET), [encode(Doorbell(repo_timestamp_version=7))])
         assert link.incoming.get(timeout=10) == Doorbell(repo_timestamp_version=7)

@@ -130,7 +130,8 @@ def test_hostile_payloads_dropped_counted_link_healthy(mosquitto: Mosquitto, tmp
     link.start()
     try:
         assert link.wait_connected(10)
-        wait_until(lambda: link.counters().connects == 1, 5, "connect counted")
+        # Subscribed (SUBACK), not only connected: a payload published before would find no subscriber.
+        wait_until(lambda: link.counters().subscribed == 1, 5, "the subscriptions granted")
         valid_doorbell = Doorbell(repo_timestamp_version=5, channels=["stable"]).model_dump_json().encode()
         valid_command = Command(command="check_now").model_dump_json().encode()
         hostile = {
@@ -161,6 +162,29 @@ def test_hostile_payloads_dropped_counted_link_healthy(mosquitto: Mosquitto, tmp
             rec.wait_for(lambda ms: len(ms) == 1, 10, "event after hostile input")
         finally:
             rec.close()
+    finally:
+        link.stop()
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_reconnect_to_a_kept_session_does_not_receive_the_retained_doorbell_again(
+        mosquitto: Mosquitto, tmp_path: Path, protocol: str) -> None:
+    """After a switch the link reconnects to refresh its will; the broker kept its session and
+    subscriptions. Subscribing again made the broker send the retained doorbell once more to every
+    device after every update (bench/fleet.py counted 2 deliveries per device per doorbell)."""
+    link = make_link(mosquitto, tmp_path, protocol=protocol)
+    link.start()
+    try:
+        wait_until(lambda: link.counters().subscribed == 1, 10, "the subscriptions granted")
+        doorbell = Doorbell(repo_timestamp_version=9, channels=["stable"])
+        publish_and_wait(mosquitto.port, releases_topic(FLEET), doorbell.model_dump_json().encode(), retain=True)
+        assert link.incoming.get(timeout=10) == doorbell
+        link.publish_status(state="ACTIVE", model="tiny", version=2)  # the will names v2 now: a reconnect
+        wait_until(lambda: link.counters().connects == 2 and link.is_connected, 10, "the will-refresh reconnect")
+        publish_and_wait(mosquitto.port, device_topic(FLEET, "dev-1", "commands"),
+                         Command(command="check_now").model_dump_json().encode())
+        assert link.incoming.get(timeout=10) == Command(command="check_now")  # still subscribed
+        assert link.incoming.empty() and link.counters().subscribed == 1
     finally:
         link.stop()
 
