@@ -82,6 +82,17 @@ def _open_stream(port: int) -> socket.socket:
     return sock
 
 
+def _read_to_end(sock: socket.socket) -> bytes:
+    """The rest of a chunked SSE response, up to its last chunk; closes the socket."""
+    received = b""
+    while not received.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed without ending the stream"
+        received += chunk
+    sock.close()
+    return received
+
+
 def test_disconnecting_stream_cancels_its_generation_and_frees_its_slot(small_server: ServerThread) -> None:
     sock = _open_stream(small_server.port)
     assert metric_value(small_server.url, "edgefleet_active_requests") == 1
@@ -200,12 +211,7 @@ def test_killed_worker_fails_its_request_and_is_restarted(small_server: ServerTh
     worker = small_server.host._current
     assert worker is not None
     worker.proc.kill()  # SIGKILL, mid-generation
-    received = b""
-    while not received.endswith(b"0\r\n\r\n"):  # the end of the chunked SSE body
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed without ending the stream"
-        received += chunk
-    sock.close()
+    received = _read_to_end(sock)
     assert b'"code":"worker_died"' in received and b"[DONE]" not in received
     wait_until(lambda: requests.get(f"{small_server.url}/healthz", timeout=5).status_code == 200, 30,
                "the worker restarted")
@@ -268,12 +274,7 @@ def test_a_switch_ends_a_request_that_outlasts_the_drain_timeout(smollm2_int4_ra
         old = srv.host.current_worker
         assert old is not None
         srv.call(srv.host.switch(twin), timeout_s=120)
-        received = b""
-        while not received.endswith(b"0\r\n\r\n"):  # the end of the chunked SSE body
-            chunk = stream.recv(65536)
-            assert chunk, "connection closed without ending the stream"
-            received += chunk
-        stream.close()
+        received = _read_to_end(stream)
         assert b'"error"' in received and b"drain_timeout_s" in received, received[-600:]
         assert not old.is_alive and srv.host.current_worker is not old
         assert _chat(srv.url, 3).status_code == 200

@@ -51,7 +51,11 @@ class Scene:
 
 @pytest.fixture
 def scene(tmp_path: Path) -> Iterator[Scene]:
-    repo = new_repo(tmp_path / "repo")
+    yield from _device_on_v1(new_repo(tmp_path / "repo"), tmp_path)
+
+
+def _device_on_v1(repo: TufRepo, tmp_path: Path) -> Iterator[Scene]:
+    """`repo` publishing v1 on stable, served, and a device provisioned with root.json that installed it."""
     repo.publish(make_artifact(tmp_path / "v1", "tiny", 1, V1_FILES))
     repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
     with serving(repo.www_dir) as (url, faults):
@@ -213,15 +217,7 @@ def test_fast_forward_attack_is_recovered_by_rotating_the_timestamp_key(
 def two_key_scene(tmp_path: Path) -> Iterator[Scene]:
     """The scene with a targets threshold of 2."""
     settings = RepoSettings(thresholds={"root": 1, "targets": 2, "snapshot": 1, "timestamp": 1})
-    repo = TufRepo.init(tmp_path / "repo", settings)
-    repo.publish(make_artifact(tmp_path / "v1", "tiny", 1, V1_FILES))
-    repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
-    with serving(repo.www_dir) as (url, faults):
-        config, store = provision_device(tmp_path / "dev", repo, url)
-        assert run_update_once(config, store).version == 1
-        v1_dir = store.model_dir("tiny", 1)
-        snap = {p.relative_to(v1_dir).as_posix(): p.read_bytes() for p in v1_dir.rglob("*") if p.is_file()}
-        yield Scene(repo, config, store, faults, tmp_path, snap)
+    yield from _device_on_v1(TufRepo.init(tmp_path / "repo", settings), tmp_path)
 
 
 def test_a_threshold_of_two_holds_against_one_compromised_key(
