@@ -97,17 +97,18 @@ class TufUpdateSource:
     def download(self, target: ModelRef) -> None:
         """Fetch every file of `target` (resuming partials), each verified into `blobs/`."""
         release = self._release(target)
-        session = requests.Session()
-        if (authorization := self._session().authorization) is not None:
-            session.headers["Authorization"] = authorization
-        downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
-                                               min_rate_bytes_per_s=self.config.download_min_rate_bytes_per_s,
-                                               budget_s=self.config.download_budget_s),
-                                session=session, progress=self._progress)
         log.info("event=download_start target=%s files=%d bytes=%d", target, len(release.manifest.files),
                  release.manifest.total_file_bytes)
-        for f in release.manifest.files:
-            downloader.fetch_blob(ExpectedFile.from_target(release.targets[f.path], release.urls[f.path]), self.store)
+        with requests.Session() as session:
+            if (authorization := self._session().authorization) is not None:
+                session.headers["Authorization"] = authorization
+            downloader = Downloader(DownloadPolicy(rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
+                                                   min_rate_bytes_per_s=self.config.download_min_rate_bytes_per_s,
+                                                   budget_s=self.config.download_budget_s),
+                                    session=session, progress=self._progress)
+            for f in release.manifest.files:
+                downloader.fetch_blob(ExpectedFile.from_target(release.targets[f.path], release.urls[f.path]),
+                                      self.store)
         stats = downloader.stats
         self.bytes_downloaded += stats.bytes_transferred
         self.files_downloaded += stats.files_downloaded
