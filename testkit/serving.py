@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
 import requests
 import uvicorn
 
@@ -77,6 +78,20 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(30)
         assert not self.thread.is_alive(), "uvicorn did not stop within 30 s"
+
+
+def model_workers(pid: int, model_dir: str | None = None, *, recursive: bool = False) -> list[psutil.Process]:
+    """The live model-worker processes under `pid` (of `model_dir` when given). A worker that has
+    exited but is not reaped yet (a zombie for a moment) or that exits while we look is not one."""
+    workers = []
+    for child in psutil.Process(pid).children(recursive=recursive):
+        try:
+            cmdline = child.cmdline()
+        except psutil.NoSuchProcess:  # ZombieProcess is one
+            continue
+        if "agent.serving.worker" in cmdline and (model_dir is None or model_dir in cmdline):
+            workers.append(child)
+    return workers
 
 
 def metric_value(url: str, name: str) -> float:

@@ -20,7 +20,7 @@ from agent.serving.runtime import ModelRuntime
 from agent.wire.worker import ChatMessage, SamplingOptions
 from builder.demo.ports import free_port
 from testkit.env import subprocess_env
-from testkit.serving import metric_value, wait_healthy
+from testkit.serving import metric_value, model_workers, wait_healthy
 
 QUESTION = "What is the capital of France?"
 
@@ -59,8 +59,7 @@ def _unix_request(path: Path, method: str, url: str, body: dict[str, object] | N
 
 
 def _workers_of(proc: subprocess.Popen[str]) -> list[psutil.Process]:
-    return [c for c in psutil.Process(proc.pid).children(recursive=True)
-            if "agent.serving.worker" in " ".join(c.cmdline())]
+    return model_workers(proc.pid, recursive=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from agent.update.journal import Journal
 from agent.update.statemachine import ModelRef, Phase
 from testkit.agents import Agent, Poller, Release, measured_canary
+from testkit.serving import model_workers
 
 
 @pytest.fixture
@@ -80,16 +81,21 @@ def test_signed_but_broken_releases_roll_back_while_the_old_model_serves(
     assert agent.health() == {"status": "ok", "model": "tiny", "version": 1}
 
 
-def _worker_of(agent: Agent, version: int) -> psutil.Process | None:
-    assert agent.proc is not None
-    model_dir = str(agent.store.model_dir("tiny", version))
-    for child in psutil.Process(agent.proc.pid).children(recursive=True):
+def _zombie_children(pid: int) -> list[int]:
+    zombies = []
+    for child in psutil.Process(pid).children():
         try:
-            if "agent.serving.worker" in child.cmdline() and model_dir in child.cmdline():
-                return child
+            if child.status() == psutil.STATUS_ZOMBIE:
+                zombies.append(child.pid)
         except psutil.NoSuchProcess:
             continue
-    return None
+    return zombies
+
+
+def _worker_of(agent: Agent, version: int) -> psutil.Process | None:
+    assert agent.proc is not None
+    workers = model_workers(agent.proc.pid, str(agent.store.model_dir("tiny", version)), recursive=True)
+    return workers[0] if workers else None
 
 
 def test_a_drain_first_switch_that_fails_reloads_the_old_model_and_fails_no_request(
@@ -98,10 +104,10 @@ def test_a_drain_first_switch_that_fails_reloads_the_old_model_and_fails_no_requ
     loads; when the new one fails its canary, the old model is loaded again, and the requests that
     waited in the queue meanwhile are answered by it, none failed."""
     assert agent.proc is not None
-    daemon = psutil.Process(agent.proc.pid)
+    daemon_pid = agent.proc.pid
 
     def worker_pids() -> set[int]:
-        return {c.pid for c in daemon.children() if "agent.serving.worker" in " ".join(c.cmdline())}
+        return {worker.pid for worker in model_workers(daemon_pid)}
     v1_worker = worker_pids()
     assert len(v1_worker) == 1
     expected = list(measured_canary(str(tiny_raw)))
@@ -119,6 +125,8 @@ def test_a_drain_first_switch_that_fails_reloads_the_old_model_and_fails_no_requ
     assert poller.failures() == [], poller.failures()[:5]
     # v1 really went away and came back: another worker process serves it now.
     assert len(worker_pids()) == 1 and worker_pids() != v1_worker
+    # and every child that exited on the way (two workers, the update job) is reaped, none left a zombie
+    agent.wait(lambda: _zombie_children(daemon_pid) == [], 10, "no zombie children")
     state = Journal(agent.store.journal_path).load()
     assert "failed its canary" in (state.reason or "") and ModelRef(name="tiny", version=2) in state.refused
     assert agent.store.current() == agent.store.model_dir("tiny", 1).resolve()

@@ -10,12 +10,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import requests
 
 from agent.update.statemachine import Phase
 from testkit.agents import Agent, Poller, release_repo
+from testkit.serving import model_workers
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m"
@@ -26,20 +26,13 @@ class WorkerCount:
 
     def __init__(self, agent: Agent) -> None:
         assert agent.proc is not None
-        self._daemon = psutil.Process(agent.proc.pid)
+        self._daemon_pid = agent.proc.pid
         self.most = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _alive(self) -> int:
-        n = 0
-        for child in self._daemon.children():
-            try:
-                if "agent.serving.worker" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                    n += 1
-            except psutil.Error:
-                pass  # exited while we looked
-        return n
+        return len(model_workers(self._daemon_pid))
 
     def _run(self) -> None:
         while not self._stop.is_set():

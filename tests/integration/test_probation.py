@@ -7,13 +7,13 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from agent.update.journal import Journal
 from agent.update.probation import ProbationFile, ProbationRecord, decide_on_start
 from agent.update.statemachine import ModelRef, Phase
 from testkit.agents import Agent, Release
+from testkit.serving import model_workers
 
 V2 = Path("/s/models/tiny/2")
 
@@ -116,7 +116,7 @@ def test_a_rearmed_window_still_rolls_back_a_crashing_worker(on_probation: Agent
     agent.wait(lambda: "event=probation_resumed action=rearm" in agent.log(), 30, "re-armed")
     assert agent.proc is not None
     v2 = str(agent.store.model_dir("tiny", 2))
-    workers = [p for p in psutil.Process(agent.proc.pid).children() if v2 in " ".join(p.cmdline())]
+    workers = model_workers(agent.proc.pid, v2)
     assert len(workers) == 1
     workers[0].kill()  # the new model's worker crashes inside the re-armed window
     agent.wait(lambda: "trigger=PROBATION_FAILED" in agent.log() and agent.phase() is Phase.FAILED, 60,
