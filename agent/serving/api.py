@@ -167,6 +167,10 @@ class _Api:
             first = e.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise _invalid(f"{param}: {first['msg']}", param=param) from e
+        refused = parsed.unsupported_parameter()
+        if refused is not None:
+            name, why = refused
+            raise _invalid(f"{name}: {why}", param=name, code="unsupported_parameter")
         if parsed.model_extra:
             log.info("event=unknown_request_fields endpoint=%s fields=%s", request.url.path,
                      ",".join(sorted(parsed.model_extra)))
@@ -228,6 +232,8 @@ class _Api:
             options = req.sampling_options()
         except ValidationError as e:
             raise _invalid(str(e.errors()[0]["msg"])) from e
+        except ValueError as e:  # a check of the worker's wire (SamplingOptions, Guidance)
+            raise _invalid(str(e)) from e
         events = self.host.generate(prompt=prompt, messages=messages, options=options)
         # A client may give up while its request waits in the queue: watch for that from here on.
         disconnected = asyncio.ensure_future(_wait_disconnect(request))

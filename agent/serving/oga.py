@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -69,6 +70,8 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaDestroyGeneratorParams": ([_P], None),
     "OgaGeneratorParamsSetSearchNumber": ([_P, _STR, ctypes.c_double], _P),
     "OgaGeneratorParamsSetSearchBool": ([_P, _STR, ctypes.c_bool], _P),
+    # (params, type, data, enable_ff_tokens): 0.18's; older releases had no enable_ff_tokens.
+    "OgaGeneratorParamsSetGuidance": ([_P, _STR, _STR, ctypes.c_bool], _P),
     "OgaCreateGenerator": ([_P, _P, _PP], _P),
     "OgaDestroyGenerator": ([_P], None),
     "OgaGenerator_AppendTokens": ([_P, _I32P, _SIZE], _P),
@@ -83,10 +86,41 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaTensorGetShape": ([_P, ctypes.POINTER(ctypes.c_int64), _SIZE], _P),
     "OgaTensorGetData": ([_P, _PP], _P),
     "OgaDestroyTensor": ([_P], None),
+    "OgaShutdown": ([], None),
 }
 
 
+# The releases whose C signatures `_SIGNATURES` matches (checked by tests/integration/test_oga.py).
+# ctypes binds by name only, and onnxruntime-genai has changed signatures in place (SetGuidance
+# and ApplyChatTemplate each gained an argument): another release could pass garbage, not fail.
+TESTED_VERSIONS = ("0.18",)
+# The CPU wheel and its GPU builds install the same module under these distribution names.
+_DISTRIBUTIONS = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml")
+
 _library: ctypes.CDLL | None = None
+
+
+def installed_version() -> str | None:
+    """The installed onnxruntime-genai's version (of whichever build), None when none is."""
+    for name in _DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_tested_version(version: str | None) -> None:
+    """Raises:
+        OgaError: `version` is not a release this binding was tested with.
+    """
+    install = f"pip install onnxruntime-genai=={TESTED_VERSIONS[-1]}.0"
+    if version is None:
+        raise OgaError(f"onnxruntime-genai is not installed as a Python package: {install}")
+    if ".".join(version.split(".")[:2]) not in TESTED_VERSIONS:
+        tested = ", ".join(f"{v}.x" for v in TESTED_VERSIONS)
+        raise OgaError(f"onnxruntime-genai {version} is installed; this agent binds its C API for {tested} only "
+                       f"(signatures change in place between releases): {install}")
 
 
 def _package_dir(name: str) -> Path:
@@ -100,11 +134,12 @@ def library() -> ctypes.CDLL:
     """The onnxruntime-genai C library, loaded once per process.
 
     Raises:
-        OgaError: onnxruntime or onnxruntime-genai is not installed, or a bound symbol is missing
-            (an onnxruntime-genai older than this module knows).
+        OgaError: onnxruntime or onnxruntime-genai is not installed, or not a tested release
+            (`TESTED_VERSIONS`), or a bound symbol is missing.
     """
     global _library
     if _library is None:
+        check_tested_version(installed_version())
         # The agent runs on Linux; macOS names are here so `edge-agent prompt --model` works on a laptop.
         is_mac = sys.platform == "darwin"
         suffix, ort_pattern = (".dylib", "libonnxruntime.*dylib") if is_mac else (".so", "libonnxruntime.so*")
@@ -127,6 +162,15 @@ def library() -> ctypes.CDLL:
             function.restype = restype
         _library = lib
     return _library
+
+
+def shutdown() -> None:
+    """Release the library's global state (onnxruntime's environment) before the process exits.
+    Every object of this module must be closed first; none may be used after."""
+    global _library
+    if _library is not None:
+        _library.OgaShutdown()
+        _library = None
 
 
 def _check(result: int | None) -> None:
@@ -256,7 +300,10 @@ class Generator(_Handle):
 
     _destroy_name = "OgaDestroyGenerator"
 
-    def __init__(self, model: Model, search_options: dict[str, float | int | bool]) -> None:
+    def __init__(self, model: Model, search_options: dict[str, float | int | bool],
+                 guidance: tuple[str, str] | None = None) -> None:
+        """`guidance`: (type, data) of an output constraint (`json_schema`, `regex` or `lark_grammar`);
+        onnxruntime-genai compiles it when the generator is created (an OgaError if it does not)."""
         lib = library()
         params = _create(lib.OgaCreateGeneratorParams, model.handle)
         try:
@@ -265,6 +312,9 @@ class Generator(_Handle):
                     _check(lib.OgaGeneratorParamsSetSearchBool(params, name.encode(), value))
                 else:
                     _check(lib.OgaGeneratorParamsSetSearchNumber(params, name.encode(), float(value)))
+            if guidance is not None:
+                # No fast-forward tokens: every step yields exactly one token, as the streaming expects.
+                _check(lib.OgaGeneratorParamsSetGuidance(params, guidance[0].encode(), guidance[1].encode(), False))
             super().__init__(_create(lib.OgaCreateGenerator, model.handle, params), parent=model)
         finally:
             lib.OgaDestroyGeneratorParams(params)

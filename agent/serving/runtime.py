@@ -20,7 +20,7 @@ from typing import Any
 from agent.serving import oga
 from agent.serving.loadcheck import check_model_dir
 from agent.wire.canary import token_lead
-from agent.wire.errors import ActivationError, ContextLengthError, OgaError, RuntimeModelError
+from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # KV cache is allocated for the whole max_length up front, and a full 8k context of
 # SmolLM2 would take ~0.4 GB per request on a small box.
 DEFAULT_MAX_NEW_TOKENS = 1024
+
+_GUIDANCE_LABELS = {"json_schema": "JSON schema", "regex": "regex", "lark_grammar": "lark grammar"}
 
 
 def default_threads() -> int:
@@ -108,10 +110,17 @@ class Generation:
     def __post_init__(self) -> None:
         search = self.runtime.search_options(len(self.prompt_ids), self.options)
         self._budget = int(search["max_length"]) - len(self.prompt_ids)
+        guidance = self.options.guidance
         try:
-            self._generator = oga.Generator(self.runtime.model, search)
+            self._generator = oga.Generator(self.runtime.model, search,
+                                            None if guidance is None else (guidance.kind, guidance.data))
             self._stream = self.runtime.tokenizer.create_stream()
         except OgaError as e:
+            # The C API reports every failure as text; llguidance's compile errors start so (0.18).
+            if guidance is not None and str(e).startswith("Error creating grammar"):
+                detail = str(e).removeprefix("Error creating grammar: ")
+                raise GuidanceError(f"response_format: the {_GUIDANCE_LABELS[guidance.kind]} does not compile "
+                                    f"({detail}): fix it, or send the request without it") from e
             raise RuntimeModelError(f"onnxruntime-genai cannot start a generation: {e}") from e
 
     @property
@@ -196,6 +205,11 @@ class ModelRuntime:
             raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
         log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
                  self.context_length)
+
+    def close(self) -> None:
+        """Free the tokenizer and the model now; close every `Generation` of this runtime first."""
+        self.tokenizer.close()
+        self.model.close()
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
         """The model's own chat template (chat_template.jinja / tokenizer_config.json)."""

@@ -24,6 +24,7 @@
   x RuntimeModelError          generation failed inside the model runtime
     x OgaError                 onnxruntime-genai itself reported it (or its library is missing)
     x ContextLengthError       prompt plus completion do not fit the model's context
+    x GuidanceError            a request's JSON schema, regex or grammar does not compile (HTTP 400)
     x WorkerDiedError          the model-worker process exited while requests were open
   x ServingError               the local API cannot take a request now
     x QueueFullError           every slot is busy and the queue is full (HTTP 429)
@@ -166,6 +167,10 @@ class OgaError(RuntimeModelError):
 
 class ContextLengthError(RuntimeModelError):
     """Prompt plus requested completion do not fit the model's context (an HTTP 400)."""
+
+
+class GuidanceError(RuntimeModelError):
+    """A request's output constraint (JSON schema, regex, lark grammar) does not compile (an HTTP 400)."""
 
 
 class WorkerDiedError(RuntimeModelError):

@@ -1,17 +1,21 @@
 """The OpenAI wire shapes the local API speaks: requests in, completions, chunks and errors out.
 
-Requests accept and ignore fields we do not implement (clients send many), so
-an OpenAI client works unchanged; responses keep OpenAI's field order, since
-clients and readers compare them with OpenAI's documentation.
+Requests accept fields that change nothing in the answer (`user`, `metadata`,
+`store`, ...: clients send many), so an OpenAI client works unchanged; a
+parameter that would change the answer and is not implemented is refused with
+its name (`unsupported_parameter`), never silently ignored. Responses keep
+OpenAI's field order, since clients and readers compare them with OpenAI's
+documentation.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.wire.worker import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatMessage, SamplingOptions
+from agent.wire.worker import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatMessage, Guidance, SamplingOptions
 
 # ---- request models (OpenAI's shape; unknown fields are accepted and logged) ----
 
@@ -35,6 +39,83 @@ class ApiMessage(BaseModel):
         return ChatMessage(role=self.role, content=text)
 
 
+# ---- response_format: OpenAI's three types, plus two extensions for constrained decoding ----
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    # Enforced either way: constrained decoding cannot follow a schema only loosely.
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class RegexFormat(BaseModel):
+    """Extension: the whole answer matches this regex (llguidance's syntax, Rust regex)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["regex"]
+    regex: str = Field(min_length=1)
+
+
+class LarkGrammarFormat(BaseModel):
+    """Extension: the whole answer is a sentence of this lark grammar (its rule `start`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["lark_grammar"]
+    grammar: str = Field(min_length=1)
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat | RegexFormat | LarkGrammarFormat,
+                           Field(discriminator="type")]
+
+# Compact JSON unless the schema says otherwise: flexible whitespace lets a small model spend
+# its whole budget on newlines between keys (seen with SmolLM2), and costs tokens besides.
+_COMPACT_JSON = {"whitespace_flexible": False}
+
+
+def _json_guidance(schema: dict[str, Any]) -> Guidance:
+    if "x-guidance" not in schema:
+        schema = {**schema, "x-guidance": _COMPACT_JSON}
+    return Guidance(kind="json_schema", data=json.dumps(schema, separators=(",", ":")))
+
+
+def guidance_of(response_format: TextFormat | JsonObjectFormat | JsonSchemaFormat | RegexFormat | LarkGrammarFormat
+                | None) -> Guidance | None:
+    """The constraint that makes the answer match `response_format` (None: free text)."""
+    if response_format is None or isinstance(response_format, TextFormat):
+        return None
+    if isinstance(response_format, JsonObjectFormat):
+        return _json_guidance({"type": "object"})
+    if isinstance(response_format, JsonSchemaFormat):
+        return _json_guidance(response_format.json_schema.json_schema)
+    if isinstance(response_format, RegexFormat):
+        return Guidance(kind="regex", data=response_format.regex)
+    return Guidance(kind="lark_grammar", data=response_format.grammar)
+
+
+def _asks(value: Any, *defaults: Any) -> bool:
+    """Whether a parameter asks for something: set, and not to one of its no-op `defaults`
+    (compared with their type: `logprobs: 0` asks for the sampled token's, `false` does not)."""
+    return value is not None and not any(type(value) is type(d) and value == d for d in defaults)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -56,6 +137,14 @@ class GenerationRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # Parameters OpenAI clients send that this server does not implement yet: typed loosely
+    # here so that `unsupported_parameter` can name them, whatever their value.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -66,6 +155,24 @@ class GenerationRequest(BaseModel):
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop sequence takes at most {MAX_STOP_CHARS} characters")
         return value
+
+    def unsupported_parameter(self) -> tuple[str, str] | None:
+        """The first parameter this request sets to something this server does not do, and why;
+        None when it asks for nothing of the sort. A default value (0, false, {}) is no request."""
+        if _asks(self.logprobs, False):
+            return "logprobs", "log-probabilities are not supported yet: send the request without logprobs"
+        if _asks(self.top_logprobs):
+            return "top_logprobs", "log-probabilities are not supported yet: send the request without top_logprobs"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if _asks(getattr(self, name), 0, 0.0):
+                return name, (f"{name} is not supported: send 0 or leave it out "
+                              "(repetition_penalty, an extension, is)")
+        if _asks(self.logit_bias, {}):
+            return "logit_bias", "logit_bias is not supported yet: send the request without it"
+        if self.response_format is not None and not isinstance(self.response_format, TextFormat) \
+                and _asks(self.num_beams, 1):
+            return "num_beams", "beam search cannot be constrained: send num_beams 1 with a response_format"
+        return None
 
     def sampling_options(self) -> SamplingOptions:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -79,15 +186,47 @@ class GenerationRequest(BaseModel):
             stop=stops,
             repetition_penalty=self.repetition_penalty or defaults.repetition_penalty,
             num_beams=self.num_beams or 1,
+            guidance=guidance_of(self.response_format),
         )
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ApiMessage] = Field(min_length=1)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    def unsupported_parameter(self) -> tuple[str, str] | None:
+        for name in ("tools", "functions"):
+            if _asks(getattr(self, name), []):
+                return name, "tool calls are not supported yet: send the request without tools"
+        for name in ("tool_choice", "function_call"):
+            if _asks(getattr(self, name), "none"):
+                return name, f"tool calls are not supported yet: send {name} \"none\" or leave it out"
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if part.type != "text":
+                        return (f"messages.{i}.content.{j}.type",
+                                f"{part.type} content parts are not supported: this server reads text only")
+        return super().unsupported_parameter()
 
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    def unsupported_parameter(self) -> tuple[str, str] | None:
+        if _asks(self.echo, False):
+            return "echo", "echo is not supported: send the request without it"
+        if _asks(self.best_of, 1):
+            return "best_of", "best_of is not supported: send 1 or leave it out (num_beams, an extension, is)"
+        if _asks(self.suffix, ""):
+            return "suffix", "suffix (insertion) is not supported: send the request without it"
+        return super().unsupported_parameter()
 
     @field_validator("prompt")
     @classmethod

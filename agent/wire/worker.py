@@ -45,6 +45,30 @@ class ChatMessage:
         wirecheck.expect(self, "content", str)
 
 
+GuidanceKind = Literal["json_schema", "regex", "lark_grammar"]
+_GUIDANCE_KINDS: frozenset[str] = frozenset(get_args(GuidanceKind))
+# A schema or grammar is compiled in the worker between decode rounds: bound what one request may ask.
+MAX_GUIDANCE_CHARS = 64 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class Guidance:
+    """An output constraint that constrained decoding enforces token by token (onnxruntime-genai's
+    guidance, llguidance inside): a JSON schema, a regex or a lark grammar, as text."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    kind: GuidanceKind
+    data: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in _GUIDANCE_KINDS:
+            raise ValueError(f"guidance kind must be one of {sorted(_GUIDANCE_KINDS)}, not {self.kind!r}")
+        wirecheck.expect(self, "data", str)
+        if not self.data or len(self.data) > MAX_GUIDANCE_CHARS:
+            raise ValueError(f"a {self.kind} takes 1 to {MAX_GUIDANCE_CHARS} characters, not {len(self.data)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingOptions:
     """The search options of one request (part of the worker's wire, so a stdlib
@@ -60,6 +84,7 @@ class SamplingOptions:
     stop: list[str] = field(default_factory=list)  # at most MAX_STOP_SEQUENCES
     repetition_penalty: float = 1.0  # > 0
     num_beams: int = 1  # [1, 8]
+    guidance: Guidance | None = None  # the output must match it
 
     def __post_init__(self) -> None:
         wirecheck.number(self, "temperature", ge=0.0, le=2.0)
@@ -72,6 +97,9 @@ class SamplingOptions:
         wirecheck.expect_items(self, "stop", str, max_items=MAX_STOP_SEQUENCES)
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop sequences take at most {MAX_STOP_CHARS} characters each")
+        wirecheck.expect(self, "guidance", Guidance, optional=True)
+        if self.guidance is not None and self.num_beams > 1:
+            raise ValueError("beam search cannot be constrained: send num_beams 1 with a response_format")
 
     @property
     def is_greedy(self) -> bool:
@@ -181,7 +209,10 @@ def parse_command(line: bytes) -> Command:
     try:
         if kind is GenerateCommand:
             if isinstance(data.get("options"), dict):
-                data["options"] = SamplingOptions(**data["options"])
+                options = data["options"]
+                if isinstance(options.get("guidance"), dict):
+                    options["guidance"] = Guidance(**options["guidance"])
+                data["options"] = SamplingOptions(**options)
             if isinstance(data.get("messages"), list):
                 data["messages"] = [ChatMessage(**m) if isinstance(m, dict) else m for m in data["messages"]]
         return kind(**data)

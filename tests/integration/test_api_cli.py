@@ -162,3 +162,21 @@ def test_serve_exits_with_activation_failed_when_the_model_does_not_load(
                           str(free_port())], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 8, out.stderr
     assert "failed to load" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_refuses_an_onnxruntime_genai_release_it_was_not_tested_with(
+        smollm2_int4_raw: Path, tmp_path: Path) -> None:
+    """A fake for what no test box has (another release installed): a dist-info that says 0.19.0,
+    first on the path. The worker refuses to bind the C API rather than call it with 0.18's signatures."""
+    fake = tmp_path / "site"
+    dist_info = fake / "onnxruntime_genai-0.19.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-genai\nVersion: 0.19.0\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{fake}{os.pathsep}{env['PYTHONPATH']}"
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--model", str(smollm2_int4_raw), "--port",
+                          str(free_port())], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 8, out.stderr
+    assert "onnxruntime-genai 0.19.0 is installed" in out.stderr, out.stderr
+    assert "pip install onnxruntime-genai==0.18.0" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -18,6 +18,7 @@ from agent.wire.worker import (
     DoneEvent,
     ErrorEvent,
     GenerateCommand,
+    Guidance,
     LoadFailedEvent,
     ReadyEvent,
     SamplingOptions,
@@ -35,6 +36,7 @@ COMMANDS: list[Command] = [
                                       ChatMessage(role="user", content="naïve — 東京 🚀")],
                     options=SamplingOptions(temperature=0.7, top_p=0.9, top_k=20, seed=3, stop=["\n", "END"],
                                             repetition_penalty=1.1, num_beams=1), stream_interval_s=0.05),
+    GenerateCommand(id="c", prompt="Is it?", options=SamplingOptions(guidance=Guidance(kind="regex", data="(yes|no)"))),
     CancelCommand(id="a"),
     ShutdownCommand(),
 ]
@@ -76,6 +78,12 @@ def _generate(**changes: Any) -> bytes:
     (_generate(messages=[{"role": "root", "content": "x"}]), "role must be one of"),
     (_generate(messages=[{"role": "user"}]), "content"),
     (_generate(stream_interval_s=5), "stream_interval_s must be a number >= 0.0 and <= 1.0"),
+    (_generate(options__guidance={"kind": "sql", "data": "x"}), "guidance kind must be one of"),
+    (_generate(options__guidance={"kind": "regex", "data": ""}), "a regex takes 1 to 65536 characters"),
+    (_generate(options__guidance={"kind": "regex", "data": "x" * 65537}), "a regex takes 1 to 65536 characters"),
+    (_generate(options__guidance={"kind": "regex"}), "data"),
+    (_generate(options__guidance="(yes|no)"), "guidance must be Guidance"),
+    (_generate(options__num_beams=2, options__guidance={"kind": "regex", "data": "a"}), "beam search cannot be"),
 ])
 def test_bad_commands_are_rejected_on_both_sides(line: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason.replace("(", r"\(")):

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from agent.serving import oga
 from agent.serving.runtime import Generation, ModelRuntime
-from agent.wire.errors import ContextLengthError, EdgefleetError, RuntimeModelError
+from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, RuntimeModelError
 from agent.wire.worker import (
     CanaryCommand,
     CanaryEvent,
@@ -158,7 +159,7 @@ class _Worker:
         except ContextLengthError as e:
             self.send(ErrorEvent(id=command.id, kind="context_length", message=str(e)))
             return
-        except ValueError as e:
+        except (ValueError, GuidanceError) as e:
             self.send(ErrorEvent(id=command.id, kind="invalid_request", message=str(e)))
             return
         except EdgefleetError as e:
@@ -227,6 +228,10 @@ def worker_main(argv: list[str] | None = None) -> int:
         worker.run()
     except BrokenPipeError:
         pass  # the API process is gone
+    for entry in worker.active.values():
+        entry.generation.cancel()
+    runtime.close()
+    oga.shutdown()
     return 0
 
 

@@ -1,0 +1,110 @@
+"""The OpenAI request shapes: which `response_format` becomes which output constraint, and
+which parameters are refused by name rather than silently ignored."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from agent.wire.openai import ChatCompletionRequest, CompletionRequest
+from agent.wire.worker import Guidance
+
+MESSAGES = [{"role": "user", "content": "Describe Paris."}]
+CITY = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def _chat(**fields: Any) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields})
+
+
+def _completion(**fields: Any) -> CompletionRequest:
+    return CompletionRequest.model_validate({"prompt": "Paris is", **fields})
+
+
+def test_text_format_and_no_format_constrain_nothing() -> None:
+    assert _chat().sampling_options().guidance is None
+    assert _chat(response_format={"type": "text"}).sampling_options().guidance is None
+
+
+def test_json_object_is_any_object_in_compact_json() -> None:
+    guidance = _chat(response_format={"type": "json_object"}).sampling_options().guidance
+    assert guidance is not None and guidance.kind == "json_schema"
+    assert json.loads(guidance.data) == {"type": "object", "x-guidance": {"whitespace_flexible": False}}
+
+
+def test_json_schema_is_the_schema_itself_and_a_schema_may_set_its_own_whitespace() -> None:
+    request = _chat(response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY,
+                                                                             "strict": True}})
+    guidance = request.sampling_options().guidance
+    assert guidance is not None and json.loads(guidance.data) == {**CITY, "x-guidance": {"whitespace_flexible": False}}
+    own = {**CITY, "x-guidance": {"whitespace_flexible": True}}
+    request = _chat(response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": own}})
+    guidance = request.sampling_options().guidance
+    assert guidance is not None and json.loads(guidance.data) == own
+
+
+def test_regex_and_lark_grammar_extensions() -> None:
+    assert _completion(response_format={"type": "regex", "regex": "(yes|no)"}).sampling_options().guidance == \
+        Guidance(kind="regex", data="(yes|no)")
+    grammar = 'start: "A" | "B"'
+    assert _chat(response_format={"type": "lark_grammar", "grammar": grammar}).sampling_options().guidance == \
+        Guidance(kind="lark_grammar", data=grammar)
+
+
+@pytest.mark.parametrize(("response_format", "where"), [
+    ({"type": "xml"}, "does not match any of the expected tags"),
+    ({"type": "json_schema"}, "json_schema"),
+    ({"type": "json_schema", "json_schema": {"schema": CITY}}, "name"),
+    ({"type": "json_schema", "json_schema": {"name": "c", "schema": "{}"}}, "schema"),
+    ({"type": "regex"}, "regex"),
+    ({"type": "regex", "regex": ""}, "at least 1 character"),
+    ({"type": "lark_grammar", "grammar": "x", "flavour": "gbnf"}, "flavour"),
+])
+def test_a_malformed_response_format_is_a_validation_error_naming_it(response_format: dict[str, Any],
+                                                                     where: str) -> None:
+    with pytest.raises(ValidationError, match=where) as caught:
+        _chat(response_format=response_format)
+    assert caught.value.errors()[0]["loc"][0] == "response_format"
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": {"name": "f"}}, "function_call"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages.0.content.1.type"),
+    ({"response_format": {"type": "json_object"}, "num_beams": 2}, "num_beams"),
+])
+def test_a_chat_parameter_that_would_change_the_answer_is_refused_by_name(fields: dict[str, Any],
+                                                                           param: str) -> None:
+    refused = _chat(**fields).unsupported_parameter()
+    assert refused is not None and refused[0] == param and refused[1]
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logprobs": 0}, "logprobs"),  # the sampled token's log-probability: a request, not a default
+    ({"echo": True}, "echo"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "end."}, "suffix"),
+])
+def test_a_completion_parameter_that_would_change_the_answer_is_refused_by_name(fields: dict[str, Any],
+                                                                                 param: str) -> None:
+    refused = _completion(**fields).unsupported_parameter()
+    assert refused is not None and refused[0] == param
+
+
+def test_default_values_of_unsupported_parameters_ask_for_nothing() -> None:
+    """Clients send the defaults of every parameter they know: those are no request."""
+    assert _chat(logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=[],
+                 tool_choice="none", user="u1", metadata={"a": "b"}, store=False).unsupported_parameter() is None
+    assert _completion(echo=False, best_of=1, suffix="", logprobs=None).unsupported_parameter() is None
