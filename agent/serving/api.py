@@ -53,8 +53,10 @@ from agent.wire.openai import (
     ModelCard,
     ModelList,
     Usage,
+    chat_logprobs,
+    completion_logprobs,
 )
-from agent.wire.worker import ChatMessage, DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent
+from agent.wire.worker import ChatMessage, DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +263,8 @@ class _Api:
         if req.stream:
             disconnected.cancel()  # the streaming response watches for itself
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self._sse(events, started, request_id, created, model_name, is_chat, include_usage)
+            body = self._sse(events, started, request_id, created, model_name, is_chat, include_usage,
+                             with_logprobs=options.logprobs is not None)
             return _CancellingStreamingResponse(body, media_type="text/event-stream",
                                                 headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self._collect(events))
@@ -271,42 +274,58 @@ class _Api:
             log.info("event=client_disconnected id=%s", request_id)
             return Response(status_code=499)
         disconnected.cancel()
-        text, done_event = collect.result()
+        text, done_event, logprobs = collect.result()
         usage = Usage(prompt_tokens=done_event.prompt_tokens, completion_tokens=done_event.completion_tokens,
                       total_tokens=done_event.prompt_tokens + done_event.completion_tokens)
+        asked = options.logprobs is not None
         if is_chat:
             result: BaseModel = ChatCompletion(
                 id=request_id, created=created, model=model_name, usage=usage,
-                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done_event.finish_reason)])
+                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done_event.finish_reason,
+                                    logprobs=chat_logprobs(logprobs) if asked else None)])
         else:
             result = Completion(id=request_id, created=created, model=model_name, usage=usage,
-                                choices=[CompletionChoice(text=text, finish_reason=done_event.finish_reason)])
+                                choices=[CompletionChoice(text=text, finish_reason=done_event.finish_reason,
+                                                          logprobs=completion_logprobs(logprobs) if asked else None)])
         return JSONResponse(result.model_dump())
 
-    async def _collect(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]) -> tuple[str, DoneEvent]:
+    async def _collect(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]
+                       ) -> tuple[str, DoneEvent, list[TokenLogprob]]:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         async with aclosing(events):
             async for _, event in events:
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
+                    logprobs.extend(event.logprobs or [])
                 elif isinstance(event, DoneEvent):
-                    return "".join(parts), event
+                    return "".join(parts), event, logprobs
                 elif isinstance(event, ErrorEvent):
                     raise _event_error(event)
         raise ApiError(500, "the generation ended without a result", "server_error")
 
     async def _sse(self, events: AsyncGenerator[tuple[Any, RequestEvent], None], started: StartedEvent, request_id: str,
-                   created: int, model_name: str, is_chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
-        def chunk(text: str | None, finish_reason: str | None, *, first: bool = False) -> bytes:
+                   created: int, model_name: str, is_chat: bool, include_usage: bool, *,
+                   with_logprobs: bool) -> AsyncIterator[bytes]:
+        text_offset = 0  # of the next token in the whole completion (the legacy logprobs' text_offset)
+
+        def chunk(text: str | None, finish_reason: str | None, *, first: bool = False,
+                  logprobs: list[TokenLogprob] | None = None) -> bytes:
+            nonlocal text_offset
             obj: BaseModel
             if is_chat:
                 delta = Delta(role="assistant", content="") if first else Delta(content=text)
                 obj = ChatCompletionChunk(id=request_id, created=created, model=model_name,
                                           choices=[ChunkChoice(delta=delta if finish_reason is None else Delta(),
-                                                                finish_reason=finish_reason)])
+                                                               finish_reason=finish_reason,
+                                                               logprobs=None if logprobs is None
+                                                               else chat_logprobs(logprobs))])
             else:
+                legacy = None if logprobs is None else completion_logprobs(logprobs, text_offset)
+                text_offset += sum(len(t.token) for t in logprobs or [])
                 obj = Completion(id=request_id, created=created, model=model_name,
-                                 choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)])
+                                 choices=[CompletionChoice(text=text or "", finish_reason=finish_reason,
+                                                           logprobs=legacy)])
             return b"data: " + obj.model_dump_json(exclude_none=is_chat).encode() + b"\n\n"
 
         # The per-token chunk is the hot path: the model's JSON cut once around the text.
@@ -322,7 +341,9 @@ class _Api:
                 yield chunk(None, None, first=True)
             async for _, event in events:
                 if isinstance(event, TokenEvent):
-                    if event.text:
+                    if with_logprobs:  # every token's, even one whose text is held back (a stop sequence)
+                        yield chunk(event.text, None, logprobs=event.logprobs or [])
+                    elif event.text:
                         yield token_chunk(event.text)
                 elif isinstance(event, DoneEvent):
                     yield chunk(None, event.finish_reason)

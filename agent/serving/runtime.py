@@ -9,8 +9,11 @@ at a time (`edge-agent prompt --model`, the canary health check) use it directly
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ from agent.serving import oga
 from agent.serving.loadcheck import check_model_dir
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
-from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions
+from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +83,39 @@ def stop_split(text: str, stops: Sequence[str]) -> tuple[int, bool]:
     return len(text) - hold, False
 
 
+# OpenAI's floor for a log-probability: JSON has no -Infinity.
+MIN_LOGPROB = -9999.0
+
+
+def log_softmax_at(logits: Sequence[float], token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The natural-log probability of `token` under softmax(`logits`), and the `top_n` likeliest
+    token ids with theirs (best first; ties by lower id).
+
+    Pure Python (the worker has no numpy), in C-speed builtins over the vocabulary: the log-sum-exp
+    without the max shift unless a logit overflows exp(), the top ones by a threshold.
+    """
+    try:
+        log_total = math.log(sum(map(math.exp, logits)))
+    except (OverflowError, ValueError):  # a logit above ~709, or every one so low that the sum is 0
+        peak = max(logits)
+        log_total = peak + math.log(sum(math.exp(x - peak) for x in logits))
+    top: list[tuple[int, float]] = []
+    if top_n:
+        floor = heapq.nlargest(top_n, logits)[-1]
+        candidates = itertools.compress(range(len(logits)), map(floor.__le__, logits))
+        best = sorted(candidates, key=lambda i: (-logits[i], i))[:top_n]
+        top = [(i, max(MIN_LOGPROB, logits[i] - log_total)) for i in best]
+    return max(MIN_LOGPROB, logits[token] - log_total), top
+
+
 @dataclass
 class StepResult:
-    """What one step produced: the new token ids and the text now safe to show."""
+    """What one step produced: the new token ids, the text now safe to show and, when the
+    request asked, each new token's log-probability."""
 
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -142,6 +172,7 @@ class Generation:
         g, stream = self._generator, self._stream
         if g is None or stream is None:
             raise RuntimeModelError("this generation was cancelled")
+        logprobs: list[TokenLogprob] | None = [] if self.options.logprobs is not None else None
         if not self._is_prefilled:
             g.append_tokens(self.prompt_ids)
             self._is_prefilled = True
@@ -154,9 +185,13 @@ class Generation:
             if g.is_done():
                 new_ids, new_text = [], ""
             else:
+                # The logits first (they run the model); generate_next_token then only samples from them.
+                logits = g.logits() if self.options.logprobs is not None else None
                 g.generate_next_token()
                 new_ids = [g.next_token()]
                 new_text = stream.decode(new_ids[0])
+                if logits is not None:
+                    logprobs = [self._logprob(logits, new_ids[0])]
         self.completion_ids.extend(new_ids)
         self._pending_text += new_text
         n, stopped = stop_split(self._pending_text, self.options.stop)
@@ -168,7 +203,13 @@ class Generation:
             self._pending_text = ""
             is_eos = bool(self.completion_ids) and self.completion_ids[-1] in self.runtime.eos_token_ids
             self.finish_reason = "length" if len(self.completion_ids) >= self._budget and not is_eos else "stop"
-        return StepResult(token_ids=new_ids, text=emit)
+        return StepResult(token_ids=new_ids, text=emit, logprobs=logprobs)
+
+    def _logprob(self, logits: Sequence[float], token: int) -> TokenLogprob:
+        logprob, top = log_softmax_at(logits, token, self.options.logprobs or 0)
+        decode = self.runtime.decode
+        return TokenLogprob(token=decode([token]), logprob=logprob,
+                            top=[TopLogprob(token=decode([i]), logprob=lp) for i, lp in top])
 
     def cancel(self) -> None:
         self.finish_reason = "cancelled"

@@ -13,9 +13,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from agent.wire.worker import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, ChatMessage, Guidance, SamplingOptions
+from agent.wire.worker import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+    ChatMessage,
+    Guidance,
+    SamplingOptions,
+    TokenLogprob,
+)
 
 # ---- request models (OpenAI's shape; unknown fields are accepted and logged) ----
 
@@ -140,8 +148,6 @@ class GenerationRequest(BaseModel):
     response_format: ResponseFormat | None = None
     # Parameters OpenAI clients send that this server does not implement yet: typed loosely
     # here so that `unsupported_parameter` can name them, whatever their value.
-    logprobs: Any = None
-    top_logprobs: Any = None
     presence_penalty: Any = None
     frequency_penalty: Any = None
     logit_bias: Any = None
@@ -159,10 +165,6 @@ class GenerationRequest(BaseModel):
     def unsupported_parameter(self) -> tuple[str, str] | None:
         """The first parameter this request sets to something this server does not do, and why;
         None when it asks for nothing of the sort. A default value (0, false, {}) is no request."""
-        if _asks(self.logprobs, False):
-            return "logprobs", "log-probabilities are not supported yet: send the request without logprobs"
-        if _asks(self.top_logprobs):
-            return "top_logprobs", "log-probabilities are not supported yet: send the request without top_logprobs"
         for name in ("presence_penalty", "frequency_penalty"):
             if _asks(getattr(self, name), 0, 0.0):
                 return name, (f"{name} is not supported: send 0 or leave it out "
@@ -172,6 +174,12 @@ class GenerationRequest(BaseModel):
         if self.response_format is not None and not isinstance(self.response_format, TextFormat) \
                 and _asks(self.num_beams, 1):
             return "num_beams", "beam search cannot be constrained: send num_beams 1 with a response_format"
+        if self.logprob_alternatives() is not None and _asks(self.num_beams, 1):
+            return "num_beams", "beam search reports no per-token log-probabilities: send num_beams 1 with logprobs"
+        return None
+
+    def logprob_alternatives(self) -> int | None:
+        """None: no log-probabilities asked; n: each token's, with its n likeliest alternatives."""
         return None
 
     def sampling_options(self) -> SamplingOptions:
@@ -187,15 +195,28 @@ class GenerationRequest(BaseModel):
             repetition_penalty=self.repetition_penalty or defaults.repetition_penalty,
             num_beams=self.num_beams or 1,
             guidance=guidance_of(self.response_format),
+            logprobs=self.logprob_alternatives(),
         )
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ApiMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported_parameter(self) -> tuple[str, str] | None:
         for name in ("tools", "functions"):
@@ -215,9 +236,14 @@ class ChatCompletionRequest(GenerationRequest):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
+    # The legacy shape: the sampled token's log-probability and this many alternatives (OpenAI's bound).
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)  # strict: `true` is not 1
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     def unsupported_parameter(self) -> tuple[str, str] | None:
         if _asks(self.echo, False):
@@ -248,6 +274,50 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        ChatTokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+                         top_logprobs=[TopLogprobOut(token=a.token, logprob=a.logprob, bytes=list(a.token.encode()))
+                                       for a in t.top])
+        for t in items])
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+def completion_logprobs(items: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    """`offset`: where the first token's text starts in the whole completion (streaming)."""
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return CompletionLogprobs(tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
+                              top_logprobs=[{a.token: a.logprob for a in t.top} for t in items], text_offset=offsets)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -257,7 +327,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -279,7 +349,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -295,7 +365,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -49,6 +49,8 @@ GuidanceKind = Literal["json_schema", "regex", "lark_grammar"]
 _GUIDANCE_KINDS: frozenset[str] = frozenset(get_args(GuidanceKind))
 # A schema or grammar is compiled in the worker between decode rounds: bound what one request may ask.
 MAX_GUIDANCE_CHARS = 64 * 1024
+# OpenAI's bound on alternatives per token; each costs a decode of its token in the worker.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,8 @@ class SamplingOptions:
     repetition_penalty: float = 1.0  # > 0
     num_beams: int = 1  # [1, 8]
     guidance: Guidance | None = None  # the output must match it
+    # None: no log-probabilities; n >= 0: each token's, with its n likeliest alternatives.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         wirecheck.number(self, "temperature", ge=0.0, le=2.0)
@@ -100,6 +104,9 @@ class SamplingOptions:
         wirecheck.expect(self, "guidance", Guidance, optional=True)
         if self.guidance is not None and self.num_beams > 1:
             raise ValueError("beam search cannot be constrained: send num_beams 1 with a response_format")
+        wirecheck.number(self, "logprobs", ge=0, le=MAX_TOP_LOGPROBS, integer=True, optional=True)
+        if self.logprobs is not None and self.num_beams > 1:
+            raise ValueError("beam search reports no per-token log-probabilities: send num_beams 1 with logprobs")
 
     @property
     def is_greedy(self) -> bool:
@@ -244,12 +251,40 @@ class StartedEvent(_Line):
     prompt_tokens: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class TopLogprob:
+    """One candidate for a position: its text and natural-log probability under the model."""
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = _STRICT
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenLogprob:
+    """The log-probability of one generated token, and the likeliest alternatives at its position
+    (best first), from the model's own distribution: before temperature, penalties and constraints."""
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = _STRICT
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+
 @dataclass(kw_only=True)
 class TokenEvent(_Line):
     type: Literal["token"] = "token"
     id: str
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked
+
+    def merged(self, later: TokenEvent) -> TokenEvent:
+        """This event and a later one of the same request as one."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            [*(self.logprobs or []), *(later.logprobs or [])]
+        return TokenEvent(id=self.id, token_ids=self.token_ids + later.token_ids, text=self.text + later.text,
+                          logprobs=logprobs)
 
 
 @dataclass(kw_only=True)

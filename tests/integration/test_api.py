@@ -94,12 +94,12 @@ def test_stream_interval_holds_tokens_but_never_the_first_or_the_last(runtime: M
     from agent.serving.worker.process import _Active
 
     prompt_ids = runtime.encode(runtime.apply_chat_template([ChatMessage(role="user", content="Count to twenty.")]))
-    active = _Active(runtime.start(prompt_ids, SamplingOptions(temperature=0.0, max_tokens=12)), len(prompt_ids),
-                     stream_interval_s=0.05)
+    active = _Active(runtime.start(prompt_ids, SamplingOptions(temperature=0.0, max_tokens=12, logprobs=1)),
+                     len(prompt_ids), stream_interval_s=0.05)
     now, sent_at, events = 100.0, [], []
     while active.generation.finish_reason is None:
         step = active.generation.step()
-        active.hold(step.token_ids, step.text)
+        active.hold(step)
         event = active.take_due("r1", now)  # a clock of 20 ms per token, stepped by hand
         if event is not None:
             sent_at.append(now)
@@ -109,6 +109,10 @@ def test_stream_interval_holds_tokens_but_never_the_first_or_the_last(runtime: M
     assert all(b - a >= 0.05 for a, b in zip(sent_at, sent_at[1:-1], strict=False))  # later ones wait for the interval
     assert len(events) < 12 and sent_at[-1] == now - 0.02  # the last step sends what is held
     assert [i for e in events for i in e.token_ids] == active.generation.completion_ids
+    # held log-probabilities travel with their tokens: one each, in order
+    assert all(e.logprobs is not None and len(e.logprobs) == len(e.token_ids) for e in events)
+    assert [runtime.decode([i]) for i in active.generation.completion_ids] == \
+        [t.token for e in events for t in e.logprobs or []]
     assert "".join(e.text for e in events) == _runtime_chat(
         runtime, [{"role": "user", "content": "Count to twenty."}], temperature=0.0, max_tokens=12)
     assert {e.id for e in events} == {"r1"}

@@ -71,8 +71,6 @@ def test_a_malformed_response_format_is_a_validation_error_naming_it(response_fo
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1}, "frequency_penalty"),
     ({"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -84,6 +82,7 @@ def test_a_malformed_response_format_is_a_validation_error_naming_it(response_fo
                                                 {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages.0.content.1.type"),
     ({"response_format": {"type": "json_object"}, "num_beams": 2}, "num_beams"),
+    ({"logprobs": True, "num_beams": 3}, "num_beams"),
 ])
 def test_a_chat_parameter_that_would_change_the_answer_is_refused_by_name(fields: dict[str, Any],
                                                                            param: str) -> None:
@@ -92,7 +91,6 @@ def test_a_chat_parameter_that_would_change_the_answer_is_refused_by_name(fields
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"logprobs": 0}, "logprobs"),  # the sampled token's log-probability: a request, not a default
     ({"echo": True}, "echo"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "end."}, "suffix"),
@@ -108,3 +106,31 @@ def test_default_values_of_unsupported_parameters_ask_for_nothing() -> None:
     assert _chat(logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=[],
                  tool_choice="none", user="u1", metadata={"a": "b"}, store=False).unsupported_parameter() is None
     assert _completion(echo=False, best_of=1, suffix="", logprobs=None).unsupported_parameter() is None
+
+
+@pytest.mark.parametrize(("request_", "alternatives"), [
+    (_chat(), None),
+    (_chat(logprobs=False), None),
+    (_chat(logprobs=True), 0),
+    (_chat(logprobs=True, top_logprobs=20), 20),
+    (_completion(), None),
+    (_completion(logprobs=0), 0),  # legacy: the sampled token's log-probability, no alternatives
+    (_completion(logprobs=5), 5),
+], ids=["chat-none", "chat-false", "chat-true", "chat-top-20", "completion-none", "completion-0", "completion-5"])
+def test_logprobs_ask_the_worker_for_each_token_and_that_many_alternatives(
+        request_: ChatCompletionRequest | CompletionRequest, alternatives: int | None) -> None:
+    assert request_.sampling_options().logprobs == alternatives
+
+
+@pytest.mark.parametrize(("make", "fields", "where"), [
+    (_chat, {"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    (_chat, {"logprobs": False, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    (_chat, {"logprobs": True, "top_logprobs": 21}, "less than or equal to 20"),
+    (_completion, {"logprobs": 6}, "less than or equal to 5"),
+    (_completion, {"logprobs": True}, "valid integer"),
+])
+def test_out_of_range_logprobs_are_validation_errors_naming_the_field(make: Any, fields: dict[str, Any],
+                                                                      where: str) -> None:
+    with pytest.raises(ValidationError, match=where) as caught:
+        make(**fields)
+    assert caught.value.errors()[0]["loc"][0] in fields

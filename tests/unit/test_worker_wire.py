@@ -25,6 +25,8 @@ from agent.wire.worker import (
     ShutdownCommand,
     StartedEvent,
     TokenEvent,
+    TokenLogprob,
+    TopLogprob,
     parse_command,
 )
 
@@ -97,6 +99,8 @@ EVENTS = [
     LoadFailedEvent(error_type="ActivationError", message="no weights"),
     StartedEvent(id="a", prompt_tokens=5),
     TokenEvent(id="a", token_ids=[1, 2], text="Paris 🚀"),
+    TokenEvent(id="a", token_ids=[3], text=" is", logprobs=[
+        TokenLogprob(token=" is", logprob=-0.25, top=[TopLogprob(token=" is", logprob=-0.25)])]),
     DoneEvent(id="a", finish_reason="length", prompt_tokens=5, completion_tokens=2),
     ErrorEvent(id="a", kind="context_length", message="too long"),
 ]
@@ -110,6 +114,7 @@ def test_events_validate_in_the_api_process(event: Any) -> None:
 @pytest.mark.parametrize(("change", "where"), [
     ({"surprise": 1}, "surprise"),
     ({"token_ids": ["x"]}, "token_ids"),
+    ({"type": "token", "token_ids": [1], "text": "x", "logprobs": [{"token": "x", "logprob": "low"}]}, "logprob"),
     ({"finish_reason": "bored"}, "finish_reason"),
     ({"type": "teleport"}, "type"),
 ])

@@ -59,8 +59,7 @@ class _EventBox:
     def put(self, event: RequestEvent | CanaryEvent) -> None:
         tail = self._events[-1] if self._events else None
         if isinstance(event, TokenEvent) and isinstance(tail, TokenEvent):
-            self._events[-1] = TokenEvent(id=tail.id, token_ids=tail.token_ids + event.token_ids,
-                                          text=tail.text + event.text)
+            self._events[-1] = tail.merged(event)
         else:
             self._events.append(event)
         self._ready.set()

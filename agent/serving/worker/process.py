@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO
 
 from agent.serving import oga
-from agent.serving.runtime import Generation, ModelRuntime
+from agent.serving.runtime import Generation, ModelRuntime, StepResult
 from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, RuntimeModelError
 from agent.wire.worker import (
     CanaryCommand,
@@ -51,6 +51,7 @@ from agent.wire.worker import (
     ShutdownCommand,
     StartedEvent,
     TokenEvent,
+    TokenLogprob,
     parse_command,
 )
 
@@ -68,11 +69,14 @@ class _Active:
     stream_interval_s: float
     held_ids: list[int] = field(default_factory=list)
     held_text: str = ""
+    held_logprobs: list[TokenLogprob] | None = None
     last_sent: float | None = None  # monotonic time of the last token event; None: none yet
 
-    def hold(self, token_ids: list[int], text: str) -> None:
-        self.held_ids.extend(token_ids)
-        self.held_text += text
+    def hold(self, step: StepResult) -> None:
+        self.held_ids.extend(step.token_ids)
+        self.held_text += step.text
+        if step.logprobs is not None:
+            self.held_logprobs = [*(self.held_logprobs or []), *step.logprobs]
 
     def take_due(self, request_id: str, now: float) -> TokenEvent | None:
         """The held tokens as one event if they are due, else None.
@@ -89,8 +93,8 @@ class _Active:
                   or now - self.last_sent >= self.stream_interval_s)
         if not is_due:
             return None
-        event = TokenEvent(id=request_id, token_ids=self.held_ids, text=self.held_text)
-        self.held_ids, self.held_text, self.last_sent = [], "", now
+        event = TokenEvent(id=request_id, token_ids=self.held_ids, text=self.held_text, logprobs=self.held_logprobs)
+        self.held_ids, self.held_text, self.held_logprobs, self.last_sent = [], "", None, now
         return event
 
 
@@ -189,7 +193,7 @@ class _Worker:
                     del self.active[request_id]
                     self.send(ErrorEvent(id=request_id, kind="runtime", message=str(e)))
                     continue
-                entry.hold(result.token_ids, result.text)
+                entry.hold(result)
                 tokens = entry.take_due(request_id, time.monotonic())
                 if tokens is not None:
                     self.send(tokens)
