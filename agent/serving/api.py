@@ -35,9 +35,11 @@ from starlette.types import Receive, Scope, Send
 
 from agent.serving.host import ModelHost
 from agent.serving.worker.client import WorkerClient
+from agent.wire import toolcalls
 from agent.wire.errors import ActivationError, ApiError, ConfigError, ModelNotReadyError, QueueFullError
 from agent.wire.openai import (
     AssistantMessage,
+    CalledFunction,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
@@ -47,11 +49,13 @@ from agent.wire.openai import (
     CompletionChoice,
     CompletionRequest,
     Delta,
+    DeltaToolCall,
     ErrorBody,
     ErrorDetail,
     GenerationRequest,
     ModelCard,
     ModelList,
+    ToolCallOut,
     Usage,
     chat_logprobs,
     completion_logprobs,
@@ -222,21 +226,25 @@ class _Api:
     async def _chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         messages = [m.to_chat_message() for m in req.messages]
-        return await self._generate(request, req, messages=messages, prompt=None, is_chat=True)
+        tool_names = {t.function.name for t in req.tools or []} if req.calls_tools else None
+        return await self._generate(request, req, messages=messages, prompt=None, is_chat=True,
+                                    tools=req.tools_json, tool_names=tool_names)
 
     async def _complete(self, request: Request) -> Response:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
         return await self._generate(request, req, messages=None, prompt=req.prompt_text, is_chat=False)
 
     async def _generate(self, request: Request, req: GenerationRequest, *, messages: list[ChatMessage] | None,
-                        prompt: str | None, is_chat: bool) -> Response:
+                        prompt: str | None, is_chat: bool, tools: str | None = None,
+                        tool_names: set[str] | None = None) -> Response:
+        """`tools`: the tools for the prompt; `tool_names`: set when the answer may be calls to them."""
         try:
             options = req.sampling_options()
         except ValidationError as e:
             raise _invalid(str(e.errors()[0]["msg"])) from e
         except ValueError as e:  # a check of the worker's wire (SamplingOptions, Guidance)
             raise _invalid(str(e)) from e
-        events = self.host.generate(prompt=prompt, messages=messages, options=options)
+        events = self.host.generate(prompt=prompt, messages=messages, tools=tools, options=options)
         # A client may give up while its request waits in the queue: watch for that from here on.
         disconnected = asyncio.ensure_future(_wait_disconnect(request))
         first = asyncio.ensure_future(self._first_event(events))
@@ -264,7 +272,7 @@ class _Api:
             disconnected.cancel()  # the streaming response watches for itself
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = self._sse(events, started, request_id, created, model_name, is_chat, include_usage,
-                             with_logprobs=options.logprobs is not None)
+                             with_logprobs=options.logprobs is not None, tool_names=tool_names)
             return _CancellingStreamingResponse(body, media_type="text/event-stream",
                                                 headers={"Cache-Control": "no-cache"})
         collect = asyncio.ensure_future(self._collect(events))
@@ -278,8 +286,14 @@ class _Api:
         usage = Usage(prompt_tokens=done_event.prompt_tokens, completion_tokens=done_event.completion_tokens,
                       total_tokens=done_event.prompt_tokens + done_event.completion_tokens)
         asked = options.logprobs is not None
-        if is_chat:
+        calls = None if tool_names is None else toolcalls.parse_calls(text, tool_names)
+        if calls is not None:
             result: BaseModel = ChatCompletion(
+                id=request_id, created=created, model=model_name, usage=usage,
+                choices=[ChatChoice(message=AssistantMessage(content=None, tool_calls=_tool_calls_out(calls)),
+                                    finish_reason="tool_calls")])
+        elif is_chat:
+            result = ChatCompletion(
                 id=request_id, created=created, model=model_name, usage=usage,
                 choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done_event.finish_reason,
                                     logprobs=chat_logprobs(logprobs) if asked else None)])
@@ -306,8 +320,11 @@ class _Api:
 
     async def _sse(self, events: AsyncGenerator[tuple[Any, RequestEvent], None], started: StartedEvent, request_id: str,
                    created: int, model_name: str, is_chat: bool, include_usage: bool, *,
-                   with_logprobs: bool) -> AsyncIterator[bytes]:
+                   with_logprobs: bool, tool_names: set[str] | None) -> AsyncIterator[bytes]:
         text_offset = 0  # of the next token in the whole completion (the legacy logprobs' text_offset)
+        # With tools, the first character tells calls ("<", the grammar's) from an answer: calls are
+        # held until they are whole and sent as one tool_calls delta, an answer streams as usual.
+        held: list[str] | None = [] if tool_names is not None else None
 
         def chunk(text: str | None, finish_reason: str | None, *, first: bool = False,
                   logprobs: list[TokenLogprob] | None = None) -> bytes:
@@ -341,12 +358,32 @@ class _Api:
                 yield chunk(None, None, first=True)
             async for _, event in events:
                 if isinstance(event, TokenEvent):
-                    if with_logprobs:  # every token's, even one whose text is held back (a stop sequence)
+                    if held is not None:
+                        held.append(event.text)
+                        so_far = "".join(held).lstrip()
+                        if so_far and not so_far.startswith("<"):
+                            yield token_chunk("".join(held))  # an answer, not calls: stream from here on
+                            held = None
+                    elif with_logprobs:  # every token's, even one whose text is held back (a stop sequence)
                         yield chunk(event.text, None, logprobs=event.logprobs or [])
                     elif event.text:
                         yield token_chunk(event.text)
                 elif isinstance(event, DoneEvent):
-                    yield chunk(None, event.finish_reason)
+                    finish_reason: str = event.finish_reason
+                    if held is not None:
+                        text = "".join(held)
+                        calls = toolcalls.parse_calls(text, tool_names or set())
+                        if calls is None:  # not calls after all (cut short by max_tokens): the text as is
+                            if text:
+                                yield token_chunk(text)
+                        else:
+                            yield _sse_data(ChatCompletionChunk(
+                                id=request_id, created=created, model=model_name,
+                                choices=[ChunkChoice(delta=Delta(tool_calls=[
+                                    DeltaToolCall(index=i, id=call.id, function=call.function)
+                                    for i, call in enumerate(_tool_calls_out(calls))]))]))
+                            finish_reason = "tool_calls"
+                    yield chunk(None, finish_reason)
                     if include_usage:
                         usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                                       total_tokens=event.prompt_tokens + event.completion_tokens)
@@ -390,6 +427,15 @@ class _Api:
         text = self.host.metrics.render_prometheus(identity.name if identity else None,
                                                    identity.version if identity else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _tool_calls_out(calls: list[tuple[str, str]]) -> list[ToolCallOut]:
+    return [ToolCallOut(id="call_" + uuid.uuid4().hex[:24], function=CalledFunction(name=name, arguments=arguments))
+            for name, arguments in calls]
+
+
+def _sse_data(obj: BaseModel) -> bytes:
+    return b"data: " + obj.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 
 def _dir_mtime(path: str) -> float:

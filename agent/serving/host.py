@@ -294,6 +294,7 @@ class ModelHost:
             self._slot_freed.notify_all()
 
     async def generate(self, *, prompt: str | None = None, messages: list[ChatMessage] | None = None,
+                       tools: str | None = None,
                        options: SamplingOptions) -> AsyncGenerator[tuple[WorkerClient, RequestEvent], None]:
         """Wait for a slot, then yield the request's events (with the worker that runs it).
 
@@ -302,8 +303,8 @@ class ModelHost:
             QueueFullError: all slots are busy and the queue is full.
         """
         worker = await self._acquire_slot()
-        command = GenerateCommand(id=uuid.uuid4().hex, prompt=prompt, messages=messages, options=options,
-                                  stream_interval_s=self.stream_interval_s)
+        command = GenerateCommand(id=uuid.uuid4().hex, prompt=prompt, messages=messages, tools=tools,
+                                  options=options, stream_interval_s=self.stream_interval_s)
         admitted = time.perf_counter()
         first_token_at: float | None = None
         try:

@@ -281,10 +281,12 @@ class Tokenizer(_Handle):
     def decode(self, token_ids: Sequence[int]) -> str:
         return _owned_string(library().OgaTokenizerDecode, self.handle, _int32_array(token_ids), len(token_ids))
 
-    def apply_chat_template(self, messages_json: str, *, add_generation_prompt: bool = True) -> str:
-        """The model's own chat template applied to a JSON list of {role, content} messages."""
+    def apply_chat_template(self, messages_json: str, *, tools_json: str | None = None,
+                            add_generation_prompt: bool = True) -> str:
+        """The model's own chat template applied to a JSON list of messages ({role, content} and, for
+        a template that renders tools, tool_calls and tool_call_id), with the tools when given."""
         return _owned_string(library().OgaTokenizerApplyChatTemplate, self.handle, None, messages_json.encode(),
-                             None, add_generation_prompt)
+                             None if tools_json is None else tools_json.encode(), add_generation_prompt)
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.serving import oga
 from agent.serving.loadcheck import check_model_dir
+from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
@@ -59,6 +60,21 @@ def read_context_length(model_dir: Path) -> int:
             f"{config_path} is missing or not an onnxruntime-genai config ({e}): "
             "pass a model dir built by edge-builder"
         ) from e
+
+
+def _chat_template_text(model_dir: Path) -> str:
+    """The chat template's source, where onnxruntime-genai finds it ("" when there is none)."""
+    try:
+        return (model_dir / "chat_template.jinja").read_text()
+    except OSError:
+        pass
+    try:
+        template = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        return "\n".join(t.get("template", "") for t in template if isinstance(t, dict))
+    return template if isinstance(template, str) else ""
 
 
 def stop_split(text: str, stops: Sequence[str]) -> tuple[int, bool]:
@@ -244,6 +260,7 @@ class ModelRuntime:
             self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         except OgaError as e:
             raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
+        self.template_renders_tools = "tools" in _chat_template_text(self.model_dir)
         log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
                  self.context_length)
 
@@ -252,11 +269,18 @@ class ModelRuntime:
         self.tokenizer.close()
         self.model.close()
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
-        """The model's own chat template (chat_template.jinja / tokenizer_config.json)."""
-        payload = json.dumps([{"role": m.role, "content": m.content} for m in messages])
+    def apply_chat_template(self, messages: Sequence[ChatMessage], tools_json: str | None = None) -> str:
+        """The model's own chat template (chat_template.jinja / tokenizer_config.json), with the
+        request's tools: rendered by the template when it knows tools, else as plain turns
+        (`agent.wire.toolcalls`)."""
+        has_tool_turns = any(m.tool_calls or m.role == "tool" for m in messages)
+        if (tools_json is not None or has_tool_turns) and not self.template_renders_tools:
+            payload = json.dumps(toolcalls.fallback_messages(list(messages), tools_json))
+            tools_json = None
+        else:
+            payload = json.dumps(toolcalls.template_messages(list(messages)))
         try:
-            return self.tokenizer.apply_chat_template(payload, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(payload, tools_json=tools_json, add_generation_prompt=True)
         except OgaError as e:
             raise RuntimeModelError(f"chat template of {self.model_dir} failed: {e}") from e
 

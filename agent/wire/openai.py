@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from agent.wire import toolcalls
 from agent.wire.worker import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -23,6 +24,7 @@ from agent.wire.worker import (
     Guidance,
     SamplingOptions,
     TokenLogprob,
+    ToolCall,
 )
 
 # ---- request models (OpenAI's shape; unknown fields are accepted and logged) ----
@@ -34,17 +36,61 @@ class _ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str  # JSON text
+
+
+class ApiToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ApiMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[_ContentPart] | None = None
+    tool_calls: list[ApiToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def to_chat_message(self) -> ChatMessage:
         if isinstance(self.content, list):
             text = "".join(p.text or "" for p in self.content if p.type == "text")
         else:
             text = self.content or ""
-        return ChatMessage(role=self.role, content=text)
+        calls = None if not self.tool_calls else [
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in self.tool_calls]
+        return ChatMessage(role=self.role, content=text, tool_calls=calls, tool_call_id=self.tool_call_id)
+
+
+# ---- tools: OpenAI's function tools ----
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # enforced either way: the grammar follows the schema
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 # ---- response_format: OpenAI's three types, plus two extensions for constrained decoding ----
@@ -162,6 +208,10 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"a stop sequence takes at most {MAX_STOP_CHARS} characters")
         return value
 
+    def guidance(self) -> Guidance | None:
+        """The constraint on the answer: the response_format's (None: free text)."""
+        return guidance_of(self.response_format)
+
     def unsupported_parameter(self) -> tuple[str, str] | None:
         """The first parameter this request sets to something this server does not do, and why;
         None when it asks for nothing of the sort. A default value (0, false, {}) is no request."""
@@ -194,7 +244,7 @@ class GenerationRequest(BaseModel):
             stop=stops,
             repetition_penalty=self.repetition_penalty or defaults.repetition_penalty,
             num_beams=self.num_beams or 1,
-            guidance=guidance_of(self.response_format),
+            guidance=self.guidance(),
             logprobs=self.logprob_alternatives(),
         )
 
@@ -203,8 +253,10 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ApiMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None: false, unlike OpenAI (see `guidance`)
+    # The deprecated function-calling shape: not implemented (a 400 naming it).
     functions: Any = None
     function_call: Any = None
 
@@ -215,16 +267,60 @@ class ChatCompletionRequest(GenerationRequest):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
+    @field_validator("tools")
+    @classmethod
+    def _unique_tool_names(cls, value: list[ToolSpec] | None) -> list[ToolSpec] | None:
+        names = [t.function.name for t in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError("two tools have the same function name")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_names_a_tool(cls, value: str | NamedToolChoice | None, info: ValidationInfo
+                             ) -> str | NamedToolChoice | None:
+        names = {t.function.name for t in info.data.get("tools") or []}
+        if value == "required" and not names:
+            raise ValueError('"required" needs tools')
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names the function {value.function.name!r}, which is not in tools")
+        return value
+
     def logprob_alternatives(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer may (or must) be calls: tools given and tool_choice not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def tools_json(self) -> str | None:
+        """The tools for the model's prompt (also with tool_choice "none": the model knows them)."""
+        return None if not self.tools else json.dumps([t.model_dump(exclude_none=True) for t in self.tools])
+
+    def guidance(self) -> Guidance | None:
+        if not self.calls_tools:
+            return super().guidance()
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice
+        only = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        # One call unless parallel calls are asked for (llama.cpp's server's default too): a small
+        # model allowed more keeps calling until max_tokens cuts it off.
+        grammar = toolcalls.call_grammar(tools, only=only, allow_text=choice in (None, "auto"),
+                                         parallel=self.parallel_tool_calls is True)
+        return Guidance(kind="lark_grammar", data=grammar)
+
     def unsupported_parameter(self) -> tuple[str, str] | None:
-        for name in ("tools", "functions"):
-            if _asks(getattr(self, name), []):
-                return name, "tool calls are not supported yet: send the request without tools"
-        for name in ("tool_choice", "function_call"):
-            if _asks(getattr(self, name), "none"):
-                return name, f"tool calls are not supported yet: send {name} \"none\" or leave it out"
+        if _asks(self.functions, []):
+            return "functions", "the deprecated functions parameter is not supported: send them as tools"
+        if _asks(self.function_call, "none"):
+            return "function_call", "the deprecated function_call is not supported: send tool_choice"
+        if self.calls_tools and self.response_format is not None and not isinstance(self.response_format,
+                                                                                     TextFormat):
+            return "response_format", "a response_format cannot be combined with tools: send one or the other"
+        if self.calls_tools and self.logprobs:
+            return "logprobs", "log-probabilities are not reported with tools yet: send one or the other"
         for i, message in enumerate(self.messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
@@ -318,9 +414,16 @@ def completion_logprobs(items: list[TokenLogprob], offset: int = 0) -> Completio
                               top_logprobs=[{a.token: a.logprob for a in t.top} for t in items], text_offset=offsets)
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -340,9 +443,17 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -29,6 +29,21 @@ _ROLES: frozenset[str] = frozenset(get_args(Role))
 
 
 @dataclass(frozen=True, kw_only=True)
+class ToolCall:
+    """A function call an assistant turn made (history sent back by the client)."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI's wire carries it
+
+    def __post_init__(self) -> None:
+        for name in ("id", "name", "arguments"):
+            wirecheck.expect(self, name, str)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     """One chat turn. A stdlib dataclass, not a pydantic model, because the model worker
     builds it and stays free of pydantic (`agent.wire.worker`); pydantic validates it
@@ -38,11 +53,15 @@ class ChatMessage:
 
     role: Role
     content: str
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def __post_init__(self) -> None:
         if self.role not in _ROLES:
             raise ValueError(f"role must be one of {sorted(_ROLES)}, not {self.role!r}")
         wirecheck.expect(self, "content", str)
+        wirecheck.expect_items(self, "tool_calls", ToolCall, optional=True)
+        wirecheck.expect(self, "tool_call_id", str, optional=True)
 
 
 GuidanceKind = Literal["json_schema", "regex", "lark_grammar"]
@@ -140,6 +159,7 @@ class GenerateCommand(_Line):
     id: str
     prompt: str | None = None  # raw text, used as is (completions, canary)
     messages: list[ChatMessage] | None = None  # chat: the model's template is applied
+    tools: str | None = None  # chat: the request's tools, a JSON list in OpenAI's shape
     options: SamplingOptions
     # Tokens made within this many seconds of the last token event ride in the next one
     # (the first token and the last are never held): 0 sends every token on its own.
@@ -149,6 +169,7 @@ class GenerateCommand(_Line):
         wirecheck.expect(self, "id", str)
         wirecheck.expect(self, "prompt", str, optional=True)
         wirecheck.expect_items(self, "messages", ChatMessage, optional=True)
+        wirecheck.expect(self, "tools", str, optional=True)
         wirecheck.expect(self, "options", SamplingOptions)
         wirecheck.number(self, "stream_interval_s", ge=0.0, le=1.0)
 
@@ -191,6 +212,12 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"a command line is not JSON: {name} (RFC 8259 has no NaN or Infinity)")
 
 
+def _chat_message(data: dict[str, Any]) -> ChatMessage:
+    if isinstance(data.get("tool_calls"), list):
+        data["tool_calls"] = [ToolCall(**c) if isinstance(c, dict) else c for c in data["tool_calls"]]
+    return ChatMessage(**data)
+
+
 def parse_command(line: bytes) -> Command:
     """One command line, checked as strictly as pydantic checks events on the other side.
 
@@ -221,7 +248,7 @@ def parse_command(line: bytes) -> Command:
                     options["guidance"] = Guidance(**options["guidance"])
                 data["options"] = SamplingOptions(**options)
             if isinstance(data.get("messages"), list):
-                data["messages"] = [ChatMessage(**m) if isinstance(m, dict) else m for m in data["messages"]]
+                data["messages"] = [_chat_message(m) if isinstance(m, dict) else m for m in data["messages"]]
         return kind(**data)
     except TypeError as e:  # an unknown or a missing key
         raise ValueError(f"bad {data['type']} command: {e}") from e

@@ -130,8 +130,8 @@ def test_a_constraint_that_does_not_compile_is_a_400_and_the_server_keeps_servin
     ("chat/completions", {"presence_penalty": 0.4}, "presence_penalty"),
     ("chat/completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
     ("chat/completions", {"logit_bias": {"42": 5}}, "logit_bias"),
-    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "now", "parameters": {}}}]}, "tools"),
-    ("chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("chat/completions", {"tool_choice": "required"}, "tool_choice"),  # needs tools
+    ("chat/completions", {"functions": [{"name": "now"}]}, "functions"),
     ("chat/completions", {"n": 2}, "n"),
     ("chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},

@@ -74,8 +74,6 @@ def test_a_malformed_response_format_is_a_validation_error_naming_it(response_fo
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1}, "frequency_penalty"),
     ({"logit_bias": {"50256": -100}}, "logit_bias"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": {"name": "f"}}, "function_call"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
@@ -83,6 +81,9 @@ def test_a_malformed_response_format_is_a_validation_error_naming_it(response_fo
      "messages.0.content.1.type"),
     ({"response_format": {"type": "json_object"}, "num_beams": 2}, "num_beams"),
     ({"logprobs": True, "num_beams": 3}, "num_beams"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True}, "logprobs"),
 ])
 def test_a_chat_parameter_that_would_change_the_answer_is_refused_by_name(fields: dict[str, Any],
                                                                            param: str) -> None:
@@ -134,3 +135,63 @@ def test_out_of_range_logprobs_are_validation_errors_naming_the_field(make: Any,
     with pytest.raises(ValidationError, match=where) as caught:
         make(**fields)
     assert caught.value.errors()[0]["loc"][0] in fields
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize(("fields", "kind", "allows_text"), [
+    ({"tools": [TOOL]}, "lark_grammar", True),
+    ({"tools": [TOOL], "tool_choice": "auto"}, "lark_grammar", True),
+    ({"tools": [TOOL], "tool_choice": "required"}, "lark_grammar", False),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     "lark_grammar", False),
+    ({"tools": [TOOL], "tool_choice": "none"}, None, True),
+    ({"tools": []}, None, True),
+])
+def test_tools_constrain_the_answer_unless_the_choice_is_none(fields: dict[str, Any], kind: str | None,
+                                                               allows_text: bool) -> None:
+    request = _chat(**fields)
+    guidance = request.sampling_options().guidance
+    assert (guidance.kind if guidance else None) == kind
+    assert guidance is None or ("| TEXT" in guidance.data) == allows_text
+    assert request.unsupported_parameter() is None
+    if fields["tools"]:  # the model sees the tools whatever the choice
+        assert json.loads(request.tools_json or "null")[0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({"tool_choice": "required"}, '"required" needs tools'),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "names the function 'get_time', which is not in tools"),
+    ({"tools": [TOOL, TOOL]}, "two tools have the same function name"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather!"}}]}, "pattern"),
+    ({"tools": [{"type": "retrieval"}]}, "function"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_malformed_tools_are_validation_errors_naming_the_field(fields: dict[str, Any], where: str) -> None:
+    with pytest.raises(ValidationError, match=where) as caught:
+        _chat(**fields)
+    assert caught.value.errors()[0]["loc"][0] in fields
+
+
+def test_a_history_with_calls_and_results_reaches_the_worker() -> None:
+    request = _chat(messages=[
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C"}])
+    assistant, tool = (m.to_chat_message() for m in request.messages[1:])
+    assert assistant.content == "" and assistant.tool_calls is not None
+    assert (assistant.tool_calls[0].name, assistant.tool_calls[0].arguments) == ("get_weather", '{"city":"Paris"}')
+    assert (tool.role, tool.content, tool.tool_call_id) == ("tool", "21 C", "c1")
+
+
+def test_one_call_unless_parallel_calls_are_asked_for() -> None:
+    def first_rule(**fields: Any) -> str:
+        guidance = _chat(tools=[TOOL], tool_choice="required", **fields).sampling_options().guidance
+        assert guidance is not None
+        return guidance.data.splitlines()[0]
+    assert first_rule() == first_rule(parallel_tool_calls=False) == "start: call"
+    assert first_rule(parallel_tool_calls=True) == "start: call+"

@@ -151,7 +151,7 @@ class _Worker:
     def admit(self, command: GenerateCommand) -> None:
         try:
             if command.messages is not None:
-                text = self.runtime.apply_chat_template(command.messages)
+                text = self.runtime.apply_chat_template(command.messages, command.tools)
             elif command.prompt is not None:
                 text = command.prompt
             else:
@@ -168,6 +168,11 @@ class _Worker:
             return
         except EdgefleetError as e:
             self.send(ErrorEvent(id=command.id, kind="runtime", message=str(e)))
+            return
+        except Exception as e:  # a bug: this request fails, the model and the other requests stay
+            log.exception("event=admit_failed id=%s", command.id)
+            self.send(ErrorEvent(id=command.id, kind="runtime",
+                                 message=f"internal error in the model worker ({type(e).__name__}): see its log"))
             return
         self.active[command.id] = _Active(generation, len(prompt_ids), command.stream_interval_s)
         self.send(StartedEvent(id=command.id, prompt_tokens=len(prompt_ids)))
