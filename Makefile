@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.edgefleet-installed
 
-.PHONY: demo test lint venv system-deps clean bench
+.PHONY: demo test lint venv system-deps js-deps clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,15 +21,23 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The official OpenAI JavaScript client for tests/js/, at the version its lock file pins.
+JS_STAMP := tests/js/node_modules/.package-lock.json
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --silent --no-audit --no-fund
+
+js-deps: system-deps $(JS_STAMP)
+
 # Real parts for the tests: Mosquitto (+ mosquitto_passwd), openssl for the test
 # certificates of the deploy/ ACL test, systemd-analyze for the unit file, nginx
 # for deploy/nginx.conf, and an emulated aarch64 device (debootstrap, qemu-user,
-# binfmt-support), and libfaketime for the clock-skew tests (a fake clock, named as
-# such: a real process whose wall clock reads 1970 or years ahead). One apt-get
-# run installs whatever is missing.
+# binfmt-support), libfaketime for the clock-skew tests (a fake clock, named as
+# such: a real process whose wall clock reads 1970 or years ahead), and Node.js with
+# npm for the JavaScript client's test. One apt-get run installs whatever is missing.
 SYSTEM_TOOLS := mosquitto:mosquitto mosquitto_passwd:mosquitto-clients openssl:openssl \
 	systemd-analyze:systemd nginx:nginx-light debootstrap:debootstrap \
-	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support faketime:faketime
+	qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support faketime:faketime \
+	node:nodejs npm:npm
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -47,7 +55,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: venv system-deps lint
+test: venv system-deps js-deps lint
 	$(PY) -m pytest -q
 
 # make demo DEMO_ARGS="--keep-running" (see python -m builder.demo --help)
@@ -60,4 +68,4 @@ bench: venv
 	$(PY) bench/build.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules
