@@ -12,22 +12,19 @@ Runs alternate the variants so the load of a shared machine hits all alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxruntime_genai as og  # noqa: E402
-import requests  # noqa: E402
 
-from bench.serve import start_server  # noqa: E402
+from bench.serve import api_run, start_server  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm, as JSON."
 
@@ -67,28 +64,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run(url: str, fields: dict[str, Any], max_tokens: int) -> tuple[float, float, int]:
-    """(TTFT s, decode tok/s after the first token, tokens) of one streamed greedy request."""
-    body: dict[str, Any] = {"stream": True, "temperature": 0, "max_tokens": max_tokens,
-                            "messages": [{"role": "user", "content": PROMPT}],
-                            "stream_options": {"include_usage": True}, **fields}
-    started = time.perf_counter()
-    first = last = 0.0
-    n = 0
-    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=300) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-    return first - started, (n - 1) / (last - first) if last > first else 0.0, n
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
@@ -102,10 +77,10 @@ def main() -> int:
     results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in VARIANTS}
     try:
         for fields in VARIANTS.values():  # warm-up: pages the weights in, allocates the KV cache
-            run(url, fields, 16)
+            api_run(url, 16, PROMPT, fields)
         for _ in range(args.n):
             for name, fields in VARIANTS.items():
-                results[name].append(run(url, fields, args.max_tokens))
+                results[name].append(api_run(url, args.max_tokens, PROMPT, fields))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -92,9 +93,13 @@ async def _worker_run(worker: WorkerClient, max_tokens: int, interval_s: float) 
     return first - started, (n - 1) / (last - first), n
 
 
-def api_run(url: str, max_tokens: int) -> tuple[float, float, int]:
+def api_run(url: str, max_tokens: int, prompt: str = PROMPT,
+            fields: dict[str, Any] | None = None) -> tuple[float, float, int]:
+    """(TTFT s, decode tok/s after the first token, tokens) of one streamed greedy chat request
+    (plus `fields`)."""
     body = {"model": "default", "stream": True, "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": PROMPT}], "stream_options": {"include_usage": True}}
+            "messages": [{"role": "user", "content": prompt}], "stream_options": {"include_usage": True},
+            **(fields or {})}
     started = time.perf_counter()
     first = last = 0.0
     n = 0
@@ -110,7 +115,7 @@ def api_run(url: str, max_tokens: int) -> tuple[float, float, int]:
                 last = time.perf_counter()
                 first = first or last
     # tokens/s over the tokens after the first (a chunk can carry an empty text for a partial character)
-    return first - started, (n - 1) / (last - first), n
+    return first - started, (n - 1) / (last - first) if last > first else 0.0, n
 
 
 def start_server(model_dir: Path, threads: int, interval_ms: float) -> tuple[subprocess.Popen[bytes], str]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import psutil
+import pytest
 import requests
 import uvicorn
 
@@ -92,6 +94,19 @@ def model_workers(pid: int, model_dir: str | None = None, *, recursive: bool = F
         if "agent.serving.worker" in cmdline and (model_dir is None or model_dir in cmdline):
             workers.append(child)
     return workers
+
+
+@pytest.fixture(scope="module")
+def smollm2_api(smollm2_int4_raw: Path) -> Iterator[ServerThread]:
+    """The API over SmolLM2 INT4 (2 threads, no token), one per test module."""
+    with ServerThread(smollm2_int4_raw, threads=2) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def smollm2_openai(smollm2_api: ServerThread) -> openai.OpenAI:
+    """The official `openai` client of `smollm2_api`: no retries, so every error reaches the test."""
+    return openai.OpenAI(base_url=f"{smollm2_api.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def metric_value(url: str, name: str) -> float:

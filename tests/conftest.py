@@ -5,4 +5,5 @@ import pytest
 # testkit's helpers assert too: rewrite them for readable failures.
 pytest.register_assert_rewrite("testkit")
 
-pytest_plugins = ["testkit.models", "testkit.agents", "testkit.brokers", "testkit.link", "testkit.arm64"]
+pytest_plugins = ["testkit.models", "testkit.agents", "testkit.brokers", "testkit.link", "testkit.arm64",
+                  "testkit.serving"]

@@ -6,7 +6,6 @@ teacher-forcing the same tokens, are the reference)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,6 @@ import requests
 from testkit.serving import ServerThread
 
 QUESTION = [{"role": "user", "content": "Name three rivers in France."}]
-
-
-@pytest.fixture(scope="module")
-def server(smollm2_int4_raw: Path) -> Iterator[ServerThread]:
-    with ServerThread(smollm2_int4_raw, threads=2) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def _reference_logprobs(model_dir: Path, messages: list[dict[str, str]] | None, prompt: str | None,
@@ -55,9 +43,10 @@ def _reference_logprobs(model_dir: Path, messages: list[dict[str, str]] | None, 
     return out
 
 
-def test_chat_logprobs_are_the_models_own_for_every_token(client: openai.OpenAI, smollm2_int4_raw: Path) -> None:
-    response = client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                              temperature=0, max_tokens=24, logprobs=True, top_logprobs=3)
+def test_chat_logprobs_are_the_models_own_for_every_token(smollm2_openai: openai.OpenAI,
+                                                          smollm2_int4_raw: Path) -> None:
+    response = smollm2_openai.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
+                                                      temperature=0, max_tokens=24, logprobs=True, top_logprobs=3)
     choice = response.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content is not None
     content = choice.logprobs.content
@@ -75,12 +64,12 @@ def test_chat_logprobs_are_the_models_own_for_every_token(client: openai.OpenAI,
     assert sum(t.logprob for t in content) == pytest.approx(sum(reference), abs=2e-2)
 
 
-def test_streamed_logprobs_equal_the_whole_answers(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                           temperature=0, max_tokens=16, logprobs=True, top_logprobs=2)
-    stream = client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                            temperature=0, max_tokens=16, logprobs=True, top_logprobs=2,
-                                            stream=True)
+def test_streamed_logprobs_equal_the_whole_answers(smollm2_openai: openai.OpenAI) -> None:
+    whole = smollm2_openai.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
+                                                   temperature=0, max_tokens=16, logprobs=True, top_logprobs=2)
+    stream = smollm2_openai.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
+                                                    temperature=0, max_tokens=16, logprobs=True, top_logprobs=2,
+                                                    stream=True)
     streamed = [t for chunk in stream if chunk.choices and chunk.choices[0].logprobs
                 for t in chunk.choices[0].logprobs.content or []]
     assert whole.choices[0].logprobs is not None
@@ -88,10 +77,10 @@ def test_streamed_logprobs_equal_the_whole_answers(client: openai.OpenAI) -> Non
         [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in whole.choices[0].logprobs.content or []]
 
 
-def test_asking_for_logprobs_changes_no_token_of_a_sampled_answer(client: openai.OpenAI) -> None:
+def test_asking_for_logprobs_changes_no_token_of_a_sampled_answer(smollm2_openai: openai.OpenAI) -> None:
     def ask(**extra: Any) -> Any:
-        return client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                              temperature=0.9, seed=5, max_tokens=24, **extra)
+        return smollm2_openai.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
+                                                      temperature=0.9, seed=5, max_tokens=24, **extra)
     plain, with_logprobs = ask(), ask(logprobs=True, top_logprobs=5)
     assert with_logprobs.choices[0].message.content == plain.choices[0].message.content
     content = with_logprobs.choices[0].logprobs.content
@@ -100,9 +89,9 @@ def test_asking_for_logprobs_changes_no_token_of_a_sampled_answer(client: openai
     assert any(t.token != t.top_logprobs[0].token for t in content) or len(content) < 24
 
 
-def test_completions_return_the_legacy_shape_streamed_or_not(server: ServerThread, smollm2_int4_raw: Path) -> None:
+def test_completions_return_the_legacy_shape_streamed_or_not(smollm2_api: ServerThread, smollm2_int4_raw: Path) -> None:
     body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "logprobs": 2}
-    whole = requests.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    whole = requests.post(f"{smollm2_api.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
     logprobs = whole["logprobs"]
     assert "".join(logprobs["tokens"]) == whole["text"] and len(logprobs["tokens"]) == 8
     assert logprobs["text_offset"] == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(8)]
@@ -111,7 +100,7 @@ def test_completions_return_the_legacy_shape_streamed_or_not(server: ServerThrea
     reference = _reference_logprobs(smollm2_int4_raw, None, "The capital of France is", logprobs["tokens"])
     assert logprobs["token_logprobs"] == pytest.approx(reference, abs=2e-3)
 
-    with requests.post(f"{server.url}/v1/completions", json={**body, "stream": True}, stream=True,
+    with requests.post(f"{smollm2_api.url}/v1/completions", json={**body, "stream": True}, stream=True,
                        timeout=60) as response:
         chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith(b"data: {")]
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
@@ -119,7 +108,7 @@ def test_completions_return_the_legacy_shape_streamed_or_not(server: ServerThrea
     assert [o for part in streamed for o in part["text_offset"]] == logprobs["text_offset"]
 
 
-def test_no_logprobs_asked_none_sent(client: openai.OpenAI) -> None:
-    response = client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                              temperature=0, max_tokens=4)
+def test_no_logprobs_asked_none_sent(smollm2_openai: openai.OpenAI) -> None:
+    response = smollm2_openai.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
+                                                      temperature=0, max_tokens=4)
     assert response.choices[0].logprobs is None

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -34,27 +32,16 @@ class Place(BaseModel):
     founded_century: int = Field(ge=-40, le=21)
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_int4_raw: Path) -> Iterator[ServerThread]:
-    with ServerThread(smollm2_int4_raw, threads=2) as srv:
-        yield srv
+def _post(api: ServerThread, body: dict[str, Any], endpoint: str = "chat/completions") -> requests.Response:
+    return requests.post(f"{api.url}/v1/{endpoint}", json=body, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _post(server: ServerThread, body: dict[str, Any], endpoint: str = "chat/completions") -> requests.Response:
-    return requests.post(f"{server.url}/v1/{endpoint}", json=body, timeout=120)
-
-
-def test_fifty_prompts_all_parse_into_the_pydantic_model(client: openai.OpenAI) -> None:
+def test_fifty_prompts_all_parse_into_the_pydantic_model(smollm2_openai: openai.OpenAI) -> None:
     """The client's own `parse` sends a strict json_schema made from `Place`; every answer validates.
     Unconstrained, SmolLM2 answers these with prose or with JSON of its own shape."""
     invalid: list[tuple[str, str | None]] = []
     for i, city in enumerate(PLACES):
-        completion = client.chat.completions.parse(
+        completion = smollm2_openai.chat.completions.parse(
             model="default", response_format=Place, max_tokens=96, temperature=0.7, seed=i,
             messages=[{"role": "user", "content": f"Tell me about {city} as JSON."}])
         choice = completion.choices[0]
@@ -63,11 +50,11 @@ def test_fifty_prompts_all_parse_into_the_pydantic_model(client: openai.OpenAI) 
     assert invalid == []
 
 
-def test_without_a_format_the_same_prompts_do_not_parse(client: openai.OpenAI) -> None:
+def test_without_a_format_the_same_prompts_do_not_parse(smollm2_openai: openai.OpenAI) -> None:
     """The control for the test above: the constraint is what makes the answers valid."""
     valid = 0
     for i, city in enumerate(PLACES[:10]):
-        completion = client.chat.completions.create(
+        completion = smollm2_openai.chat.completions.create(
             model="default", max_tokens=96, temperature=0.7, seed=i,
             messages=[{"role": "user", "content": f"Tell me about {city} as JSON."}])
         try:
@@ -78,8 +65,8 @@ def test_without_a_format_the_same_prompts_do_not_parse(client: openai.OpenAI) -
     assert valid <= 5, f"{valid} of 10 parse without the constraint"
 
 
-def test_json_object_streams_chunks_that_join_into_one_object(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(
+def test_json_object_streams_chunks_that_join_into_one_object(smollm2_openai: openai.OpenAI) -> None:
+    stream = smollm2_openai.chat.completions.create(
         model="default", response_format={"type": "json_object"}, max_tokens=200, temperature=0, stream=True,
         messages=[{"role": "user", "content": "Give the name and the age of a cat, as a JSON object."}])
     chunks = list(stream)
@@ -88,21 +75,21 @@ def test_json_object_streams_chunks_that_join_into_one_object(client: openai.Ope
     assert isinstance(json.loads(text), dict) and len(chunks) > 3
 
 
-def test_regex_extension_constrains_the_whole_answer(server: ServerThread) -> None:
+def test_regex_extension_constrains_the_whole_answer(smollm2_api: ServerThread) -> None:
     pattern = r"(yes|no), because [a-z ]{1,40}\."
     for seed in range(3):
-        r = _post(server, {"messages": QUESTION, "response_format": {"type": "regex", "regex": pattern},
-                           "temperature": 1.0, "seed": seed, "max_tokens": 60})
+        r = _post(smollm2_api, {"messages": QUESTION, "response_format": {"type": "regex", "regex": pattern},
+                                "temperature": 1.0, "seed": seed, "max_tokens": 60})
         assert r.status_code == 200, r.text
         text = r.json()["choices"][0]["message"]["content"]
         assert re.fullmatch(pattern, text), text
         assert r.json()["choices"][0]["finish_reason"] == "stop"
 
 
-def test_lark_grammar_extension_on_the_completions_endpoint(server: ServerThread) -> None:
+def test_lark_grammar_extension_on_the_completions_endpoint(smollm2_api: ServerThread) -> None:
     grammar = 'start: answer " (" NUMBER ")"\nanswer: "red" | "green" | "blue"\nNUMBER: /[0-9]{1,3}/'
-    r = _post(server, {"prompt": "My favourite colour is", "max_tokens": 20, "temperature": 0,
-                       "response_format": {"type": "lark_grammar", "grammar": grammar}}, "completions")
+    r = _post(smollm2_api, {"prompt": "My favourite colour is", "max_tokens": 20, "temperature": 0,
+                            "response_format": {"type": "lark_grammar", "grammar": grammar}}, "completions")
     assert r.status_code == 200, r.text
     assert re.fullmatch(r"(red|green|blue) \([0-9]{1,3}\)", r.json()["choices"][0]["text"]), r.text
 
@@ -114,13 +101,13 @@ def test_lark_grammar_extension_on_the_completions_endpoint(server: ServerThread
     ({"type": "lark_grammar", "grammar": "start: ??"}, "the lark grammar does not compile"),
 ])
 def test_a_constraint_that_does_not_compile_is_a_400_and_the_server_keeps_serving(
-        server: ServerThread, response_format: dict[str, Any], message_part: str) -> None:
+        smollm2_api: ServerThread, response_format: dict[str, Any], message_part: str) -> None:
     for stream in (False, True):
-        r = _post(server, {"messages": QUESTION, "response_format": response_format, "stream": stream})
+        r = _post(smollm2_api, {"messages": QUESTION, "response_format": response_format, "stream": stream})
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert message_part in error["message"] and error["message"].startswith("response_format: "), error
-    ok = _post(server, {"messages": QUESTION, "max_tokens": 2, "temperature": 0})
+    ok = _post(smollm2_api, {"messages": QUESTION, "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
@@ -141,17 +128,17 @@ def test_a_constraint_that_does_not_compile_is_a_400_and_the_server_keeps_servin
     ("completions", {"suffix": " the end."}, "suffix"),
     ("completions", {"logprobs": 6}, "logprobs"),  # OpenAI's bound is 5
 ])
-def test_each_unimplemented_or_invalid_parameter_is_a_400_naming_it(server: ServerThread, endpoint: str,
+def test_each_unimplemented_or_invalid_parameter_is_a_400_naming_it(smollm2_api: ServerThread, endpoint: str,
                                                                     fields: dict[str, Any], param: str) -> None:
     base: dict[str, Any] = {"messages": QUESTION} if endpoint == "chat/completions" else {"prompt": "Paris is"}
-    r = _post(server, {**base, "max_tokens": 2, **fields}, endpoint)
+    r = _post(smollm2_api, {**base, "max_tokens": 2, **fields}, endpoint)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param), error
 
 
-def test_the_openai_client_sees_the_refusal_as_a_bad_request(client: openai.OpenAI) -> None:
+def test_the_openai_client_sees_the_refusal_as_a_bad_request(smollm2_openai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="logit_bias") as caught:
-        client.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
-                                       logit_bias={"42": 5}, max_tokens=2)
+        smollm2_openai.chat.completions.create(model="default", messages=QUESTION,  # type: ignore[arg-type]
+                                               logit_bias={"42": 5}, max_tokens=2)
     assert caught.value.status_code == 400

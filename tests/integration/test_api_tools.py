@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +29,13 @@ CLOCK = {"type": "function", "function": {
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_int4_raw: Path) -> Iterator[ServerThread]:
-    with ServerThread(smollm2_int4_raw, threads=2) as srv:
-        yield srv
+def _call(smollm2_openai: openai.OpenAI, **fields: Any) -> Any:
+    return smollm2_openai.chat.completions.create(model="default", **{"temperature": 0, "max_tokens": 80, **fields})
 
 
-@pytest.fixture(scope="module")
-def client(server: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _call(client: openai.OpenAI, **fields: Any) -> Any:
-    return client.chat.completions.create(model="default", **{"temperature": 0, "max_tokens": 80, **fields})
-
-
-def test_a_required_call_comes_back_as_tool_calls_matching_the_schema(client: openai.OpenAI) -> None:
+def test_a_required_call_comes_back_as_tool_calls_matching_the_schema(smollm2_openai: openai.OpenAI) -> None:
     for seed in range(3):  # sampled too: the grammar, not luck, makes the call valid
-        response = _call(client, messages=QUESTION, tools=[WEATHER, CLOCK], tool_choice="required",
+        response = _call(smollm2_openai, messages=QUESTION, tools=[WEATHER, CLOCK], tool_choice="required",
                          temperature=1.0, seed=seed)
         choice = response.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -61,16 +49,16 @@ def test_a_required_call_comes_back_as_tool_calls_matching_the_schema(client: op
                 assert call.function.name == "get_time" and set(arguments) == {"zone"}
 
 
-def test_a_named_function_is_called_even_when_another_fits_better(client: openai.OpenAI) -> None:
-    response = _call(client, messages=QUESTION, tools=[WEATHER, CLOCK],
+def test_a_named_function_is_called_even_when_another_fits_better(smollm2_openai: openai.OpenAI) -> None:
+    response = _call(smollm2_openai, messages=QUESTION, tools=[WEATHER, CLOCK],
                      tool_choice={"type": "function", "function": {"name": "get_time"}})
     calls = response.choices[0].message.tool_calls
     assert [c.function.name for c in calls] == ["get_time"] and "zone" in json.loads(calls[0].function.arguments)
 
 
-def test_a_streamed_call_arrives_as_one_tool_calls_delta(client: openai.OpenAI) -> None:
-    whole = _call(client, messages=QUESTION, tools=[WEATHER], tool_choice="required")
-    chunks = list(_call(client, messages=QUESTION, tools=[WEATHER], tool_choice="required", stream=True))
+def test_a_streamed_call_arrives_as_one_tool_calls_delta(smollm2_openai: openai.OpenAI) -> None:
+    whole = _call(smollm2_openai, messages=QUESTION, tools=[WEATHER], tool_choice="required")
+    chunks = list(_call(smollm2_openai, messages=QUESTION, tools=[WEATHER], tool_choice="required", stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert deltas[0].role == "assistant"
     streamed = [t for d in deltas for t in d.tool_calls or []]
@@ -79,8 +67,8 @@ def test_a_streamed_call_arrives_as_one_tool_calls_delta(client: openai.OpenAI) 
     assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_a_round_trip_renders_the_tool_result_back_to_the_model(client: openai.OpenAI) -> None:
-    first = _call(client, messages=QUESTION, tools=[WEATHER], tool_choice="required")
+def test_a_round_trip_renders_the_tool_result_back_to_the_model(smollm2_openai: openai.OpenAI) -> None:
+    first = _call(smollm2_openai, messages=QUESTION, tools=[WEATHER], tool_choice="required")
     call = first.choices[0].message.tool_calls[0]
     history = [*QUESTION,
                {"role": "assistant", "content": None, "tool_calls": [
@@ -89,18 +77,18 @@ def test_a_round_trip_renders_the_tool_result_back_to_the_model(client: openai.O
                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"celsius": 21, "sky": "sunny"})}]
     for stream in (False, True):
         if stream:
-            chunks = list(_call(client, messages=history, tools=[WEATHER], tool_choice="none", stream=True))
+            chunks = list(_call(smollm2_openai, messages=history, tools=[WEATHER], tool_choice="none", stream=True))
             answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             finish = chunks[-1].choices[0].finish_reason
         else:
-            response = _call(client, messages=history, tools=[WEATHER], tool_choice="none")
+            response = _call(smollm2_openai, messages=history, tools=[WEATHER], tool_choice="none")
             answer, finish = response.choices[0].message.content, response.choices[0].finish_reason
             assert response.choices[0].message.tool_calls is None
         assert finish in ("stop", "length") and "21" in answer, answer  # the result reached the model
 
 
-def test_auto_lets_the_model_answer_in_text_and_streams_it(client: openai.OpenAI) -> None:
-    chunks = list(_call(client, messages=[{"role": "user", "content": "Say hello to Ada."}], tools=[WEATHER],
+def test_auto_lets_the_model_answer_in_text_and_streams_it(smollm2_openai: openai.OpenAI) -> None:
+    chunks = list(_call(smollm2_openai, messages=[{"role": "user", "content": "Say hello to Ada."}], tools=[WEATHER],
                         stream=True, max_tokens=24))
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(contents) > 2 and not "".join(contents).startswith("<")  # streamed as it came, not held
@@ -112,9 +100,9 @@ def test_auto_lets_the_model_answer_in_text_and_streams_it(client: openai.OpenAI
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
 ])
-def test_malformed_tool_requests_are_a_400_naming_the_field(server: ServerThread, fields: dict[str, Any],
+def test_malformed_tool_requests_are_a_400_naming_the_field(smollm2_api: ServerThread, fields: dict[str, Any],
                                                             param: str) -> None:
-    r = requests.post(f"{server.url}/v1/chat/completions", json={"messages": QUESTION, **fields}, timeout=60)
+    r = requests.post(f"{smollm2_api.url}/v1/chat/completions", json={"messages": QUESTION, **fields}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
