@@ -1,6 +1,7 @@
 """The one base of our own wire and file formats: an unknown key is an error, not a silent drop.
 
-OpenAI's request shapes (`agent.wire.openai`) are the exception: real clients send extras.
+OpenAI's request and message shapes (`agent.wire.openai`) are the exception: real clients
+send extras there (its option objects, `response_format` and `tools`, are strict).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from agent.wire import toolcalls
+from agent.wire.base import StrictModel
 from agent.wire.worker import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -68,40 +69,34 @@ class ApiMessage(BaseModel):
 
 # ---- tools: OpenAI's function tools ----
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: bool | None = None  # enforced either way: the grammar follows the schema
 
 
-class ToolSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolSpec(StrictModel):
     type: Literal["function"]
     function: FunctionSpec
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedFunction(StrictModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: NamedFunction
 
 
 # ---- response_format: OpenAI's three types, plus two extensions for constrained decoding ----
 
-class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextFormat(StrictModel):
     type: Literal["text"]
 
 
-class JsonObjectFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JsonObjectFormat(StrictModel):
     type: Literal["json_object"]
 
 
@@ -114,24 +109,21 @@ class JsonSchemaSpec(BaseModel):
     strict: bool | None = None
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JsonSchemaFormat(StrictModel):
     type: Literal["json_schema"]
     json_schema: JsonSchemaSpec
 
 
-class RegexFormat(BaseModel):
+class RegexFormat(StrictModel):
     """Extension: the whole answer matches this regex (llguidance's syntax, Rust regex)."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["regex"]
     regex: str = Field(min_length=1)
 
 
-class LarkGrammarFormat(BaseModel):
+class LarkGrammarFormat(StrictModel):
     """Extension: the whole answer is a sentence of this lark grammar (its rule `start`)."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["lark_grammar"]
     grammar: str = Field(min_length=1)
 
