@@ -29,7 +29,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaGenerator_GetSequenceCount": ([_P, _SIZE], _SIZE),
     "OgaGenerator_GetSequenceData": ([_P, _SIZE], _I32P),
     "OgaGenerator_GetLogits": ([_P, _PP], _P),
+    "OgaGenerator_SetLogits": ([_P, _P], _P),
     "OgaTensorGetType": ([_P, ctypes.POINTER(ctypes.c_int)], _P),
     "OgaTensorGetShapeRank": ([_P, ctypes.POINTER(_SIZE)], _P),
     "OgaTensorGetShape": ([_P, ctypes.POINTER(ctypes.c_int64), _SIZE], _P),
@@ -339,15 +340,17 @@ class Generator(_Handle):
             raise OgaError("onnxruntime-genai returned no next token")
         return int(data[0])
 
-    def logits(self) -> Sequence[float]:
+    def logits(self, add: Mapping[int, float] | None = None) -> Sequence[float]:
         """The first sequence's logits for the next token (after `append_tokens` or a step); this
         runs the model when the step has not yet, and `generate_next_token` then only samples.
+        With `add` ({token id: delta}), the next token is sampled from the logits plus those
+        deltas (ids outside the vocabulary are skipped); the logits returned are the model's own.
 
         Raises:
             OgaError: the library failed, or the logits are of a type this binding does not read.
         """
         lib = library()
-        tensor = _create(lib.OgaGenerator_GetLogits, self.handle)
+        tensor = _create(lib.OgaGenerator_GetLogits, self.handle)  # a copy the caller owns
         try:
             kind, rank = ctypes.c_int(), _SIZE()
             _check(lib.OgaTensorGetType(tensor, ctypes.byref(kind)))
@@ -359,13 +362,27 @@ class Generator(_Handle):
             _check(lib.OgaTensorGetData(tensor, ctypes.byref(data)))
             if data.value is None or vocab <= 0:
                 raise OgaError("onnxruntime-genai returned empty logits")
+            values: Sequence[float]
             if kind.value == _FLOAT32:
                 floats = array.array("f")  # one copy of the bytes: a list of 49k floats costs 4 ms a token
                 floats.frombytes(ctypes.string_at(data.value, 4 * vocab))
-                return floats
-            if kind.value == _FLOAT16:
-                return struct.unpack(f"<{vocab}e", ctypes.string_at(data.value, 2 * vocab))
-            raise OgaError(f"logits of element type {kind.value} are not supported (float32 or float16)")
+                values = floats
+                if add:
+                    buffer = (ctypes.c_float * vocab).from_address(data.value)
+                    for token, delta in add.items():
+                        if 0 <= token < vocab:
+                            buffer[token] += delta
+            elif kind.value == _FLOAT16:
+                values = struct.unpack(f"<{vocab}e", ctypes.string_at(data.value, 2 * vocab))
+                for token, delta in (add or {}).items():
+                    if 0 <= token < vocab:
+                        struct.pack_into("<e", (ctypes.c_char * (2 * vocab)).from_address(data.value), 2 * token,
+                                         values[token] + delta)
+            else:
+                raise OgaError(f"logits of element type {kind.value} are not supported (float32 or float16)")
+            if add:
+                _check(lib.OgaGenerator_SetLogits(self.handle, tensor))
+            return values
         finally:
             lib.OgaDestroyTensor(tensor)
 

@@ -9,6 +9,7 @@ at a time (`edge-agent prompt --model`, the canary health check) use it directly
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import json
@@ -60,6 +61,14 @@ def read_context_length(model_dir: Path) -> int:
             f"{config_path} is missing or not an onnxruntime-genai config ({e}): "
             "pass a model dir built by edge-builder"
         ) from e
+
+
+def _read_vocab_size(model_dir: Path) -> int:
+    """The vocabulary size `genai_config.json` declares; 0 when it declares none (nothing is checked)."""
+    try:
+        return int(json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _chat_template_text(model_dir: Path) -> str:
@@ -152,6 +161,7 @@ class Generation:
     finish_reason: FinishReason | None = None
     _is_prefilled: bool = False
     _budget: int = 0
+    _counts: collections.Counter[int] = field(default_factory=collections.Counter)  # for the penalties
 
     def __post_init__(self) -> None:
         search = self.runtime.search_options(len(self.prompt_ids), self.options)
@@ -202,9 +212,11 @@ class Generation:
                 new_ids, new_text = [], ""
             else:
                 # The logits first (they run the model); generate_next_token then only samples from them.
-                logits = g.logits() if self.options.logprobs is not None else None
+                adjust = self._logit_adjustments()
+                logits = g.logits(adjust) if self.options.logprobs is not None or adjust else None
                 g.generate_next_token()
                 new_ids = [g.next_token()]
+                self._counts[new_ids[0]] += 1
                 new_text = stream.decode(new_ids[0])
                 if logits is not None:
                     logprobs = [self._logprob(logits, new_ids[0])]
@@ -220,6 +232,20 @@ class Generation:
             is_eos = bool(self.completion_ids) and self.completion_ids[-1] in self.runtime.eos_token_ids
             self.finish_reason = "length" if len(self.completion_ids) >= self._budget and not is_eos else "stop"
         return StepResult(token_ids=new_ids, text=emit, logprobs=logprobs)
+
+    def _logit_adjustments(self) -> dict[int, float] | None:
+        """What to add to this step's logits: the request's biases, less OpenAI's penalties for
+        every token the completion holds so far (presence once, frequency per occurrence)."""
+        options = self.options
+        if not options.adjusts_logits:
+            return None
+        add: dict[int, float] = {}
+        for bias in options.logit_bias:
+            add[bias.token_id] = add.get(bias.token_id, 0.0) + bias.bias
+        if options.presence_penalty or options.frequency_penalty:
+            for token, count in self._counts.items():
+                add[token] = add.get(token, 0.0) - options.presence_penalty - options.frequency_penalty * count
+        return add
 
     def _logprob(self, logits: Sequence[float], token: int) -> TokenLogprob:
         logprob, top = log_softmax_at(logits, token, self.options.logprobs or 0)
@@ -249,6 +275,7 @@ class ModelRuntime:
         """
         self.model_dir = Path(model_dir)
         self.context_length = read_context_length(self.model_dir)
+        self.vocab_size = _read_vocab_size(self.model_dir)
         check_model_dir(self.model_dir, allow_custom_ops=allow_custom_ops)
         self.threads = intra_op_num_threads or default_threads()
         try:
@@ -329,8 +356,17 @@ class ModelRuntime:
         return search
 
     def start(self, prompt_ids: list[int], options: SamplingOptions) -> Generation:
-        """A new generation; raises ContextLengthError before allocating anything."""
+        """A new generation.
+
+        Raises (before allocating anything):
+            ContextLengthError: the prompt and max_tokens do not fit.
+            ValueError: logit_bias names a token outside the vocabulary.
+        """
         self.check_context(len(prompt_ids), options.max_tokens)
+        outside = sorted({b.token_id for b in options.logit_bias if b.token_id >= self.vocab_size})
+        if outside and self.vocab_size:
+            raise ValueError(f"logit_bias names token {outside[0]}, outside this model's vocabulary of "
+                             f"{self.vocab_size} tokens")
         return Generation(self, prompt_ids, options)
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[StepResult]:

@@ -18,12 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from agent.wire import toolcalls
 from agent.wire.base import StrictModel
 from agent.wire.worker import (
+    MAX_LOGIT_BIASES,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
     MAX_TOP_LOGPROBS,
     ChatMessage,
     Guidance,
     SamplingOptions,
+    TokenBias,
     TokenLogprob,
     ToolCall,
 )
@@ -184,11 +186,10 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    # Parameters OpenAI clients send that this server does not implement yet: typed loosely
-    # here so that `unsupported_parameter` can name them, whatever their value.
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # {token id (as a string, JSON keys are): bias}, added to the logits before each sampling step.
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIASES)
 
     @field_validator("stop")
     @classmethod
@@ -200,6 +201,16 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"a stop sequence takes at most {MAX_STOP_CHARS} characters")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_bounds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids, not {key[:40]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"the bias of token {key} is {bias}: biases lie in [-100, 100]")
+        return value
+
     def guidance(self) -> Guidance | None:
         """The constraint on the answer: the response_format's (None: free text)."""
         return guidance_of(self.response_format)
@@ -207,17 +218,13 @@ class GenerationRequest(BaseModel):
     def unsupported_parameter(self) -> tuple[str, str] | None:
         """The first parameter this request sets to something this server does not do, and why;
         None when it asks for nothing of the sort. A default value (0, false, {}) is no request."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if _asks(getattr(self, name), 0, 0.0):
-                return name, (f"{name} is not supported: send 0 or leave it out "
-                              "(repetition_penalty, an extension, is)")
-        if _asks(self.logit_bias, {}):
-            return "logit_bias", "logit_bias is not supported yet: send the request without it"
         if self.response_format is not None and not isinstance(self.response_format, TextFormat) \
                 and _asks(self.num_beams, 1):
             return "num_beams", "beam search cannot be constrained: send num_beams 1 with a response_format"
         if self.logprob_alternatives() is not None and _asks(self.num_beams, 1):
             return "num_beams", "beam search reports no per-token log-probabilities: send num_beams 1 with logprobs"
+        if (self.logit_bias or self.presence_penalty or self.frequency_penalty) and _asks(self.num_beams, 1):
+            return "num_beams", "beam search takes no logit_bias or penalties: send num_beams 1 with them"
         return None
 
     def logprob_alternatives(self) -> int | None:
@@ -238,6 +245,9 @@ class GenerationRequest(BaseModel):
             num_beams=self.num_beams or 1,
             guidance=self.guidance(),
             logprobs=self.logprob_alternatives(),
+            logit_bias=[TokenBias(token_id=int(k), bias=v) for k, v in (self.logit_bias or {}).items()],
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
         )
 
 

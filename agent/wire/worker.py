@@ -70,6 +70,22 @@ _GUIDANCE_KINDS: frozenset[str] = frozenset(get_args(GuidanceKind))
 MAX_GUIDANCE_CHARS = 64 * 1024
 # OpenAI's bound on alternatives per token; each costs a decode of its token in the worker.
 MAX_TOP_LOGPROBS = 20
+# Token biases per request: each is applied to the logits at every step.
+MAX_LOGIT_BIASES = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenBias:
+    """Added to one token's logit before every sampling step (OpenAI's logit_bias: -100 bans it)."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}  # a ConfigDict: pydantic reads it, no import
+
+    token_id: int
+    bias: float
+
+    def __post_init__(self) -> None:
+        wirecheck.number(self, "token_id", ge=0, integer=True)
+        wirecheck.number(self, "bias", ge=-100.0, le=100.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +124,11 @@ class SamplingOptions:
     guidance: Guidance | None = None  # the output must match it
     # None: no log-probabilities; n >= 0: each token's, with its n likeliest alternatives.
     logprobs: int | None = None
+    logit_bias: list[TokenBias] = field(default_factory=list)
+    # OpenAI's penalties on the completion so far: a token's logit loses presence_penalty once it
+    # has appeared and frequency_penalty for each time it has.
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
 
     def __post_init__(self) -> None:
         wirecheck.number(self, "temperature", ge=0.0, le=2.0)
@@ -126,6 +147,16 @@ class SamplingOptions:
         wirecheck.number(self, "logprobs", ge=0, le=MAX_TOP_LOGPROBS, integer=True, optional=True)
         if self.logprobs is not None and self.num_beams > 1:
             raise ValueError("beam search reports no per-token log-probabilities: send num_beams 1 with logprobs")
+        wirecheck.expect_items(self, "logit_bias", TokenBias, max_items=MAX_LOGIT_BIASES)
+        wirecheck.number(self, "presence_penalty", ge=-2.0, le=2.0)
+        wirecheck.number(self, "frequency_penalty", ge=-2.0, le=2.0)
+        if self.adjusts_logits and self.num_beams > 1:
+            raise ValueError("beam search takes no logit_bias or penalties: send num_beams 1 with them")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether each step's logits are changed before sampling (logit_bias, the penalties)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def is_greedy(self) -> bool:
@@ -246,6 +277,9 @@ def parse_command(line: bytes) -> Command:
                 options = data["options"]
                 if isinstance(options.get("guidance"), dict):
                     options["guidance"] = Guidance(**options["guidance"])
+                if isinstance(options.get("logit_bias"), list):
+                    options["logit_bias"] = [TokenBias(**b) if isinstance(b, dict) else b
+                                             for b in options["logit_bias"]]
                 data["options"] = SamplingOptions(**options)
             if isinstance(data.get("messages"), list):
                 data["messages"] = [_chat_message(m) if isinstance(m, dict) else m for m in data["messages"]]

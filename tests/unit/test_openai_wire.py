@@ -71,9 +71,6 @@ def test_a_malformed_response_format_is_a_validation_error_naming_it(response_fo
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logit_bias": {"50256": -100}}, "logit_bias"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": {"name": "f"}}, "function_call"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
@@ -81,6 +78,8 @@ def test_a_malformed_response_format_is_a_validation_error_naming_it(response_fo
      "messages.0.content.1.type"),
     ({"response_format": {"type": "json_object"}, "num_beams": 2}, "num_beams"),
     ({"logprobs": True, "num_beams": 3}, "num_beams"),
+    ({"logit_bias": {"5": 1}, "num_beams": 2}, "num_beams"),
+    ({"frequency_penalty": 0.5, "num_beams": 2}, "num_beams"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}},
      "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "logprobs": True}, "logprobs"),
@@ -195,3 +194,24 @@ def test_one_call_unless_parallel_calls_are_asked_for() -> None:
         return guidance.data.splitlines()[0]
     assert first_rule() == first_rule(parallel_tool_calls=False) == "start: call"
     assert first_rule(parallel_tool_calls=True) == "start: call+"
+
+
+def test_logit_bias_and_penalties_reach_the_worker() -> None:
+    options = _chat(logit_bias={"42": -100, "7": 2.5}, presence_penalty=0.5, frequency_penalty=-1).sampling_options()
+    assert [(b.token_id, b.bias) for b in options.logit_bias] == [(42, -100.0), (7, 2.5)]
+    assert (options.presence_penalty, options.frequency_penalty) == (0.5, -1.0) and options.adjusts_logits
+    assert not _chat(logit_bias={}, presence_penalty=0, frequency_penalty=0.0).sampling_options().adjusts_logits
+
+
+@pytest.mark.parametrize(("fields", "where"), [
+    ({"logit_bias": {"the": 5}}, "keys are token ids, not 'the'"),
+    ({"logit_bias": {"-3": 5}}, "keys are token ids"),
+    ({"logit_bias": {"3": 101}}, r"biases lie in \[-100, 100\]"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "at most 1024"),
+    ({"presence_penalty": 2.5}, "less than or equal to 2"),
+    ({"frequency_penalty": -2.5}, "greater than or equal to -2"),
+])
+def test_out_of_range_biases_and_penalties_are_validation_errors(fields: dict[str, Any], where: str) -> None:
+    with pytest.raises(ValidationError, match=where) as caught:
+        _chat(**fields)
+    assert caught.value.errors()[0]["loc"][0] in fields

@@ -24,6 +24,7 @@ from agent.wire.worker import (
     SamplingOptions,
     ShutdownCommand,
     StartedEvent,
+    TokenBias,
     TokenEvent,
     TokenLogprob,
     TopLogprob,
@@ -39,6 +40,8 @@ COMMANDS: list[Command] = [
                     options=SamplingOptions(temperature=0.7, top_p=0.9, top_k=20, seed=3, stop=["\n", "END"],
                                             repetition_penalty=1.1, num_beams=1), stream_interval_s=0.05),
     GenerateCommand(id="c", prompt="Is it?", options=SamplingOptions(guidance=Guidance(kind="regex", data="(yes|no)"))),
+    GenerateCommand(id="d", prompt="Go", options=SamplingOptions(
+        logprobs=3, logit_bias=[TokenBias(token_id=42, bias=-100.0)], presence_penalty=0.5, frequency_penalty=-0.25)),
     CancelCommand(id="a"),
     ShutdownCommand(),
 ]
@@ -86,6 +89,12 @@ def _generate(**changes: Any) -> bytes:
     (_generate(options__guidance={"kind": "regex"}), "data"),
     (_generate(options__guidance="(yes|no)"), "guidance must be Guidance"),
     (_generate(options__num_beams=2, options__guidance={"kind": "regex", "data": "a"}), "beam search cannot be"),
+    (_generate(options__logit_bias=[{"token_id": -1, "bias": 1.0}]), "token_id must be an integer >= 0"),
+    (_generate(options__logit_bias=[{"token_id": 1, "bias": 500.0}]), "bias must be a number >= -100.0 and <= 100.0"),
+    (_generate(options__logit_bias=[[1, 2.0]]), "logit_bias must be a list of TokenBias"),
+    (_generate(options__presence_penalty=3), "presence_penalty must be a number >= -2.0 and <= 2.0"),
+    (_generate(options__num_beams=2, options__frequency_penalty=1.0), "beam search takes no logit_bias"),
+    (_generate(options__logprobs=21), "logprobs must be an integer >= 0 and <= 20"),
 ])
 def test_bad_commands_are_rejected_on_both_sides(line: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason.replace("(", r"\(")):
