@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -244,64 +245,100 @@ class _Api:
             raise _invalid(str(e.errors()[0]["msg"])) from e
         except ValueError as e:  # a check of the worker's wire (SamplingOptions, Guidance)
             raise _invalid(str(e)) from e
-        events = self.host.generate(prompt=prompt, messages=messages, tools=tools, options=options)
+        # n choices are n generations; with a seed, choice i samples with seed + i (reproducible, distinct).
+        choice_options = [options if options.seed is None else dataclasses.replace(options, seed=options.seed + i)
+                          for i in range(req.n)]
+        streams = [self.host.generate(prompt=prompt, messages=messages, tools=tools, options=o) for o in choice_options]
         # A client may give up while its request waits in the queue: watch for that from here on.
         disconnected = asyncio.ensure_future(_wait_disconnect(request))
-        first = asyncio.ensure_future(self._first_event(events))
-        try:
-            await asyncio.wait({first, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-            if not first.done():
-                first.cancel()  # leaves the queue, or cancels the generation in the worker
-                await asyncio.wait({first})
-                log.info("event=client_disconnected stage=queued")
-                return Response(status_code=499)
-            worker, started = first.result()
-        except BaseException:
-            disconnected.cancel()
-            if not first.done():  # we were cancelled ourselves (shutdown): stop the generator's task first
-                first.cancel()
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait({first})
-            await events.aclose()
-            raise
+        opened = await self._open(streams, disconnected)
+        if opened is None:
+            return Response(status_code=499)
         # The worker's model, not the host's current one: a switch may happen mid-request.
-        model_name = worker.identity.name
+        model_name = opened[0][0].identity.name
         request_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
             disconnected.cancel()  # the streaming response watches for itself
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self._sse(events, started, request_id, created, model_name, is_chat, include_usage,
-                             with_logprobs=options.logprobs is not None, tool_names=tool_names)
+            sse = partial(self._sse, request_id=request_id, created=created, model_name=model_name, is_chat=is_chat,
+                          with_logprobs=options.logprobs is not None, tool_names=tool_names)
+            done: list[DoneEvent] = []  # the choices' done events, for the usage of several
+            body = sse(streams[0], include_usage=include_usage) if len(streams) == 1 else _merged_sse(
+                [sse(events, index=i, done_into=done) for i, events in enumerate(streams)],
+                partial(_usage_chunk, request_id, created, model_name, is_chat, done) if include_usage else None)
             return _CancellingStreamingResponse(body, media_type="text/event-stream",
                                                 headers={"Cache-Control": "no-cache"})
-        collect = asyncio.ensure_future(self._collect(events))
-        done, _ = await asyncio.wait({collect, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-        if collect not in done:
-            collect.cancel()  # the client went away: free the slot now
+        collects = [asyncio.ensure_future(self._collect(events)) for events in streams]
+        everything = asyncio.ensure_future(asyncio.gather(*collects))
+        waiting: set[asyncio.Future[Any]] = {everything, disconnected}
+        finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if everything not in finished:
+            everything.cancel()  # the client went away: free the slots now
             log.info("event=client_disconnected id=%s", request_id)
             return Response(status_code=499)
         disconnected.cancel()
-        text, done_event, logprobs = collect.result()
-        usage = Usage(prompt_tokens=done_event.prompt_tokens, completion_tokens=done_event.completion_tokens,
-                      total_tokens=done_event.prompt_tokens + done_event.completion_tokens)
+        try:
+            results: list[tuple[str, DoneEvent, list[TokenLogprob]]] = everything.result()
+        except BaseException:
+            for collect in collects:  # one choice failed: the others stop too (gather leaves them running)
+                collect.cancel()
+            raise
+        prompt_tokens = results[0][1].prompt_tokens
+        completion_tokens = sum(done_event.completion_tokens for _, done_event, _ in results)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
         asked = options.logprobs is not None
-        calls = None if tool_names is None else toolcalls.parse_calls(text, tool_names)
-        if calls is not None:
-            result: BaseModel = ChatCompletion(
-                id=request_id, created=created, model=model_name, usage=usage,
-                choices=[ChatChoice(message=AssistantMessage(content=None, tool_calls=_tool_calls_out(calls)),
-                                    finish_reason="tool_calls")])
-        elif is_chat:
-            result = ChatCompletion(
-                id=request_id, created=created, model=model_name, usage=usage,
-                choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=done_event.finish_reason,
-                                    logprobs=chat_logprobs(logprobs) if asked else None)])
+        if is_chat:
+            chat_choices = []
+            for i, (text, done_event, logprobs) in enumerate(results):
+                calls = None if tool_names is None else toolcalls.parse_calls(text, tool_names)
+                chat_choices.append(
+                    ChatChoice(index=i, message=AssistantMessage(content=None, tool_calls=_tool_calls_out(calls)),
+                               finish_reason="tool_calls") if calls is not None else
+                    ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=done_event.finish_reason,
+                               logprobs=chat_logprobs(logprobs) if asked else None))
+            result: BaseModel = ChatCompletion(id=request_id, created=created, model=model_name, usage=usage,
+                                               choices=chat_choices)
         else:
-            result = Completion(id=request_id, created=created, model=model_name, usage=usage,
-                                choices=[CompletionChoice(text=text, finish_reason=done_event.finish_reason,
-                                                          logprobs=completion_logprobs(logprobs) if asked else None)])
+            result = Completion(id=request_id, created=created, model=model_name, usage=usage, choices=[
+                CompletionChoice(index=i, text=text, finish_reason=done_event.finish_reason,
+                                 logprobs=completion_logprobs(logprobs) if asked else None)
+                for i, (text, done_event, logprobs) in enumerate(results)])
         return JSONResponse(result.model_dump())
+
+    async def _open(self, streams: list[AsyncGenerator[tuple[Any, RequestEvent], None]],
+                    disconnected: asyncio.Future[None]) -> list[tuple[WorkerClient, StartedEvent]] | None:
+        """Wait until every stream's generation has started; None when the client went away first
+        (every generation then leaves the queue or is cancelled). On an error every stream is closed.
+
+        Raises:
+            ApiError: a generation could not start (queue full, no model, a refused request).
+        """
+        firsts = [asyncio.ensure_future(self._first_event(events)) for events in streams]
+        all_started = asyncio.ensure_future(asyncio.gather(*firsts))
+        waiting: set[asyncio.Future[Any]] = {all_started, disconnected}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not all_started.done():
+                for first in firsts:
+                    first.cancel()  # leaves the queue, or cancels the generation in the worker
+                await asyncio.wait(firsts)
+                all_started.cancel()
+                log.info("event=client_disconnected stage=queued")
+                for events in streams:
+                    await events.aclose()
+                return None
+            return all_started.result()
+        except BaseException:
+            disconnected.cancel()
+            for first in firsts:  # we were cancelled ourselves (shutdown), or one failed: stop them all
+                first.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait(firsts)
+            for events in streams:
+                await events.aclose()
+            raise
 
     async def _collect(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]
                        ) -> tuple[str, DoneEvent, list[TokenLogprob]]:
@@ -318,9 +355,12 @@ class _Api:
                     raise _event_error(event)
         raise ApiError(500, "the generation ended without a result", "server_error")
 
-    async def _sse(self, events: AsyncGenerator[tuple[Any, RequestEvent], None], started: StartedEvent, request_id: str,
-                   created: int, model_name: str, is_chat: bool, include_usage: bool, *,
-                   with_logprobs: bool, tool_names: set[str] | None) -> AsyncIterator[bytes]:
+    async def _sse(self, events: AsyncGenerator[tuple[Any, RequestEvent], None], *, request_id: str, created: int,
+                   model_name: str, is_chat: bool, with_logprobs: bool, tool_names: set[str] | None,
+                   include_usage: bool = False, index: int = 0,
+                   done_into: list[DoneEvent] | None = None) -> AsyncIterator[bytes]:
+        """One choice's server-sent events. With `done_into` (one of several choices) its done event
+        goes there, and the usage and `[DONE]` are left to `_merged_sse`."""
         text_offset = 0  # of the next token in the whole completion (the legacy logprobs' text_offset)
         # With tools, the first character tells calls ("<", the grammar's) from an answer: calls are
         # held until they are whole and sent as one tool_calls delta, an answer streams as usual.
@@ -333,7 +373,8 @@ class _Api:
             if is_chat:
                 delta = Delta(role="assistant", content="") if first else Delta(content=text)
                 obj = ChatCompletionChunk(id=request_id, created=created, model=model_name,
-                                          choices=[ChunkChoice(delta=delta if finish_reason is None else Delta(),
+                                          choices=[ChunkChoice(index=index,
+                                                               delta=delta if finish_reason is None else Delta(),
                                                                finish_reason=finish_reason,
                                                                logprobs=None if logprobs is None
                                                                else chat_logprobs(logprobs))])
@@ -341,7 +382,7 @@ class _Api:
                 legacy = None if logprobs is None else completion_logprobs(logprobs, text_offset)
                 text_offset += sum(len(t.token) for t in logprobs or [])
                 obj = Completion(id=request_id, created=created, model=model_name,
-                                 choices=[CompletionChoice(text=text or "", finish_reason=finish_reason,
+                                 choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish_reason,
                                                            logprobs=legacy)])
             return b"data: " + obj.model_dump_json(exclude_none=is_chat).encode() + b"\n\n"
 
@@ -379,17 +420,16 @@ class _Api:
                         else:
                             yield _sse_data(ChatCompletionChunk(
                                 id=request_id, created=created, model=model_name,
-                                choices=[ChunkChoice(delta=Delta(tool_calls=[
+                                choices=[ChunkChoice(index=index, delta=Delta(tool_calls=[
                                     DeltaToolCall(index=i, id=call.id, function=call.function)
                                     for i, call in enumerate(_tool_calls_out(calls))]))]))
                             finish_reason = "tool_calls"
                     yield chunk(None, finish_reason)
+                    if done_into is not None:
+                        done_into.append(event)
+                        return
                     if include_usage:
-                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                      total_tokens=event.prompt_tokens + event.completion_tokens)
-                        obj: BaseModel = (ChatCompletionChunk if is_chat else Completion)(
-                            id=request_id, created=created, model=model_name, choices=[], usage=usage)
-                        yield b"data: " + obj.model_dump_json().encode() + b"\n\n"
+                        yield _usage_chunk(request_id, created, model_name, is_chat, [event])
                     yield b"data: [DONE]\n\n"
                     return
                 elif isinstance(event, ErrorEvent):
@@ -427,6 +467,50 @@ class _Api:
         text = self.host.metrics.render_prometheus(identity.name if identity else None,
                                                    identity.version if identity else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _usage_chunk(request_id: str, created: int, model_name: str, is_chat: bool, done: list[DoneEvent]) -> bytes:
+    """The stream's last data event with `stream_options.include_usage`: the prompt once, every
+    choice's completion."""
+    prompt_tokens = done[0].prompt_tokens if done else 0
+    completion_tokens = sum(event.completion_tokens for event in done)
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                  total_tokens=prompt_tokens + completion_tokens)
+    obj: BaseModel = (ChatCompletionChunk if is_chat else Completion)(
+        id=request_id, created=created, model=model_name, choices=[], usage=usage)
+    return b"data: " + obj.model_dump_json().encode() + b"\n\n"
+
+
+async def _merged_sse(choices: list[AsyncIterator[bytes]],
+                      usage_chunk: Callable[[], bytes] | None) -> AsyncIterator[bytes]:
+    """Several choices' events as one stream, interleaved as they come, then the usage (when
+    asked) and `[DONE]`. Closing it closes every choice, so each cancels its generation."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def pump(choice: AsyncIterator[bytes]) -> None:
+        try:
+            async with aclosing(choice):  # type: ignore[type-var]
+                async for data in choice:
+                    await queue.put(data)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(choice)) for choice in choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            data = await queue.get()
+            if data is None:
+                remaining -= 1
+            else:
+                yield data
+        if usage_chunk is not None:
+            yield usage_chunk()
+        yield b"data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _tool_calls_out(calls: list[tuple[str, str]]) -> list[ToolCallOut]:

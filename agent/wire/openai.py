@@ -32,6 +32,8 @@ from agent.wire.worker import (
 
 # ---- request models (OpenAI's shape; unknown fields are accepted and logged) ----
 
+MAX_CHOICES = 8
+
 
 class _ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -182,7 +184,8 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0.0, description="extension")
     num_beams: int | None = Field(default=None, ge=1, le=8, description="extension: beam search")
-    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    # Choices per request: each is a generation of its own and takes a slot of its own.
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None

@@ -177,7 +177,7 @@ def _post(server: ServerThread, body: bytes | dict[str, object], token: str | No
     ({"model": "gpt-4o", "messages": QUESTION}, TOKEN, 404, "model_not_found", "'gpt-4o' does not exist"),
     ({"model": "default", "messages": QUESTION, "max_tokens": -5}, TOKEN, 400, None, "max_tokens"),
     ({"model": "default", "messages": []}, TOKEN, 400, None, "messages"),
-    ({"model": "default", "messages": QUESTION, "n": 3}, TOKEN, 400, None, "n:"),
+    ({"model": "default", "messages": QUESTION, "n": 9}, TOKEN, 400, None, "n:"),
     ({"model": "default", "messages": [{"role": "user", "content": "hello " * 9000}]}, TOKEN, 400,
      "context_length_exceeded", "maximum context length is 8192 tokens, the prompt has"),
     ({"model": "default", "messages": QUESTION, "max_tokens": 8190}, TOKEN, 400,

@@ -50,4 +50,4 @@ def test_logprobs_one_per_token(seen: dict[str, Any]) -> None:
 
 
 def test_an_unimplemented_parameter_is_a_bad_request_naming_it(seen: dict[str, Any]) -> None:
-    assert seen["refused"] == {"status": 400, "param": "n"}
+    assert seen["refused"] == {"status": 400, "param": "messages.0.content.0.type"}

@@ -1,5 +1,5 @@
 // The official OpenAI JavaScript client against an edge-agent API: structured output,
-// a tool-call round trip (streamed and not), logprobs and a refused parameter (n above 1).
+// a tool-call round trip (streamed and not), logprobs and a refused parameter (an image part).
 // Prints one JSON object of what it saw; tests/integration/test_api_js_client.py judges it.
 //
 //   node tests/js/client.mjs http://127.0.0.1:PORT/v1
@@ -82,7 +82,10 @@ seen.logprobs = {
 };
 
 try {
-  await client.chat.completions.create({ model: "default", messages: question, n: 2 });
+  await client.chat.completions.create({
+    model: "default", max_tokens: 2,
+    messages: [{ role: "user", content: [{ type: "image_url", image_url: { url: "data:image/png;base64,AA==" } }] }],
+  });
 } catch (error) {
   seen.refused = { status: error.status, param: error.param ?? error.error?.param ?? null };
 }
