@@ -4,7 +4,6 @@ through the running agent's API (`--url`) or straight from a model dir (`--model
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -42,6 +41,9 @@ class _LocalBackend:
                 yield step.text
 
 
+_HTTP_OPTIONS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty", "num_beams")
+
+
 class _HttpBackend:
     """The agent's API: POST /v1/chat/completions with stream=true, read the SSE chunks."""
 
@@ -52,9 +54,10 @@ class _HttpBackend:
     def stream(self, messages: list[ChatMessage], options: SamplingOptions) -> Iterator[str]:
         import requests
 
-        sampling = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
-        body = {"model": "default", "messages": [dataclasses.asdict(m) for m in messages], "stream": True,
-                **sampling}
+        # The options this command sets, in OpenAI's names (the worker's wire has more, in its own shape).
+        sampling = {name: getattr(options, name) for name in _HTTP_OPTIONS if getattr(options, name) is not None}
+        body = {"model": "default", "messages": [{"role": m.role, "content": m.content} for m in messages],
+                "stream": True, **sampling}
         try:
             response = requests.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers,
                                      stream=True, timeout=_TIMEOUT_S)

@@ -20,13 +20,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -34,64 +34,32 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from agent.serving import responses
 from agent.serving.host import ModelHost
 from agent.serving.worker.client import WorkerClient
-from agent.wire import toolcalls
 from agent.wire.errors import ActivationError, ApiError, ConfigError, ModelNotReadyError, QueueFullError
 from agent.wire.openai import (
-    AssistantMessage,
-    CalledFunction,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChunkChoice,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
-    Delta,
-    DeltaToolCall,
     ErrorBody,
     ErrorDetail,
     GenerationRequest,
     ModelCard,
     ModelList,
-    ToolCallOut,
-    Usage,
-    chat_logprobs,
-    completion_logprobs,
 )
-from agent.wire.worker import ChatMessage, DoneEvent, ErrorEvent, RequestEvent, StartedEvent, TokenEvent, TokenLogprob
+from agent.wire.worker import ChatMessage, DoneEvent, ErrorEvent, RequestEvent, StartedEvent
 
 log = logging.getLogger(__name__)
 
 # ---- errors ----
 
 
-def _error_body(error: ApiError) -> ErrorBody:
-    return ErrorBody(error=ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code))
-
-
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(_error_body(error).model_dump(), status_code=error.status, headers=error.headers)
+    return JSONResponse(responses.error_body(error).model_dump(), status_code=error.status, headers=error.headers)
 
 
 def _invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", code=code, param=param)
-
-
-_EVENT_ERRORS: dict[str, tuple[int, str, str]] = {
-    "context_length": (400, "invalid_request_error", "context_length_exceeded"),
-    "invalid_request": (400, "invalid_request_error", "invalid_request"),
-    "runtime": (500, "server_error", "generation_failed"),
-    "worker_died": (503, "unavailable_error", "worker_died"),
-    "model_replaced": (503, "unavailable_error", "model_replaced"),
-}
-
-
-def _event_error(event: ErrorEvent) -> ApiError:
-    status, type_, code = _EVENT_ERRORS[event.kind]
-    return ApiError(status, event.message, type_, code=code)
 
 
 class _CancellingStreamingResponse(StreamingResponse):
@@ -197,7 +165,7 @@ class _Api:
         except ModelNotReadyError as e:
             raise ApiError(503, str(e), "unavailable_error", code=503) from e
         if isinstance(event, ErrorEvent):
-            raise _event_error(event)
+            raise responses.event_error(event)
         if not isinstance(event, StartedEvent):
             raise ApiError(500, f"the model worker answered {type(event).__name__} before it started the request",
                            "server_error")
@@ -255,57 +223,38 @@ class _Api:
         if opened is None:
             return Response(status_code=499)
         # The worker's model, not the host's current one: a switch may happen mid-request.
-        model_name = opened[0][0].identity.name
-        request_id = ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        reply = responses.Reply(request_id=("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24],
+                                created=int(time.time()), model_name=opened[0][0].identity.name, is_chat=is_chat,
+                                with_logprobs=options.logprobs is not None, tool_names=tool_names)
         if req.stream:
             disconnected.cancel()  # the streaming response watches for itself
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            sse = partial(self._sse, request_id=request_id, created=created, model_name=model_name, is_chat=is_chat,
-                          with_logprobs=options.logprobs is not None, tool_names=tool_names)
+            events = partial(responses.choice_events, reply, on_error=self._count_stream_error)
             done: list[DoneEvent] = []  # the choices' done events, for the usage of several
-            body = sse(streams[0], include_usage=include_usage) if len(streams) == 1 else _merged_sse(
-                [sse(events, index=i, done_into=done) for i, events in enumerate(streams)],
-                partial(_usage_chunk, request_id, created, model_name, is_chat, done) if include_usage else None)
+            body = events(streams[0], include_usage=include_usage) if len(streams) == 1 else responses.merged_events(
+                [events(choice, index=i, done_into=done) for i, choice in enumerate(streams)],
+                partial(responses.usage_event, reply, done) if include_usage else None)
             return _CancellingStreamingResponse(body, media_type="text/event-stream",
                                                 headers={"Cache-Control": "no-cache"})
-        collects = [asyncio.ensure_future(self._collect(events)) for events in streams]
+        collects = [asyncio.ensure_future(responses.collect(choice)) for choice in streams]
         everything = asyncio.ensure_future(asyncio.gather(*collects))
         waiting: set[asyncio.Future[Any]] = {everything, disconnected}
         finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if everything not in finished:
             everything.cancel()  # the client went away: free the slots now
-            log.info("event=client_disconnected id=%s", request_id)
+            log.info("event=client_disconnected id=%s", reply.request_id)
             return Response(status_code=499)
         disconnected.cancel()
         try:
-            results: list[tuple[str, DoneEvent, list[TokenLogprob]]] = everything.result()
+            choices: list[responses.Collected] = everything.result()
         except BaseException:
             for collect in collects:  # one choice failed: the others stop too (gather leaves them running)
                 collect.cancel()
             raise
-        prompt_tokens = results[0][1].prompt_tokens
-        completion_tokens = sum(done_event.completion_tokens for _, done_event, _ in results)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
-        asked = options.logprobs is not None
-        if is_chat:
-            chat_choices = []
-            for i, (text, done_event, logprobs) in enumerate(results):
-                calls = None if tool_names is None else toolcalls.parse_calls(text, tool_names)
-                chat_choices.append(
-                    ChatChoice(index=i, message=AssistantMessage(content=None, tool_calls=_tool_calls_out(calls)),
-                               finish_reason="tool_calls") if calls is not None else
-                    ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=done_event.finish_reason,
-                               logprobs=chat_logprobs(logprobs) if asked else None))
-            result: BaseModel = ChatCompletion(id=request_id, created=created, model=model_name, usage=usage,
-                                               choices=chat_choices)
-        else:
-            result = Completion(id=request_id, created=created, model=model_name, usage=usage, choices=[
-                CompletionChoice(index=i, text=text, finish_reason=done_event.finish_reason,
-                                 logprobs=completion_logprobs(logprobs) if asked else None)
-                for i, (text, done_event, logprobs) in enumerate(results)])
-        return JSONResponse(result.model_dump())
+        return JSONResponse(responses.whole(reply, choices).model_dump())
+
+    def _count_stream_error(self, error: ApiError) -> None:
+        self.host.metrics.observe_error(str(error.code))
 
     async def _open(self, streams: list[AsyncGenerator[tuple[Any, RequestEvent], None]],
                     disconnected: asyncio.Future[None]) -> list[tuple[WorkerClient, StartedEvent]] | None:
@@ -340,105 +289,6 @@ class _Api:
                 await events.aclose()
             raise
 
-    async def _collect(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]
-                       ) -> tuple[str, DoneEvent, list[TokenLogprob]]:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        async with aclosing(events):
-            async for _, event in events:
-                if isinstance(event, TokenEvent):
-                    parts.append(event.text)
-                    logprobs.extend(event.logprobs or [])
-                elif isinstance(event, DoneEvent):
-                    return "".join(parts), event, logprobs
-                elif isinstance(event, ErrorEvent):
-                    raise _event_error(event)
-        raise ApiError(500, "the generation ended without a result", "server_error")
-
-    async def _sse(self, events: AsyncGenerator[tuple[Any, RequestEvent], None], *, request_id: str, created: int,
-                   model_name: str, is_chat: bool, with_logprobs: bool, tool_names: set[str] | None,
-                   include_usage: bool = False, index: int = 0,
-                   done_into: list[DoneEvent] | None = None) -> AsyncIterator[bytes]:
-        """One choice's server-sent events. With `done_into` (one of several choices) its done event
-        goes there, and the usage and `[DONE]` are left to `_merged_sse`."""
-        text_offset = 0  # of the next token in the whole completion (the legacy logprobs' text_offset)
-        # With tools, the first character tells calls ("<", the grammar's) from an answer: calls are
-        # held until they are whole and sent as one tool_calls delta, an answer streams as usual.
-        held: list[str] | None = [] if tool_names is not None else None
-
-        def chunk(text: str | None, finish_reason: str | None, *, first: bool = False,
-                  logprobs: list[TokenLogprob] | None = None) -> bytes:
-            nonlocal text_offset
-            obj: BaseModel
-            if is_chat:
-                delta = Delta(role="assistant", content="") if first else Delta(content=text)
-                obj = ChatCompletionChunk(id=request_id, created=created, model=model_name,
-                                          choices=[ChunkChoice(index=index,
-                                                               delta=delta if finish_reason is None else Delta(),
-                                                               finish_reason=finish_reason,
-                                                               logprobs=None if logprobs is None
-                                                               else chat_logprobs(logprobs))])
-            else:
-                legacy = None if logprobs is None else completion_logprobs(logprobs, text_offset)
-                text_offset += sum(len(t.token) for t in logprobs or [])
-                obj = Completion(id=request_id, created=created, model=model_name,
-                                 choices=[CompletionChoice(index=index, text=text or "", finish_reason=finish_reason,
-                                                           logprobs=legacy)])
-            return b"data: " + obj.model_dump_json(exclude_none=is_chat).encode() + b"\n\n"
-
-        # The per-token chunk is the hot path: the model's JSON cut once around the text.
-        marker = "\u0000marker\u0000"
-        head, _, tail = chunk(marker, None).decode().partition(json.dumps(marker)[1:-1])
-        head_bytes, tail_bytes = head.encode(), tail.encode()
-
-        def token_chunk(text: str) -> bytes:
-            return head_bytes + json.dumps(text)[1:-1].encode() + tail_bytes
-
-        async with aclosing(events):
-            if is_chat:
-                yield chunk(None, None, first=True)
-            async for _, event in events:
-                if isinstance(event, TokenEvent):
-                    if held is not None:
-                        held.append(event.text)
-                        so_far = "".join(held).lstrip()
-                        if so_far and not so_far.startswith("<"):
-                            yield token_chunk("".join(held))  # an answer, not calls: stream from here on
-                            held = None
-                    elif with_logprobs:  # every token's, even one whose text is held back (a stop sequence)
-                        yield chunk(event.text, None, logprobs=event.logprobs or [])
-                    elif event.text:
-                        yield token_chunk(event.text)
-                elif isinstance(event, DoneEvent):
-                    finish_reason: str = event.finish_reason
-                    if held is not None:
-                        text = "".join(held)
-                        calls = toolcalls.parse_calls(text, tool_names or set())
-                        if calls is None:  # not calls after all (cut short by max_tokens): the text as is
-                            if text:
-                                yield token_chunk(text)
-                        else:
-                            yield _sse_data(ChatCompletionChunk(
-                                id=request_id, created=created, model=model_name,
-                                choices=[ChunkChoice(index=index, delta=Delta(tool_calls=[
-                                    DeltaToolCall(index=i, id=call.id, function=call.function)
-                                    for i, call in enumerate(_tool_calls_out(calls))]))]))
-                            finish_reason = "tool_calls"
-                    yield chunk(None, finish_reason)
-                    if done_into is not None:
-                        done_into.append(event)
-                        return
-                    if include_usage:
-                        yield _usage_chunk(request_id, created, model_name, is_chat, [event])
-                    yield b"data: [DONE]\n\n"
-                    return
-                elif isinstance(event, ErrorEvent):
-                    # Headers are sent already: the error goes in the stream, as OpenAI does.
-                    error = _event_error(event)
-                    self.host.metrics.observe_error(str(error.code))
-                    yield b"data: " + _error_body(error).model_dump_json().encode() + b"\n\n"
-                    return
-
     # -- status endpoints --
 
     async def models(self, request: Request) -> Response:
@@ -467,59 +317,6 @@ class _Api:
         text = self.host.metrics.render_prometheus(identity.name if identity else None,
                                                    identity.version if identity else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-
-
-def _usage_chunk(request_id: str, created: int, model_name: str, is_chat: bool, done: list[DoneEvent]) -> bytes:
-    """The stream's last data event with `stream_options.include_usage`: the prompt once, every
-    choice's completion."""
-    prompt_tokens = done[0].prompt_tokens if done else 0
-    completion_tokens = sum(event.completion_tokens for event in done)
-    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                  total_tokens=prompt_tokens + completion_tokens)
-    obj: BaseModel = (ChatCompletionChunk if is_chat else Completion)(
-        id=request_id, created=created, model=model_name, choices=[], usage=usage)
-    return b"data: " + obj.model_dump_json().encode() + b"\n\n"
-
-
-async def _merged_sse(choices: list[AsyncIterator[bytes]],
-                      usage_chunk: Callable[[], bytes] | None) -> AsyncIterator[bytes]:
-    """Several choices' events as one stream, interleaved as they come, then the usage (when
-    asked) and `[DONE]`. Closing it closes every choice, so each cancels its generation."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    async def pump(choice: AsyncIterator[bytes]) -> None:
-        try:
-            async with aclosing(choice):  # type: ignore[type-var]
-                async for data in choice:
-                    await queue.put(data)
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.ensure_future(pump(choice)) for choice in choices]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            data = await queue.get()
-            if data is None:
-                remaining -= 1
-            else:
-                yield data
-        if usage_chunk is not None:
-            yield usage_chunk()
-        yield b"data: [DONE]\n\n"
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _tool_calls_out(calls: list[tuple[str, str]]) -> list[ToolCallOut]:
-    return [ToolCallOut(id="call_" + uuid.uuid4().hex[:24], function=CalledFunction(name=name, arguments=arguments))
-            for name, arguments in calls]
-
-
-def _sse_data(obj: BaseModel) -> bytes:
-    return b"data: " + obj.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 
 def _dir_mtime(path: str) -> float:
