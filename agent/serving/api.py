@@ -37,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 from agent.serving import responses
 from agent.serving.host import ModelHost
 from agent.serving.worker.client import WorkerClient
+from agent.wire.contract import split_model_id, under_contract
 from agent.wire.errors import ActivationError, ApiError, ConfigError, ModelNotReadyError, QueueFullError
 from agent.wire.openai import (
     ChatCompletionRequest,
@@ -142,18 +143,32 @@ class _Api:
             first = e.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             raise _invalid(f"{param}: {first['msg']}", param=param) from e
-        refused = parsed.unsupported_parameter()
-        if refused is not None:
-            name, why = refused
-            raise _invalid(f"{name}: {why}", param=name, code="unsupported_parameter")
         if parsed.model_extra:
             log.info("event=unknown_request_fields endpoint=%s fields=%s", request.url.path,
                      ",".join(sorted(parsed.model_extra)))
-        if not self.host.accepts_model(parsed.model):
+        model_name, _ = split_model_id(parsed.model)
+        if not self.host.accepts_model(model_name):
             active = self.host.identity.name if self.host.identity else None
             raise ApiError(404, f"the model {parsed.model!r} does not exist: this server runs {active!r} "
                            "(see GET /v1/models)", "invalid_request_error", code="model_not_found", param="model")
         return parsed
+
+    def _contract(self, req: GenerationRequest) -> str | None:
+        """The contract the request's model id names (None: none), checked to exist.
+
+        Raises:
+            ApiError: 404, the active model has no such contract.
+        """
+        _, name = split_model_id(req.model)
+        if name is None:
+            return None
+        identity = self.host.identity
+        if identity is None or name not in identity.contracts:
+            known = sorted(identity.contracts) if identity else []
+            raise ApiError(404, f"the model {identity.name if identity else None!r} has no contract {name!r} "
+                           f"(it has {known}; see GET /v1/models)", "invalid_request_error",
+                           code="model_not_found", param="model")
+        return name
 
     async def _first_event(self, events: AsyncGenerator[tuple[Any, RequestEvent], None]
                            ) -> tuple[WorkerClient, StartedEvent]:
@@ -194,6 +209,12 @@ class _Api:
 
     async def _chat(self, request: Request) -> Response:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        contract = self._contract(req)
+        if contract is not None and self.host.identity is not None:
+            try:
+                req = under_contract(req, self.host.identity.contracts[contract])
+            except ValueError as e:
+                raise _invalid(str(e), param=str(e).partition(":")[0]) from e
         messages = [m.to_chat_message() for m in req.messages]
         tool_names = {t.function.name for t in req.tools or []} if req.calls_tools else None
         return await self._generate(request, req, messages=messages, prompt=None, is_chat=True,
@@ -201,12 +222,18 @@ class _Api:
 
     async def _complete(self, request: Request) -> Response:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
+        if self._contract(req) is not None:
+            raise _invalid("a contract answers chat: send it to POST /v1/chat/completions", param="model")
         return await self._generate(request, req, messages=None, prompt=req.prompt_text, is_chat=False)
 
     async def _generate(self, request: Request, req: GenerationRequest, *, messages: list[ChatMessage] | None,
                         prompt: str | None, is_chat: bool, tools: str | None = None,
                         tool_names: set[str] | None = None) -> Response:
         """`tools`: the tools for the prompt; `tool_names`: set when the answer may be calls to them."""
+        refused = req.unsupported_parameter()
+        if refused is not None:
+            name, why = refused
+            raise _invalid(f"{name}: {why}", param=name, code="unsupported_parameter")
         try:
             options = req.sampling_options()
         except ValidationError as e:
@@ -223,8 +250,10 @@ class _Api:
         if opened is None:
             return Response(status_code=499)
         # The worker's model, not the host's current one: a switch may happen mid-request.
+        _, contract = split_model_id(req.model)
+        model_name = opened[0][0].identity.name + (f"/{contract}" if contract else "")
         reply = responses.Reply(request_id=("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex[:24],
-                                created=int(time.time()), model_name=opened[0][0].identity.name, is_chat=is_chat,
+                                created=int(time.time()), model_name=model_name, is_chat=is_chat,
                                 with_logprobs=options.logprobs is not None, tool_names=tool_names)
         if req.stream:
             disconnected.cancel()  # the streaming response watches for itself
@@ -294,9 +323,10 @@ class _Api:
     async def models(self, request: Request) -> Response:
         async def handler(_: Request) -> Response:
             identity = self.host.identity
-            cards = [] if identity is None else [ModelCard(id=identity.name, version=identity.version,
-                                                           context_length=identity.context_length,
-                                                           created=int(_dir_mtime(identity.model_dir)))]
+            cards = [] if identity is None else [
+                ModelCard(id=model_id, version=identity.version, context_length=identity.context_length,
+                          created=int(_dir_mtime(identity.model_dir)))
+                for model_id in [identity.name, *(f"{identity.name}/{c}" for c in sorted(identity.contracts))]]
             return JSONResponse(ModelList(data=cards).model_dump())
         return await self._guarded(request, "/v1/models", handler)
 

@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from agent.serving.runtime import read_context_length
 from agent.wire.base import StrictModel
+from agent.wire.contract import Contract, read_contracts
+from agent.wire.errors import ActivationError
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,15 @@ class ModelIdentity(StrictModel):
     version: int | None
     model_dir: str
     context_length: int
+    contracts: dict[str, Contract] = {}  # served as `<name>/<contract>`
 
 
 def read_identity(model_dir: Path) -> ModelIdentity:
     """Name/version from `manifest.json` when present and valid, else the dir name.
 
     Raises:
-        ActivationError: the dir has no readable `genai_config.json`.
+        ActivationError: the dir has no readable `genai_config.json`, or a file in `contracts/`
+            is not a valid contract (a signed release that carries one is refused whole).
     """
     context_length = read_context_length(model_dir)
     name, version = model_dir.resolve().name, None
@@ -40,4 +44,9 @@ def read_identity(model_dir: Path) -> ModelIdentity:
             name, version = manifest.name, manifest.version
         except (OSError, ValidationError) as e:
             log.warning("event=manifest_unreadable path=%s error=%s", manifest_path, str(e).splitlines()[0])
-    return ModelIdentity(name=name, version=version, model_dir=str(model_dir), context_length=context_length)
+    try:
+        contracts = read_contracts(model_dir)
+    except ValueError as e:
+        raise ActivationError(f"{e}: fix the contract and publish again") from e
+    return ModelIdentity(name=name, version=version, model_dir=str(model_dir), context_length=context_length,
+                         contracts=contracts)
