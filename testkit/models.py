@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,17 @@ def smollm2_hf_dir(model_cache_dir: Path) -> Path:
     if not (out / "config.json").is_file():
         gguf_to_hf_dir(smollm2_gguf_path(), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_cache_dir: Path, smollm2_hf_dir: Path) -> Callable[[str], Path]:
+    """`get(arch)`: a tiny random-weight model of that architecture with SmolLM2's tokenizer (cached)."""
+    def get(arch: str) -> Path:
+        out = model_cache_dir / f"tiny-{arch}-hf"
+        if not (out / "config.json").is_file():
+            make_tiny_model(arch, out, tokenizer_dir=smollm2_hf_dir)
+        return out
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def eval_text_sha256() -> str:
     return hashlib.sha256(eval_text().encode("utf-8")).hexdigest()
 
 
-def _load(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
+def load_model(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
     import onnxruntime_genai as og
 
     try:
@@ -167,7 +167,7 @@ def measure_speed(model, token_ids: list[int], context_length: int) -> tuple[flo
 def measure_perplexity(model_dir: Path, window: int = PPL_WINDOW_TOKENS,
                        progress: Progress | None = None) -> tuple[float, int]:
     """(perplexity, text token count) of the model in `model_dir` on the shipped text."""
-    model, tokenizer = _load(model_dir)
+    model, tokenizer = load_model(model_dir)
     ids = [int(t) for t in tokenizer.encode(eval_text())]
     window = min(window, _context_length(model))
     return perplexity_of(model, ids, window, progress), len(ids)
@@ -179,7 +179,7 @@ def measure_model(model_dir: Path, progress: Progress | None = None) -> Measurem
     Raises:
         BuildError: onnxruntime-genai cannot load or run it.
     """
-    model, tokenizer = _load(model_dir)
+    model, tokenizer = load_model(model_dir)
     text = eval_text()
     ids = [int(t) for t in tokenizer.encode(text)]
     context_length = _context_length(model)

@@ -27,8 +27,10 @@ from pydantic import Field
 
 from agent.wire.base import FrozenModel
 from agent.wire.canary import judge_leads
+from agent.wire.contract import CONTRACTS_DIR
 from agent.wire.durable import fsync_dir
 from agent.wire.errors import BuildError, QualityGateError, UsageError
+from agent.wire.hashing import sha256_file
 from agent.wire.manifest import (
     MANIFEST_FILENAME,
     BuildInfo,
@@ -42,7 +44,7 @@ from agent.wire.manifest import (
     Requirements,
     SourceInfo,
 )
-from builder.build import evaluate, footprint, modelinfo, package, sources
+from builder.build import contracts, evaluate, footprint, modelinfo, package, sources
 from builder.build.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, resolve_build_options
 from builder.build.ortbuild import run_ort_builder, set_context_length
 from builder.build.progress import NullProgress, Progress
@@ -85,6 +87,8 @@ class BuildRequest(FrozenModel):
     context_length: int | None = Field(default=None, gt=16)
     # Instruction sets to replay the canary on besides this host's (an emulated device each).
     check_arches: list[Literal["aarch64"]] = Field(default_factory=list)
+    # Output contract files (`<name>.json`), put into the artifact and checked against the built model.
+    contracts: list[Path] = Field(default_factory=list)
 
 
 class BuildResult(FrozenModel):
@@ -110,6 +114,7 @@ class BuildResult(FrozenModel):
     min_ram_bytes: int
     context_length: int
     canary_token_ids: list[int]
+    contracts: list[str] = Field(default_factory=list, description="the output contracts the artifact carries")
     duration_s: float
     stage_durations_s: dict[str, float]
 
@@ -125,6 +130,7 @@ def _result(out_dir: Path, m: Manifest, reused: bool, duration_s: float, stages:
         prefill_tokens_per_s=ev.prefill_tokens_per_s, peak_rss_bytes=ev.peak_rss_bytes,
         min_ram_bytes=m.requirements.min_ram_bytes, context_length=m.model_info.context_length,
         canary_token_ids=ev.canary.expected_token_ids, duration_s=duration_s, stage_durations_s=stages,
+        contracts=sorted(Path(f.path).stem for f in m.files if f.path.startswith(f"{CONTRACTS_DIR}/")),
     )
 
 
@@ -251,12 +257,14 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
     """
     run = _Run(request, progress or NullProgress())
     with run.stage("check options and output"):
+        contract_files = contracts.read_contract_files(request.contracts)
         opts, existing, work = _check_request(request, run.out_dir)
     try:
         with run.stage("resolve source"):
             source = _resolve_source(request, run.cache_dir)
             if existing is not None:
-                return run.result(_reuse(existing, source, request, opts, run.out_dir), is_reused=True)
+                return run.result(_reuse(existing, source, request, opts, run.out_dir, contract_files),
+                                  is_reused=True)
         with run.stage("convert source"):
             hf_dir = _convert_source(source, run.cache_dir)
         with run.stage(f"build {opts.precision} onnx"):
@@ -273,6 +281,9 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
             ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio)
         with run.stage("measure footprint"):
             fp = footprint.measure_footprint(artifact, info.context_length)
+        if contract_files:
+            with run.stage(f"check {len(contract_files)} contract(s)"):
+                contracts.check_contracts(artifact, contracts.add_to_artifact(artifact, contract_files))
         with run.stage("package"):
             manifest = _package(artifact, request, source, opts, info, measured, ref_ppl, ratio, fp)
         with run.stage("publish to output"):
@@ -342,14 +353,18 @@ def _resolve_source(request: BuildRequest, cache_dir: Path) -> _Source:
                    sha256=sources.source_sha256(resolved.path))
 
 
-def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: BuildOptions, out_dir: Path) -> Manifest:
+def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: BuildOptions, out_dir: Path,
+           contract_files: dict[str, Path]) -> Manifest:
     """OUT already holds this exact build: verify it and reuse it.
 
     Raises:
-        UsageError: OUT holds a different build.
+        UsageError: OUT holds a different build (or other contracts).
         ManifestError: OUT's files no longer match its manifest.
     """
-    if not _is_same_build(existing, source.name, request.version, source.sha256, opts, request.context_length):
+    held = {f.path: f.sha256 for f in existing.files if f.path.startswith(f"{CONTRACTS_DIR}/")}
+    wanted = {f"{CONTRACTS_DIR}/{name}.json": sha256_file(path) for name, path in contract_files.items()}
+    if not _is_same_build(existing, source.name, request.version, source.sha256, opts, request.context_length) \
+            or held != wanted:
         raise UsageError(
             f"output {out_dir} already holds a different build ({existing.name} v{existing.version}, "
             f"{existing.build.precision}/{existing.build.profile}): choose another -o or remove it"

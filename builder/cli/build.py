@@ -79,6 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also replay the canary on ARCH (aarch64: a Debian arm64 root under qemu-user, built "
                         "once into --cache-dir; needs root, debootstrap, qemu-user-static, binfmt-support) and "
                         "list it in the manifest's arch; devices of an architecture not listed refuse the model")
+    p.add_argument("--contract", action="append", type=Path, default=[], metavar="FILE",
+                   help="an output contract, NAME.json (format, system prompt, sampling defaults, examples; "
+                        "docs/design.md section 7): shipped in the artifact and served as MODEL/NAME; the "
+                        "build fails at the quality gate unless the built model answers every example "
+                        "validly. Repeatable")
     p.add_argument("-c", "--cache-dir", type=Path, default=None,
                    help=f"HF cache, converted GGUFs and fp32 references (default: $EDGEFLEET_CACHE_DIR or "
                         f"{default_cache_dir()})")
@@ -113,6 +118,6 @@ def _request(args: argparse.Namespace) -> BuildRequest:
         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
         extra_options=parse_extra_options(args.extra_option),
         cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
-        context_length=args.context_length, check_arches=args.check_arch,
+        context_length=args.context_length, check_arches=args.check_arch, contracts=args.contract,
     )
 

@@ -21,20 +21,10 @@ from agent.wire.errors import ExitCode, QualityGateError
 from builder.build.package import verify_artifact
 from builder.build.pipeline import DEFAULT_MAX_PPL_RATIO, BuildRequest, build_artifact
 from testkit.env import subprocess_env
-from testkit.models import CONTEXT_LENGTH, VOCAB_SIZE, make_tiny_model
+from testkit.models import CONTEXT_LENGTH, VOCAB_SIZE
 
 ARCH_CLASSES = {"phi3": "Phi3ForCausalLM", "mistral": "MistralForCausalLM", "gemma": "GemmaForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(model_cache_dir: Path, smollm2_hf_dir: Path):
-    def get(arch: str) -> Path:
-        out = model_cache_dir / f"tiny-{arch}-hf"
-        if not (out / "config.json").is_file():
-            make_tiny_model(arch, out, tokenizer_dir=smollm2_hf_dir)
-        return out
-    return get
 
 
 @pytest.mark.parametrize("arch", ["phi3", "mistral", "gemma", "qwen2"])

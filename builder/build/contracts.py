@@ -1,0 +1,132 @@
+"""Output contracts at build time: the operator's files go into the artifact (so TUF signs
+them with the weights), and the built model must answer every example of every contract
+validly, or the build fails at the quality gate (the device enforces them: agent.wire.contract).
+
+Valid: the answer ends by itself (end of sequence, not max_tokens) and, for a JSON format,
+parses; constrained decoding makes it match the schema, regex or grammar token by token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent.wire.contract import (
+    CONTRACT_NAME,
+    CONTRACTS_DIR,
+    MAX_CONTRACT_BYTES,
+    MAX_CONTRACTS,
+    Contract,
+    example_request,
+)
+from agent.wire.errors import QualityGateError, UsageError, require
+from builder.build.evaluate import load_model
+
+log = logging.getLogger(__name__)
+
+# An example's answer gets at most this many tokens when its contract sets no max_tokens.
+DEFAULT_EXAMPLE_TOKENS = 256
+
+
+def read_contract_files(paths: list[Path]) -> dict[str, Path]:
+    """The contract files of `--contract`, by name (the file name without `.json`), each checked.
+
+    Raises:
+        UsageError: a file is missing, misnamed, too large or not a valid contract, two share a
+            name, or there are more than the device takes.
+    """
+    found: dict[str, Path] = {}
+    if len(paths) > MAX_CONTRACTS:
+        raise UsageError(f"{len(paths)} contracts given: a model carries at most {MAX_CONTRACTS}")
+    for path in paths:
+        name = path.name.removesuffix(".json")
+        if path.suffix != ".json" or not re.fullmatch(CONTRACT_NAME, name):
+            raise UsageError(f"--contract {path}: name the file <name>.json, the name matching {CONTRACT_NAME} "
+                             "(the device serves it as <model>/<name>)")
+        if name in found:
+            raise UsageError(f"--contract {path} and {found[name]} have the same name {name!r}")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise UsageError(f"--contract {path}: cannot read it ({e.strerror or e})") from e
+        if len(data) > MAX_CONTRACT_BYTES:
+            raise UsageError(f"--contract {path} is over {MAX_CONTRACT_BYTES} bytes")
+        try:
+            Contract.model_validate_json(data)
+        except ValidationError as e:
+            raise UsageError(f"--contract {path} is not a valid contract: {' '.join(str(e).splitlines()[:3])}") from e
+        found[name] = path
+    return found
+
+
+def add_to_artifact(artifact: Path, files: dict[str, Path]) -> dict[str, Contract]:
+    """Copy the contract files into `artifact/contracts/`, as the operator wrote them."""
+    folder = artifact / CONTRACTS_DIR
+    contracts: dict[str, Contract] = {}
+    for name, path in files.items():
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(path, folder / f"{name}.json")
+        contracts[name] = Contract.model_validate_json((folder / f"{name}.json").read_bytes())
+    return contracts
+
+
+def check_contracts(artifact: Path, contracts: dict[str, Contract]) -> None:
+    """Answer every example of every contract with the built model, as the device would.
+
+    Raises:
+        QualityGateError: a contract does not compile, or an example's answer is cut short or
+            is not JSON (the message names the contract and the example).
+        BuildError: the built model does not load.
+    """
+    import onnxruntime_genai as og
+
+    if not contracts:
+        return
+    model, tokenizer = load_model(artifact)
+    eos = {int(t) for t in tokenizer.eos_token_ids}
+    for name, contract in contracts.items():
+        for number, example in enumerate(contract.examples, 1):
+            request = example_request(contract, example)
+            options = request.sampling_options()
+            messages = [{"role": m.role, "content": m.to_chat_message().content} for m in request.messages]
+            prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages),
+                                                                        add_generation_prompt=True))
+            budget = options.max_tokens or DEFAULT_EXAMPLE_TOKENS
+            params = og.GeneratorParams(model)
+            search: dict[str, float | int | bool] = {
+                "max_length": len(prompt_ids) + budget, "repetition_penalty": options.repetition_penalty}
+            if options.temperature == 0.0:
+                search["do_sample"] = False
+            else:
+                search.update(do_sample=True, temperature=options.temperature, top_p=options.top_p,
+                              top_k=options.top_k, random_seed=number)
+            params.set_search_options(**search)
+            where = f"contract {name!r}, example {number} ({example[:60]!r})"
+            guidance = require(options.guidance, f"the format of contract {name!r}")  # every contract has one
+            params.set_guidance(guidance.kind, guidance.data)
+            try:
+                generator = og.Generator(model, params)
+            except RuntimeError as e:
+                raise QualityGateError(f"contract {name!r} does not compile ({str(e).splitlines()[0]}): "
+                                       "fix its response_format") from e
+            generator.append_tokens(prompt_ids)
+            tokens: list[int] = []
+            while not generator.is_done():
+                generator.generate_next_token()
+                tokens.append(int(generator.get_next_tokens()[0]))
+            answer = tokenizer.decode([t for t in tokens if t not in eos])
+            if not tokens or tokens[-1] not in eos:
+                raise QualityGateError(f"{where}: the answer was cut at {budget} tokens ({answer[:120]!r}...): "
+                                       "raise the contract's sampling.max_tokens, bound its strings, or fix the "
+                                       "example")
+            if guidance.kind == "json_schema":
+                try:
+                    json.loads(answer)
+                except ValueError as e:
+                    raise QualityGateError(f"{where}: the answer is not JSON ({answer[:120]!r}): {e}") from e
+            log.info("event=contract_example_ok contract=%s example=%d tokens=%d", name, number, len(tokens))
