@@ -74,6 +74,7 @@ def make_real_artifact(raw: Path, out: Path, name: str, version: int, *, canary_
     shutil.copytree(raw, out)
     (out / "edition.txt").write_text(f"{name} v{version}\n")
     for rel, content in (extra_files or {}).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(content)
     if config_edit is not None:
         config = json.loads((out / "genai_config.json").read_text())

@@ -13,7 +13,10 @@ is stopped.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator, Coroutine
@@ -25,9 +28,18 @@ from agent.serving.identity import ModelIdentity
 from agent.serving.metrics import ServingMetrics
 from agent.serving.worker.client import WorkerClient
 from agent.wire.canary import judge_leads, judge_without_leads
+from agent.wire.contract import CHECK_MAX_TOKENS, example_request
 from agent.wire.errors import ActivationError, ModelNotReadyError, QueueFullError, RuntimeModelError, require
 from agent.wire.manifest import Canary
-from agent.wire.worker import ChatMessage, DoneEvent, GenerateCommand, RequestEvent, SamplingOptions, TokenEvent
+from agent.wire.worker import (
+    ChatMessage,
+    DoneEvent,
+    ErrorEvent,
+    GenerateCommand,
+    RequestEvent,
+    SamplingOptions,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,27 +226,66 @@ class ModelHost:
 
     async def _check_canary(self, worker: WorkerClient, canary: Canary) -> None:
         """The new worker replays the manifest's canary; the leads of its tokens must match the
-        build host's within a CPU difference (`agent.wire.canary`), or the switch is refused."""
-        try:
-            leads = await worker.canary_leads(canary.prompt, canary.expected_token_ids)
-        except RuntimeModelError as e:
-            reason = str(e)
-        else:
-            verdict = (judge_leads(canary.expected_leads, leads) if canary.expected_leads is not None
-                       else judge_without_leads(leads))
-            if verdict.passed:
-                log.info("event=canary_passed model=%s tokens=%d worst_position=%d worst_change=%.3f",
-                         worker.identity.name, len(leads), verdict.worst_position, verdict.worst_change)
+        build host's within a CPU difference (`agent.wire.canary`); then each output contract it
+        carries answers its first example validly. Otherwise the switch is refused."""
+        failed = "its canary"
+        reason = await self._canary_failure(worker, canary)
+        if reason is None:
+            failed = "its contract check"
+            reason = await self._contract_failure(worker)
+            if reason is None:
                 return
-            reason = f"{verdict.reason}: the weights, tokenizer or config are not the ones that were built"
         await worker.stop()
-        message = (f"model {worker.identity.name} v{worker.identity.version} failed its canary: {reason}:"
+        message = (f"model {worker.identity.name} v{worker.identity.version} failed {failed}: {reason}:"
                    " the previous model keeps serving; rebuild or roll back the release")
         self.last_error = message
         if self._current is None:
             self.state = "failed"
         log.error("event=canary_failed model=%s error=%s", worker.identity.name, message)
         raise ActivationError(message)
+
+    async def _canary_failure(self, worker: WorkerClient, canary: Canary) -> str | None:
+        try:
+            leads = await worker.canary_leads(canary.prompt, canary.expected_token_ids)
+        except RuntimeModelError as e:
+            return str(e)
+        verdict = (judge_leads(canary.expected_leads, leads) if canary.expected_leads is not None
+                   else judge_without_leads(leads))
+        if not verdict.passed:
+            return f"{verdict.reason}: the weights, tokenizer or config are not the ones that were built"
+        log.info("event=canary_passed model=%s tokens=%d worst_position=%d worst_change=%.3f",
+                 worker.identity.name, len(leads), verdict.worst_position, verdict.worst_change)
+        return None
+
+    async def _contract_failure(self, worker: WorkerClient) -> str | None:
+        """Each contract's first example, answered as a request to `<model>/<contract>` would be:
+        it must end by itself, and parse where the format is JSON (the build checked them all)."""
+        for name, contract in worker.identity.contracts.items():
+            request = example_request(contract, contract.examples[0])
+            options = request.sampling_options()
+            if options.max_tokens is None:
+                options = dataclasses.replace(options, max_tokens=CHECK_MAX_TOKENS)
+            command = GenerateCommand(id=f"contract-{os.urandom(6).hex()}", options=options,
+                                      messages=[m.to_chat_message() for m in request.messages])
+            parts: list[str] = []
+            finish: str | None = None
+            async for event in worker.generate(command):
+                if isinstance(event, TokenEvent):
+                    parts.append(event.text)
+                elif isinstance(event, DoneEvent):
+                    finish = event.finish_reason
+                elif isinstance(event, ErrorEvent):
+                    return f"contract {name!r} could not run ({event.kind}): {event.message}"
+            answer = "".join(parts)
+            if finish != "stop":
+                return f"contract {name!r}: its first example's answer was cut short ({answer[:80]!r})"
+            if options.guidance is not None and options.guidance.kind == "json_schema":
+                try:
+                    json.loads(answer)
+                except ValueError:
+                    return f"contract {name!r}: its first example's answer is not JSON ({answer[:80]!r})"
+            log.info("event=contract_checked model=%s contract=%s", worker.identity.name, name)
+        return None
 
     async def _drain_and_stop(self, old: WorkerClient) -> None:
         deadline = time.monotonic() + self.drain_timeout_s

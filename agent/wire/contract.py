@@ -28,6 +28,8 @@ from agent.wire.openai import (
 )
 
 CONTRACTS_DIR = "contracts"
+# An example's answer gets at most this many tokens in the checks when its contract sets no max_tokens.
+CHECK_MAX_TOKENS = 256
 CONTRACT_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 MAX_CONTRACTS = 32
 MAX_CONTRACT_BYTES = 256 * 1024

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.wire.contract import (
+    CHECK_MAX_TOKENS,
     CONTRACT_NAME,
     CONTRACTS_DIR,
     MAX_CONTRACT_BYTES,
@@ -28,9 +29,6 @@ from agent.wire.errors import QualityGateError, UsageError, require
 from builder.build.evaluate import load_model
 
 log = logging.getLogger(__name__)
-
-# An example's answer gets at most this many tokens when its contract sets no max_tokens.
-DEFAULT_EXAMPLE_TOKENS = 256
 
 
 def read_contract_files(paths: list[Path]) -> dict[str, Path]:
@@ -96,7 +94,7 @@ def check_contracts(artifact: Path, contracts: dict[str, Contract]) -> None:
             messages = [{"role": m.role, "content": m.to_chat_message().content} for m in request.messages]
             prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages),
                                                                         add_generation_prompt=True))
-            budget = options.max_tokens or DEFAULT_EXAMPLE_TOKENS
+            budget = options.max_tokens or CHECK_MAX_TOKENS
             params = og.GeneratorParams(model)
             search: dict[str, float | int | bool] = {
                 "max_length": len(prompt_ids) + budget, "repetition_penalty": options.repetition_penalty}

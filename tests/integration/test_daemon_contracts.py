@@ -1,0 +1,82 @@
+"""Output contracts through a real release to a real agent: a contract signed with the model
+is served as `<model>/<contract>` once the new model passed its canary and its contract check;
+a release whose contract fails that check on the device is rolled back while the previous
+model keeps serving; and a release that changes only a contract downloads only that file."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from agent.update.journal import Journal
+from agent.update.statemachine import ModelRef, Phase
+from testkit.agents import Agent, Release
+
+# A random-weight model answers a regex contract validly: the constraint does it.
+YES_NO = {"response_format": {"type": "regex", "regex": "(yes|no)"}, "examples": ["Is the sky blue?"]}
+# An unbounded string in 8 tokens: its first example is cut short on any device.
+NOTES = {"response_format": {"type": "json_schema", "json_schema": {"name": "notes", "schema": {
+    "type": "object", "required": ["notes"], "properties": {"notes": {"type": "string"}}}}},
+    "sampling": {"max_tokens": 8}, "examples": ["Write long notes about the sea."]}
+
+
+def _contracts(**contracts: dict[str, object]) -> dict[str, bytes]:
+    return {f"contracts/{name.replace('_', '-')}.json": json.dumps(body).encode() for name, body in contracts.items()}
+
+
+@pytest.fixture
+def agent(tiny_raw: Path, release: Release, tmp_path: Path) -> Iterator[Agent]:
+    release.publish(tiny_raw, "tiny", 1, extra_files=_contracts(yes_no=YES_NO))
+    a = Agent(tmp_path / "a", release)
+    a.start()
+    try:
+        a.wait_serving("tiny", 1)
+        a.wait(lambda: a.phase() is Phase.ACTIVE and a.store.current() is not None, 30, "v1 installed")
+        yield a
+    finally:
+        a.stop()
+
+
+def _update(agent: Agent) -> None:
+    n = agent.log().count("event=check_requested")
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait(lambda: agent.log().count("event=check_requested") > n, 30, "a check")
+
+
+def test_a_signed_contract_is_served_and_a_failing_one_rolls_back(tiny_raw: Path, release: Release,
+                                                                   agent: Agent) -> None:
+    models = [c["id"] for c in requests.get(f"{agent.url}/v1/models", timeout=10).json()["data"]]
+    assert models == ["tiny", "tiny/yes-no"]
+    assert "event=contract_checked model=tiny contract=yes-no" in agent.log()
+    r = requests.post(f"{agent.url}/v1/chat/completions", timeout=60,
+                      json={"model": "tiny/yes-no", "messages": [{"role": "user", "content": "Is it raining?"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in ("yes", "no"), r.text
+
+    release.publish(tiny_raw, "tiny", 2, extra_files=_contracts(yes_no=YES_NO, notes=NOTES))
+    _update(agent)
+    agent.wait(lambda: agent.phase() is Phase.FAILED, 60, "v2 rolled back")
+    state = Journal(agent.store.journal_path).load()
+    assert "failed its contract check: contract 'notes': its first example's answer was cut short" \
+        in (state.reason or ""), state.reason
+    assert ModelRef(name="tiny", version=2) in state.refused
+    assert agent.health() == {"status": "ok", "model": "tiny", "version": 1}
+    assert agent.store.current() == agent.store.model_dir("tiny", 1).resolve()
+
+
+def test_a_contract_only_release_downloads_only_the_contract(tiny_raw: Path, release: Release, agent: Agent) -> None:
+    changed = {**YES_NO, "examples": ["Is the sea salty?"]}
+    release.publish(tiny_raw, "tiny", 2, extra_files=_contracts(yes_no=changed))
+    _update(agent)
+    agent.wait_serving("tiny", 2)
+    # edition.txt is the test artifact's own per-version file; every model file is reused from v1
+    # (target file names carry their sha256: consistent snapshots)
+    fetched = sorted(p.rsplit("/", 1)[-1].split(".", 1)[1] for p in release.artifact_gets("tiny", 2))
+    assert fetched == ["edition.txt", "yes-no.json"]
+    served = agent.store.model_dir("tiny", 2) / "contracts" / "yes-no.json"
+    assert json.loads(served.read_text())["examples"] == ["Is the sea salty?"]
