@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ from agent.serving.identity import ModelIdentity
 from agent.serving.metrics import ServingMetrics
 from agent.serving.worker.client import WorkerClient
 from agent.wire.canary import judge_leads, judge_without_leads
-from agent.wire.contract import CHECK_MAX_TOKENS, example_request
+from agent.wire.contract import CHECK_MAX_TOKENS, answer_problem, example_request
 from agent.wire.errors import ActivationError, ModelNotReadyError, QueueFullError, RuntimeModelError, require
 from agent.wire.manifest import Canary
 from agent.wire.worker import (
@@ -266,7 +265,8 @@ class ModelHost:
             if options.max_tokens is None:
                 options = dataclasses.replace(options, max_tokens=CHECK_MAX_TOKENS)
             command = GenerateCommand(id=f"contract-{os.urandom(6).hex()}", options=options,
-                                      messages=[m.to_chat_message() for m in request.messages])
+                                      messages=[m.to_chat_message() for m in request.messages],
+                                      tools=request.tools_json)
             parts: list[str] = []
             finish: str | None = None
             async for event in worker.generate(command):
@@ -276,14 +276,9 @@ class ModelHost:
                     finish = event.finish_reason
                 elif isinstance(event, ErrorEvent):
                     return f"contract {name!r} could not run ({event.kind}): {event.message}"
-            answer = "".join(parts)
-            if finish != "stop":
-                return f"contract {name!r}: its first example's answer was cut short ({answer[:80]!r})"
-            if options.guidance is not None and options.guidance.kind == "json_schema":
-                try:
-                    json.loads(answer)
-                except ValueError:
-                    return f"contract {name!r}: its first example's answer is not JSON ({answer[:80]!r})"
+            problem = answer_problem(contract, "".join(parts), ended=finish == "stop")
+            if problem is not None:
+                return f"contract {name!r}, its first example: {problem}"
             log.info("event=contract_checked model=%s contract=%s", worker.identity.name, name)
         return None
 

@@ -71,21 +71,6 @@ def _read_vocab_size(model_dir: Path) -> int:
         return 0
 
 
-def _chat_template_text(model_dir: Path) -> str:
-    """The chat template's source, where onnxruntime-genai finds it ("" when there is none)."""
-    try:
-        return (model_dir / "chat_template.jinja").read_text()
-    except OSError:
-        pass
-    try:
-        template = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", "")
-    except (OSError, ValueError, AttributeError):
-        return ""
-    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        return "\n".join(t.get("template", "") for t in template if isinstance(t, dict))
-    return template if isinstance(template, str) else ""
-
-
 def stop_split(text: str, stops: Sequence[str]) -> tuple[int, bool]:
     """How much of `text` (not yet emitted) may be emitted now, and whether a stop matched.
 
@@ -287,7 +272,7 @@ class ModelRuntime:
             self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         except OgaError as e:
             raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
-        self.template_renders_tools = "tools" in _chat_template_text(self.model_dir)
+        self.template_renders_tools = toolcalls.template_renders_tools(self.model_dir)
         log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
                  self.context_length)
 
@@ -300,12 +285,9 @@ class ModelRuntime:
         """The model's own chat template (chat_template.jinja / tokenizer_config.json), with the
         request's tools: rendered by the template when it knows tools, else as plain turns
         (`agent.wire.toolcalls`)."""
-        has_tool_turns = any(m.tool_calls or m.role == "tool" for m in messages)
-        if (tools_json is not None or has_tool_turns) and not self.template_renders_tools:
-            payload = json.dumps(toolcalls.fallback_messages(list(messages), tools_json))
-            tools_json = None
-        else:
-            payload = json.dumps(toolcalls.template_messages(list(messages)))
+        rendered, tools_json = toolcalls.render(list(messages), tools_json,
+                                                template_renders_tools=self.template_renders_tools)
+        payload = json.dumps(rendered)
         try:
             return self.tokenizer.apply_chat_template(payload, tools_json=tools_json, add_generation_prompt=True)
         except OgaError as e:

@@ -1,11 +1,12 @@
 """Output contracts: named ways to use a model that ship inside its artifact, so TUF signs them
 with the weights, and that the device enforces on every request.
 
-A contract is `contracts/<name>.json` in the model dir: an output format (a JSON schema, a
-regex or a lark grammar, as in `response_format`), an optional system prompt, sampling
-defaults, and example inputs whose answers must be valid (the checks run them). The device
-serves each as the model id `<model>/<name>`: the format and the system prompt always apply,
-the defaults where the request sets nothing.
+A contract is `contracts/<name>.json` in the model dir: what every answer is (an output
+format, a JSON schema, a regex or a lark grammar as in `response_format`; or tools, and then
+every answer is a call to one of them), an optional system prompt, sampling defaults, and
+example inputs whose answers must be valid (the checks run them). The device serves each as
+the model id `<model>/<name>`: the format or tools and the system prompt always apply, the
+defaults where the request sets nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
+from agent.wire import toolcalls
 from agent.wire.base import StrictModel
 from agent.wire.openai import (
     ApiMessage,
@@ -25,6 +27,7 @@ from agent.wire.openai import (
     JsonSchemaFormat,
     LarkGrammarFormat,
     RegexFormat,
+    ToolSpec,
 )
 
 CONTRACTS_DIR = "contracts"
@@ -51,11 +54,19 @@ class ContractSampling(StrictModel):
 class Contract(StrictModel):
     schema_version: Literal[1] = 1
     description: str = Field(default="", max_length=1000)
-    response_format: ContractFormat
+    # Exactly one: what every answer is.
+    response_format: ContractFormat | None = None
+    tools: list[ToolSpec] | None = Field(default=None, min_length=1, max_length=128)
     system_prompt: str | None = Field(default=None, max_length=16 * 1024)
     sampling: ContractSampling = Field(default_factory=ContractSampling)
     # Inputs (user turns) whose answers the checks require to be valid: at least one.
     examples: list[str] = Field(min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_kind_of_answer(self) -> Contract:
+        if (self.response_format is None) == (self.tools is None):
+            raise ValueError("a contract fixes its answers with a response_format or with tools: give one of them")
+        return self
 
 
 def contract_path(model_dir: Path, name: str) -> Path:
@@ -100,18 +111,21 @@ def split_model_id(requested: str | None) -> tuple[str | None, str | None]:
 
 
 def under_contract(request: ChatCompletionRequest, contract: Contract) -> ChatCompletionRequest:
-    """`request` as the contract has it: its format, its system prompt first, its sampling
-    defaults where the request sets none.
+    """`request` as the contract has it: its format (or its tools, every answer a call), its
+    system prompt first, its sampling defaults where the request sets none.
 
     Raises:
-        ValueError: the request sets what the contract fixes (`response_format`, or tools, whose
-            calls would not match the format); the message starts with the field.
+        ValueError: the request sets what the contract fixes (`response_format`, `tools`,
+            `tool_choice`); the message starts with the field.
     """
     if request.response_format is not None:
-        raise ValueError("response_format: this model id enforces its contract's output format: leave it out")
+        raise ValueError("response_format: this model id enforces its contract's answers: leave it out")
     if request.tools and request.tool_choice != "none":
-        raise ValueError("tools: this model id answers in its contract's format, not in tool calls: leave them out")
-    changes: dict[str, Any] = {"response_format": contract.response_format}
+        raise ValueError("tools: this model id answers as its contract says, not with your tools: leave them out")
+    if contract.tools is not None and request.tool_choice is not None:
+        raise ValueError("tool_choice: this model id always calls one of its contract's tools: leave it out")
+    changes: dict[str, Any] = ({"response_format": contract.response_format} if contract.tools is None
+                               else {"tools": contract.tools, "tool_choice": "required"})
     for field, value in contract.sampling.model_dump(exclude_none=True).items():
         if getattr(request, field) is None:
             changes[field] = value
@@ -125,6 +139,23 @@ def example_request(contract: Contract, example: str) -> ChatCompletionRequest:
     base = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": example}],
                                                  "temperature": 0})
     return under_contract(base, contract)
+
+
+def answer_problem(contract: Contract, answer: str, *, ended: bool) -> str | None:
+    """What is wrong with an example's answer under the contract (None: it is valid): it must
+    end by itself, and be calls to the contract's tools, or parse where the format is JSON
+    (constrained decoding has made it match the format token by token)."""
+    if not ended:
+        return f"the answer was cut short ({answer[:80]!r}...)"
+    if contract.tools is not None:
+        if toolcalls.parse_calls(answer, {t.function.name for t in contract.tools}) is None:
+            return f"the answer is not a call to one of the contract's tools ({answer[:80]!r})"
+    elif isinstance(contract.response_format, JsonObjectFormat | JsonSchemaFormat):
+        try:
+            json.loads(answer)
+        except ValueError:
+            return f"the answer is not JSON ({answer[:80]!r})"
+    return None
 
 
 def dump_contract(contract: Contract) -> str:

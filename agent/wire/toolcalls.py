@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from agent.wire.worker import ChatMessage
@@ -80,6 +81,36 @@ def parse_calls(text: str, names: set[str]) -> list[tuple[str, str]] | None:
     if not calls or stripped[end:].strip():
         return None
     return calls
+
+
+def _chat_template_text(model_dir: Path) -> str:
+    """The chat template's source, where onnxruntime-genai finds it ("" when there is none)."""
+    try:
+        return (model_dir / "chat_template.jinja").read_text()
+    except OSError:
+        pass
+    try:
+        template = json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        return "\n".join(t.get("template", "") for t in template if isinstance(t, dict))
+    return template if isinstance(template, str) else ""
+
+
+def template_renders_tools(model_dir: Path) -> bool:
+    """Whether the model's chat template renders tools itself (it names `tools`)."""
+    return "tools" in _chat_template_text(model_dir)
+
+
+def render(messages: list[ChatMessage], tools_json: str | None, *, template_renders_tools: bool
+           ) -> tuple[list[dict[str, Any]], str | None]:
+    """The messages and tools to hand the chat template: structured for a template that renders
+    tools, plain turns (and no tools) for one that does not."""
+    has_tool_turns = any(m.tool_calls or m.role == "tool" for m in messages)
+    if (tools_json is not None or has_tool_turns) and not template_renders_tools:
+        return list(fallback_messages(messages, tools_json)), None
+    return template_messages(messages), tools_json
 
 
 def _arguments(call_arguments: str) -> Any:

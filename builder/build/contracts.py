@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.wire import toolcalls
 from agent.wire.contract import (
     CHECK_MAX_TOKENS,
     CONTRACT_NAME,
@@ -23,6 +24,7 @@ from agent.wire.contract import (
     MAX_CONTRACT_BYTES,
     MAX_CONTRACTS,
     Contract,
+    answer_problem,
     example_request,
 )
 from agent.wire.errors import QualityGateError, UsageError, require
@@ -87,12 +89,14 @@ def check_contracts(artifact: Path, contracts: dict[str, Contract]) -> None:
         return
     model, tokenizer = load_model(artifact)
     eos = {int(t) for t in tokenizer.eos_token_ids}
+    renders_tools = toolcalls.template_renders_tools(artifact)
     for name, contract in contracts.items():
         for number, example in enumerate(contract.examples, 1):
             request = example_request(contract, example)
             options = request.sampling_options()
-            messages = [{"role": m.role, "content": m.to_chat_message().content} for m in request.messages]
-            prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages),
+            messages, tools_json = toolcalls.render([m.to_chat_message() for m in request.messages],
+                                                    request.tools_json, template_renders_tools=renders_tools)
+            prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), tools=tools_json,
                                                                         add_generation_prompt=True))
             budget = options.max_tokens or CHECK_MAX_TOKENS
             params = og.GeneratorParams(model)
@@ -118,13 +122,10 @@ def check_contracts(artifact: Path, contracts: dict[str, Contract]) -> None:
                 generator.generate_next_token()
                 tokens.append(int(generator.get_next_tokens()[0]))
             answer = tokenizer.decode([t for t in tokens if t not in eos])
-            if not tokens or tokens[-1] not in eos:
-                raise QualityGateError(f"{where}: the answer was cut at {budget} tokens ({answer[:120]!r}...): "
-                                       "raise the contract's sampling.max_tokens, bound its strings, or fix the "
-                                       "example")
-            if guidance.kind == "json_schema":
-                try:
-                    json.loads(answer)
-                except ValueError as e:
-                    raise QualityGateError(f"{where}: the answer is not JSON ({answer[:120]!r}): {e}") from e
+            ended = bool(tokens) and tokens[-1] in eos
+            problem = answer_problem(contract, answer, ended=ended)
+            if problem is not None:
+                advice = ("raise the contract's sampling.max_tokens, bound its strings, or fix the example"
+                          if not ended else "fix the contract or the example")
+                raise QualityGateError(f"{where}: {problem} (at most {budget} tokens): {advice}")
             log.info("event=contract_example_ok contract=%s example=%d tokens=%d", name, number, len(tokens))

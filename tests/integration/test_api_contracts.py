@@ -30,6 +30,9 @@ CITY = {
     "examples": ["Tell me about Paris."],
 }
 QUESTION = [{"role": "user", "content": "Tell me about Oslo."}]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 40}}}}}
 
 
 def _with_contracts(model: Path, into: Path, contracts: dict[str, Any]) -> Path:
@@ -48,7 +51,8 @@ def _with_contracts(model: Path, into: Path, contracts: dict[str, Any]) -> Path:
 def contracted(smollm2_int4_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     model = _with_contracts(smollm2_int4_raw, tmp_path_factory.mktemp("contracted") / "smollm2-c",
                             {"city": CITY, "yes-no": {"response_format": {"type": "regex", "regex": "(yes|no)"},
-                                                      "examples": ["Is the sky blue?"]}})
+                                                      "examples": ["Is the sky blue?"]},
+                             "weather": {"tools": [WEATHER_TOOL], "examples": ["Weather in Rome?"]}})
     with ServerThread(model, threads=2) as server:
         yield server
 
@@ -59,7 +63,7 @@ def _chat(server: ServerThread, **fields: Any) -> requests.Response:
 
 def test_models_lists_each_contract_as_a_model_id(contracted: ServerThread) -> None:
     ids = [card["id"] for card in requests.get(f"{contracted.url}/v1/models", timeout=10).json()["data"]]
-    assert ids == ["smollm2-c", "smollm2-c/city", "smollm2-c/yes-no"]
+    assert ids == ["smollm2-c", "smollm2-c/city", "smollm2-c/weather", "smollm2-c/yes-no"]
 
 
 @pytest.mark.parametrize("model_id", ["smollm2-c/city", "default/city"])
@@ -92,10 +96,11 @@ def test_a_regex_contract_streams(contracted: ServerThread) -> None:
 
 @pytest.mark.parametrize(("fields", "status", "param", "message_part"), [
     ({"model": "smollm2-c/city", "response_format": {"type": "json_object"}}, 400, "response_format",
-     "enforces its contract's output format"),
+     "enforces its contract's answers"),
     ({"model": "smollm2-c/city", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools",
-     "not in tool calls"),
-    ({"model": "smollm2-c/poem"}, 404, "model", "has no contract 'poem' (it has ['city', 'yes-no']"),
+     "not with your tools"),
+    ({"model": "smollm2-c/poem"}, 404, "model", "has no contract 'poem' (it has ['city', 'weather', 'yes-no']"),
+    ({"model": "smollm2-c/weather", "tool_choice": "none"}, 400, "tool_choice", "always calls one of its"),
     ({"model": "other/city"}, 404, "model", "does not exist"),
 ])
 def test_what_would_break_a_contract_is_refused(contracted: ServerThread, fields: dict[str, Any], status: int,
@@ -103,6 +108,15 @@ def test_what_would_break_a_contract_is_refused(contracted: ServerThread, fields
     r = _chat(contracted, **fields)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param and message_part in r.json()["error"]["message"]
+
+
+def test_a_tools_contract_answers_with_a_call(contracted: ServerThread) -> None:
+    r = _chat(contracted, model="smollm2-c/weather", messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
 
 
 def test_a_contract_is_for_chat_only(contracted: ServerThread) -> None:

@@ -63,6 +63,13 @@ def test_a_build_carries_its_contracts_in_the_signed_file_list(tiny_model_dir: C
     with pytest.raises(Exception, match="already holds a different build"):
         build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=out, cache_dir=builder_cache_dir,
                                     contracts=[other]))
+    # a contract-only release: version 2 with the other contract differs from version 1 in the
+    # contract alone (the builds are deterministic), so a device fetches only that file
+    # (test_daemon_contracts.py shows the fetching)
+    build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=tmp_path / "v2", version=2,
+                                cache_dir=builder_cache_dir, contracts=[other]))
+    v2 = {f.path: f.sha256 for f in verify_artifact(tmp_path / "v2").files}
+    assert {p for p in listed if listed[p] != v2.get(p)} == {"contracts/yes-no.json"} and v2.keys() == listed.keys()
 
 
 def _copy_of(model: Path, into: Path) -> Path:
@@ -73,14 +80,22 @@ def _copy_of(model: Path, into: Path) -> Path:
     return into
 
 
-def test_smollm2_answers_a_json_contract_validly(smollm2_int4_raw: Path, tmp_path: Path) -> None:
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["city"],
+    "properties": {"city": {"type": "string", "maxLength": 40}}}}}
+
+
+def test_smollm2_answers_a_json_contract_and_a_tools_contract_validly(smollm2_int4_raw: Path) -> None:
     from agent.wire.contract import Contract
 
-    check_contracts(smollm2_int4_raw, {"city": Contract.model_validate(CITY)})  # raises if any example fails
+    check_contracts(smollm2_int4_raw, {  # raises if any example fails
+        "city": Contract.model_validate(CITY),
+        "weather": Contract.model_validate({"tools": [WEATHER_TOOL], "examples": ["Weather in Rome?"]})})
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    (NOTES, r"contract 'notes', example 1 \('Write long notes about the sea.'\): the answer was cut at 8 tokens"),
+    (NOTES, r"contract 'notes', example 1 \('Write long notes about the sea.'\): the answer was cut short "
+            r".*\(at most 8 tokens\): raise the contract's sampling.max_tokens"),
     ({**YES_NO, "response_format": {"type": "regex", "regex": "(unclosed"}}, "contract 'notes' does not compile"),
 ])
 def test_a_contract_whose_examples_fail_stops_at_the_quality_gate(smollm2_int4_raw: Path, body: dict[str, Any],

@@ -62,7 +62,7 @@ def test_a_signed_contract_is_served_and_a_failing_one_rolls_back(tiny_raw: Path
     _update(agent)
     agent.wait(lambda: agent.phase() is Phase.FAILED, 60, "v2 rolled back")
     state = Journal(agent.store.journal_path).load()
-    assert "failed its contract check: contract 'notes': its first example's answer was cut short" \
+    assert "failed its contract check: contract 'notes', its first example: the answer was cut short" \
         in (state.reason or ""), state.reason
     assert ModelRef(name="tiny", version=2) in state.refused
     assert agent.health() == {"status": "ok", "model": "tiny", "version": 1}

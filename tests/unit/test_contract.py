@@ -58,6 +58,25 @@ def test_a_bad_contract_file_is_refused_naming_it(tmp_path: Path, name: str, bod
     assert str(path) in str(caught.value)
 
 
+@pytest.mark.parametrize("body", [
+    {"examples": ["x"]},  # neither a format nor tools
+    {**CITY, "tools": [{"type": "function", "function": {"name": "f"}}]},  # both
+])
+def test_a_contract_fixes_its_answers_one_way(tmp_path: Path, body: dict[str, Any]) -> None:
+    _write(tmp_path, "c.json", body)
+    with pytest.raises(ValueError, match="a response_format or with tools: give one of them"):
+        read_contracts(tmp_path)
+
+
+def test_a_tools_contract_makes_every_answer_a_call() -> None:
+    contract = Contract.model_validate({"tools": [{"type": "function", "function": {"name": "f"}}],
+                                        "examples": ["x"]})
+    request = under_contract(_request(), contract)
+    assert request.calls_tools and request.tool_choice == "required" and request.response_format is None
+    with pytest.raises(ValueError, match="^tool_choice: "):
+        under_contract(_request(tool_choice="auto"), contract)
+
+
 def test_a_symlinked_contract_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "outside.json"
     outside.write_text(json.dumps(CITY))
