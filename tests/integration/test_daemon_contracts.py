@@ -80,3 +80,26 @@ def test_a_contract_only_release_downloads_only_the_contract(tiny_raw: Path, rel
     assert fetched == ["edition.txt", "yes-no.json"]
     served = agent.store.model_dir("tiny", 2) / "contracts" / "yes-no.json"
     assert json.loads(served.read_text())["examples"] == ["Is the sea salty?"]
+
+
+def test_a_contract_built_by_the_builder_reaches_a_device_and_is_served(
+        tiny_raw: Path, model_cache_dir: Path, builder_cache_dir: Path, release: Release, agent: Agent,
+        tmp_path: Path) -> None:
+    """The whole path: `edge-builder build --contract` (in process), signed and published, installed
+    by a real agent (canary and contract check), then called as `<model>/<contract>`."""
+    from builder.build.pipeline import BuildRequest, build_artifact
+
+    contract = tmp_path / "ask.json"
+    contract.write_text(json.dumps({**YES_NO, "system_prompt": "Answer yes or no."}))
+    out = tmp_path / "built"
+    build_artifact(BuildRequest(source=str(model_cache_dir / "daemon-tiny-llama-hf"), out_dir=out, name="tiny",
+                                version=2, cache_dir=builder_cache_dir, contracts=[contract]))
+    release.repo.publish(out)
+    release.set_channel("tiny", 2)
+    _update(agent)
+    agent.wait_serving("tiny", 2)
+    assert "event=contract_checked model=tiny contract=ask" in agent.log()
+    r = requests.post(f"{agent.url}/v1/chat/completions", timeout=60,
+                      json={"model": "tiny/ask", "messages": [{"role": "user", "content": "Is it late?"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in ("yes", "no"), r.text
+    assert r.json()["model"] == "tiny/ask"
