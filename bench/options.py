@@ -1,6 +1,7 @@
 """What the request options cost: the same streamed greedy chat request through the
 HTTP API of a real `edge-agent serve`, plain, under each `response_format`
-(constrained decoding) and with log-probabilities. Decode tokens/s of each
+(constrained decoding), with log-probabilities, and with logits changed (logit_bias,
+OpenAI's penalties). Decode tokens/s of each
 against the plain request (goal for a JSON schema: at least 0.9), and the time
 to first token each adds (a schema or grammar is compiled before the first token).
 
@@ -61,6 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "logprobs": {"logprobs": True},
     "logprobs, top 5": {"logprobs": True, "top_logprobs": 5},
     "logprobs, top 20": {"logprobs": True, "top_logprobs": 20},
+    "logit_bias, 2 tokens": {"logit_bias": {"13": -100, "11": 5}},
+    "presence + frequency penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5},
 }
 
 

@@ -203,7 +203,7 @@ class Generation:
                 new_ids = [g.next_token()]
                 self._counts[new_ids[0]] += 1
                 new_text = stream.decode(new_ids[0])
-                if logits is not None:
+                if logits is not None and logprobs is not None:  # asked for, not only read to adjust
                     logprobs = [self._logprob(logits, new_ids[0])]
         self.completion_ids.extend(new_ids)
         self._pending_text += new_text

@@ -91,3 +91,20 @@ def test_a_token_outside_the_vocabulary_is_a_400(smollm2_api: ServerThread) -> N
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert "logit_bias names token 49152, outside this model's vocabulary of 49152 tokens" in message
+
+
+def test_changing_the_logits_computes_no_log_probabilities_nobody_asked_for(smollm2_int4_raw: Path) -> None:
+    """The logits are read to change them; the log-softmax over the vocabulary (1.5 ms a token)
+    runs only for a request that asks for log-probabilities."""
+    from agent.serving.runtime import ModelRuntime
+    from agent.wire.worker import SamplingOptions, TokenBias
+
+    runtime = ModelRuntime(smollm2_int4_raw, intra_op_num_threads=1)
+    prompt_ids = runtime.encode("The sea is")
+    for options in (SamplingOptions(temperature=0.0, max_tokens=6, logit_bias=[TokenBias(token_id=13, bias=-5.0)]),
+                    SamplingOptions(temperature=0.0, max_tokens=6, frequency_penalty=1.0)):
+        steps = list(runtime.generate(prompt_ids, options))
+        assert len(steps) == 6 and all(step.logprobs is None for step in steps)
+    asked = list(runtime.generate(prompt_ids, SamplingOptions(temperature=0.0, max_tokens=6, logprobs=0,
+                                                              frequency_penalty=1.0)))
+    assert all(step.logprobs is not None and len(step.logprobs) == 1 for step in asked)
