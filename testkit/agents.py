@@ -255,6 +255,21 @@ class Agent:
                                    "temperature": 0})
 
 
+@contextmanager
+def installed_agent(release: Release, raw: Path, root: Path, name: str = "tiny",
+                    **publish: Any) -> Iterator[Agent]:
+    """A running agent that has installed `name` v1 of `raw` (published with `publish`) and serves it."""
+    release.publish(raw, name, 1, **publish)
+    agent = Agent(root, release)
+    agent.start()
+    try:
+        agent.wait_serving(name, 1)
+        agent.wait(lambda: agent.phase() is Phase.ACTIVE and agent.store.current() is not None, 30, "v1 installed")
+        yield agent
+    finally:
+        agent.stop()
+
+
 def with_pg_kill(pgid: int) -> None:
     """Kill what is left of the agent's process group (its model workers)."""
     try:

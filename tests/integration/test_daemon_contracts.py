@@ -15,7 +15,7 @@ import requests
 
 from agent.update.journal import Journal
 from agent.update.statemachine import ModelRef, Phase
-from testkit.agents import Agent, Release
+from testkit.agents import Agent, Release, installed_agent
 
 # A random-weight model answers a regex contract validly: the constraint does it.
 YES_NO = {"response_format": {"type": "regex", "regex": "(yes|no)"}, "examples": ["Is the sky blue?"]}
@@ -31,15 +31,8 @@ def _contracts(**contracts: dict[str, object]) -> dict[str, bytes]:
 
 @pytest.fixture
 def agent(tiny_raw: Path, release: Release, tmp_path: Path) -> Iterator[Agent]:
-    release.publish(tiny_raw, "tiny", 1, extra_files=_contracts(yes_no=YES_NO))
-    a = Agent(tmp_path / "a", release)
-    a.start()
-    try:
-        a.wait_serving("tiny", 1)
-        a.wait(lambda: a.phase() is Phase.ACTIVE and a.store.current() is not None, 30, "v1 installed")
+    with installed_agent(release, tiny_raw, tmp_path / "a", extra_files=_contracts(yes_no=YES_NO)) as a:
         yield a
-    finally:
-        a.stop()
 
 
 def _update(agent: Agent) -> None:

@@ -18,21 +18,14 @@ import pytest
 
 from agent.update.journal import Journal
 from agent.update.statemachine import ModelRef, Phase
-from testkit.agents import Agent, Poller, Release, measured_canary
+from testkit.agents import Agent, Poller, Release, installed_agent, measured_canary
 from testkit.serving import model_workers
 
 
 @pytest.fixture
 def agent(tiny_raw: Path, release: Release, tmp_path: Path) -> Iterator[Agent]:
-    release.publish(tiny_raw, "tiny", 1)
-    a = Agent(tmp_path / "a", release)
-    a.start()
-    try:
-        a.wait_serving("tiny", 1)
-        a.wait(lambda: a.phase() is Phase.ACTIVE and a.store.current() is not None, 30, "v1 installed")
+    with installed_agent(release, tiny_raw, tmp_path / "a") as a:
         yield a
-    finally:
-        a.stop()
 
 
 def _switch_channel(agent: Agent, channel: str) -> None:
