@@ -69,8 +69,11 @@ class Contract(StrictModel):
         return self
 
 
-def contract_path(model_dir: Path, name: str) -> Path:
-    return model_dir / CONTRACTS_DIR / f"{name}.json"
+def validation_problems(error: ValidationError, limit: int = 3) -> str:
+    """The first problems pydantic found, each as `field: what` (`contract: ...` for the whole)."""
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or 'contract'}: {e['msg']}" for e in error.errors()[:limit]]
+    more = error.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
 
 
 def read_contracts(model_dir: Path) -> dict[str, Contract]:
@@ -96,9 +99,10 @@ def read_contracts(model_dir: Path) -> dict[str, Contract]:
             raise ValueError(f"{path} is over {MAX_CONTRACT_BYTES} bytes: a contract is a schema and a few examples")
         try:
             contracts[name] = Contract.model_validate_json(path.read_bytes())
-        except (OSError, ValidationError) as e:
-            first = str(e).splitlines()[:3]
-            raise ValueError(f"{path} is not a valid contract: {' '.join(first)}") from e
+        except OSError as e:
+            raise ValueError(f"{path} cannot be read ({e.strerror or e})") from e
+        except ValidationError as e:
+            raise ValueError(f"{path} is not a valid contract: {validation_problems(e)}") from e
     return contracts
 
 
@@ -156,7 +160,3 @@ def answer_problem(contract: Contract, answer: str, *, ended: bool) -> str | Non
         except ValueError:
             return f"the answer is not JSON ({answer[:80]!r})"
     return None
-
-
-def dump_contract(contract: Contract) -> str:
-    return json.dumps(contract.model_dump(mode="json", by_alias=True, exclude_none=True), indent=2)

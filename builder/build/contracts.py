@@ -26,6 +26,7 @@ from agent.wire.contract import (
     Contract,
     answer_problem,
     example_request,
+    validation_problems,
 )
 from agent.wire.errors import QualityGateError, UsageError, require
 from builder.build.evaluate import load_model
@@ -59,7 +60,7 @@ def read_contract_files(paths: list[Path]) -> dict[str, Path]:
         try:
             Contract.model_validate_json(data)
         except ValidationError as e:
-            raise UsageError(f"--contract {path} is not a valid contract: {' '.join(str(e).splitlines()[:3])}") from e
+            raise UsageError(f"--contract {path} is not a valid contract: {validation_problems(e)}") from e
         found[name] = path
     return found
 
