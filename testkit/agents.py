@@ -286,17 +286,27 @@ def release(tmp_path: Path) -> Iterator[Release]:
 
 
 @pytest.fixture(scope="session")
-def tiny_raw(model_cache_dir: Path, smollm2_hf_dir: Path) -> Path:
-    """A tiny random-weight llama (hidden 64, 2 layers) built to INT4 with onnxruntime-genai:
-    loads in well under a second, so most daemon tests run real models cheaply."""
-    from builder.build.ortbuild import run_ort_builder
+def tiny_hf(model_cache_dir: Path, smollm2_hf_dir: Path) -> Path:
+    """The HF folder of `tiny_raw`: a tiny random-weight llama of its own seed (7). The seed-0 tiny
+    llama of `tiny_model_dir` has the very weights of the seed-0 tiny mistral (the same layers under
+    another class name), so builder tests that must tell sources apart by their perplexity use this."""
     from testkit.models import make_tiny_model
 
     hf = model_cache_dir / "daemon-tiny-llama-hf"
+    if not (hf / "config.json").is_file():
+        make_tiny_model("llama", hf, tokenizer_dir=smollm2_hf_dir, seed=7)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(model_cache_dir: Path, tiny_hf: Path) -> Path:
+    """A tiny random-weight llama (hidden 64, 2 layers) built to INT4 with onnxruntime-genai:
+    loads in well under a second, so most daemon tests run real models cheaply."""
+    from builder.build.ortbuild import run_ort_builder
+
+    hf = tiny_hf
     out = model_cache_dir / "daemon-tiny-llama-int4"
     if not (out / "genai_config.json").is_file():
-        if not (hf / "config.json").is_file():
-            make_tiny_model("llama", hf, tokenizer_dir=smollm2_hf_dir, seed=7)
         tmp = model_cache_dir / "daemon-tiny-llama-int4.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         run_ort_builder(hf, tmp, precision="int4", execution_provider="cpu", cache_dir=model_cache_dir / "ort-cache",

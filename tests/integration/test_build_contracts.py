@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +42,14 @@ def _file(folder: Path, name: str, body: Any) -> Path:
     return path
 
 
-def test_a_build_carries_its_contracts_in_the_signed_file_list(tiny_model_dir: Callable[[str], Path], tmp_path: Path,
+def test_a_build_carries_its_contracts_in_the_signed_file_list(tiny_hf: Path, tmp_path: Path,
                                                                 builder_cache_dir: Path) -> None:
-    """A random-weight model answers a regex contract validly: the constraint, not the model, does it."""
+    """A random-weight model answers a regex contract validly: the constraint, not the model, does it.
+    (`tiny_hf`, not the seed-0 tiny llama: that one is the seed-0 tiny mistral's twin, and
+    test_build_tiny tells the sources apart by their reference perplexities.)"""
     out = tmp_path / "artifact"
     contract = _file(tmp_path / "contracts-src", "yes-no", YES_NO)
-    result = build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=out,
+    result = build_artifact(BuildRequest(source=str(tiny_hf), out_dir=out,
                                          cache_dir=builder_cache_dir, contracts=[contract]))
     manifest = verify_artifact(out)
     listed = {f.path: f.sha256 for f in manifest.files}
@@ -56,17 +57,17 @@ def test_a_build_carries_its_contracts_in_the_signed_file_list(tiny_model_dir: C
     assert (out / "contracts" / "yes-no.json").read_bytes() == contract.read_bytes()
     assert list(read_contracts(out)) == ["yes-no"]
     # built again with the same contract: reused; with another: refused, not silently reused
-    again = build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=out,
+    again = build_artifact(BuildRequest(source=str(tiny_hf), out_dir=out,
                                         cache_dir=builder_cache_dir, contracts=[contract]))
     assert again.is_reused
     other = _file(tmp_path / "other", "yes-no", {**YES_NO, "examples": ["Is water wet?"]})
     with pytest.raises(Exception, match="already holds a different build"):
-        build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=out, cache_dir=builder_cache_dir,
+        build_artifact(BuildRequest(source=str(tiny_hf), out_dir=out, cache_dir=builder_cache_dir,
                                     contracts=[other]))
     # a contract-only release: version 2 with the other contract differs from version 1 in the
     # contract alone (the builds are deterministic), so a device fetches only that file
     # (test_daemon_contracts.py shows the fetching)
-    build_artifact(BuildRequest(source=str(tiny_model_dir("llama")), out_dir=tmp_path / "v2", version=2,
+    build_artifact(BuildRequest(source=str(tiny_hf), out_dir=tmp_path / "v2", version=2,
                                 cache_dir=builder_cache_dir, contracts=[other]))
     v2 = {f.path: f.sha256 for f in verify_artifact(tmp_path / "v2").files}
     assert {p for p in listed if listed[p] != v2.get(p)} == {"contracts/yes-no.json"} and v2.keys() == listed.keys()
@@ -106,11 +107,11 @@ def test_a_contract_whose_examples_fail_stops_at_the_quality_gate(smollm2_int4_r
         check_contracts(smollm2_int4_raw, {"notes": Contract.model_validate(body)})
 
 
-def test_the_cli_fails_a_build_at_the_gate_and_packages_nothing(tiny_model_dir: Callable[[str], Path], tmp_path: Path,
+def test_the_cli_fails_a_build_at_the_gate_and_packages_nothing(tiny_hf: Path, tmp_path: Path,
                                                                  builder_cache_dir: Path) -> None:
     notes = _file(tmp_path / "src", "notes", NOTES)
     out = tmp_path / "artifact"
-    run = subprocess.run([sys.executable, "-m", "builder.cli", "build", str(tiny_model_dir("llama")), "-o", str(out),
+    run = subprocess.run([sys.executable, "-m", "builder.cli", "build", str(tiny_hf), "-o", str(out),
                           "-c", str(builder_cache_dir), "--contract", str(notes)],
                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == ExitCode.QUALITY_GATE_FAILED, run.stderr[-2000:]

@@ -76,8 +76,7 @@ def test_a_contract_only_release_downloads_only_the_contract(tiny_raw: Path, rel
 
 
 def test_a_contract_built_by_the_builder_reaches_a_device_and_is_served(
-        tiny_raw: Path, model_cache_dir: Path, builder_cache_dir: Path, release: Release, agent: Agent,
-        tmp_path: Path) -> None:
+        tiny_hf: Path, builder_cache_dir: Path, release: Release, agent: Agent, tmp_path: Path) -> None:
     """The whole path: `edge-builder build --contract` (in process), signed and published, installed
     by a real agent (canary and contract check), then called as `<model>/<contract>`."""
     from builder.build.pipeline import BuildRequest, build_artifact
@@ -85,7 +84,7 @@ def test_a_contract_built_by_the_builder_reaches_a_device_and_is_served(
     contract = tmp_path / "ask.json"
     contract.write_text(json.dumps({**YES_NO, "system_prompt": "Answer yes or no."}))
     out = tmp_path / "built"
-    build_artifact(BuildRequest(source=str(model_cache_dir / "daemon-tiny-llama-hf"), out_dir=out, name="tiny",
+    build_artifact(BuildRequest(source=str(tiny_hf), out_dir=out, name="tiny",
                                 version=2, cache_dir=builder_cache_dir, contracts=[contract]))
     release.repo.publish(out)
     release.set_channel("tiny", 2)
