@@ -372,8 +372,8 @@ class Daemon:
         sdnotify.ready(f"serving {identity.name} v{identity.version}" if identity else "running, no model installed")
 
         # Measured once in a child process: the API process never maps onnxruntime (the workers do).
-        ort_genai = await asyncio.to_thread(probe_onnxruntime_genai_in_subprocess)
-        self._source = UpdateJobSource(self.config, self.store, ort_genai=ort_genai)
+        runtime = await asyncio.to_thread(probe_onnxruntime_genai_in_subprocess)
+        self._source = UpdateJobSource(self.config, self.store, runtime=runtime)
         activator = HostActivator(self.host, loop, mode=self.config.switch_mode, on_activated=self._on_activated)
         self._activator = activator
         self._updater = Updater(self.store, checker=self._source, downloader=self._source, activator=activator,

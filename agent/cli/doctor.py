@@ -70,6 +70,10 @@ def _print_text(report: DoctorReport) -> None:
     print(f"free disk            {human_bytes(hw.free_disk_bytes)} ({hw.state_dir})")
     print(f"onnxruntime-genai    {hw.onnxruntime_genai_version or 'not installed'}"
           f" (providers: {', '.join(hw.execution_providers) or 'none'})")
+    for provider, why in sorted(hw.refused_execution_providers.items()):
+        print(f"  {provider + ' refused':<19}{why}")
+    if hw.accelerator_memory_bytes is not None:
+        print(f"gpu memory           {human_bytes(hw.accelerator_memory_bytes)}")
     if report.model is not None:
         print(f"model {report.model}:  {'can run here' if report.is_compatible else 'CANNOT run here'}")
         for s in report.shortfalls:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.system.cudalibs import preload_pip_cuda_libraries
 from agent.wire.errors import OgaError
 
 _P = ctypes.c_void_p
@@ -51,6 +52,8 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaDestroyString": ([_P], None),
     "OgaCreateConfig": ([_STR, _PP], _P),
     "OgaConfigOverlay": ([_P, _STR], _P),
+    "OgaConfigClearProviders": ([_P], _P),
+    "OgaConfigAppendProvider": ([_P, _STR], _P),
     "OgaDestroyConfig": ([_P], None),
     "OgaCreateModelFromConfig": ([_P, _PP], _P),
     "OgaDestroyModel": ([_P], None),
@@ -112,6 +115,14 @@ def installed_version() -> str | None:
     return None
 
 
+def _is_installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def check_tested_version(version: str | None) -> None:
     """Raises:
         OgaError: `version` is not a release this binding was tested with.
@@ -142,6 +153,8 @@ def library() -> ctypes.CDLL:
     global _library
     if _library is None:
         check_tested_version(installed_version())
+        if _is_installed("onnxruntime-genai-cuda"):
+            preload_pip_cuda_libraries()  # where pip put CUDA, the CUDA provider's dlopen would not look
         # The agent runs on Linux; macOS names are here so `edge-agent prompt --model` works on a laptop.
         is_mac = sys.platform == "darwin"
         suffix, ort_pattern = (".dylib", "libonnxruntime.*dylib") if is_mac else (".so", "libonnxruntime.so*")
@@ -241,12 +254,20 @@ class Model(_Handle):
 
     _destroy_name = "OgaDestroyModel"
 
-    def __init__(self, model_dir: str | Path, overlay: dict[str, Any] | None = None) -> None:
+    def __init__(self, model_dir: str | Path, overlay: dict[str, Any] | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        """`providers`: run on these execution providers instead of the config's, in order of
+        preference (`cpu` is always the last resort and needs no entry; `[]` runs on the CPU)."""
         lib = library()
         config = _create(lib.OgaCreateConfig, str(model_dir).encode())
         try:
             if overlay:
                 _check(lib.OgaConfigOverlay(config, json.dumps(overlay).encode()))
+            if providers is not None:
+                _check(lib.OgaConfigClearProviders(config))
+                for provider in providers:
+                    if provider != "cpu":
+                        _check(lib.OgaConfigAppendProvider(config, provider.encode()))
             super().__init__(_create(lib.OgaCreateModelFromConfig, config))
         finally:
             lib.OgaDestroyConfig(config)

@@ -253,8 +253,10 @@ class ModelRuntime:
     """
 
     def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None,
-                 allow_custom_ops: bool = False) -> None:
-        """Raises:
+                 allow_custom_ops: bool = False, providers: Sequence[str] | None = None) -> None:
+        """`providers`: instead of the model's own (`[]`: the CPU; a GPU build's graph runs there too).
+
+        Raises:
             ActivationError: the dir is not a loadable model, or it would make onnxruntime open a file
                 outside itself, a custom operator library (unless allowed) or a profile (`loadcheck`).
         """
@@ -267,7 +269,8 @@ class ModelRuntime:
             # The decoder runs on one intra-op thread unless told: measured 1.5x decode
             # and 2x prefill with 2 threads on 2 cores.
             self.model = oga.Model(self.model_dir, overlay={
-                "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}})
+                "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}},
+                providers=providers)
             self.tokenizer = oga.Tokenizer(self.model)
             self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         except OgaError as e:

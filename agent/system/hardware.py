@@ -18,7 +18,8 @@ from pathlib import Path
 
 import psutil
 
-from agent.update.compat import HardwareReport
+from agent.system.cudalibs import preload_pip_cuda_libraries
+from agent.update.compat import HardwareReport, RuntimeProbe
 
 # The distributions onnxruntime-genai ships as, and the execution provider each adds.
 _ORT_GENAI_DISTS: dict[str, str | None] = {
@@ -92,10 +93,11 @@ def add_aliases(flags: set[str]) -> set[str]:
     return out
 
 
-def probe_onnxruntime_genai() -> tuple[str | None, list[str]]:
+def probe_onnxruntime_genai() -> RuntimeProbe:
     """The installed onnxruntime-genai version (package metadata) and the execution providers
-    this device can use: built into it *and* with the hardware they drive present here
-    (onnxruntime-genai's `is_*_available()` only says support was compiled in).
+    that work on this device: built into it, the hardware they drive present here, and a tiny
+    bundled model loaded and run on each (onnxruntime-genai's `is_*_available()` only says
+    support was compiled in: the CPU wheel says WebGPU on a machine without any GPU).
     """
     version: str | None = None
     compiled: set[str] = set()
@@ -108,6 +110,7 @@ def probe_onnxruntime_genai() -> tuple[str | None, list[str]]:
         compiled.add("cpu")
         if provider:
             compiled.add(provider)
+    refused: dict[str, str] = {}
     if version is not None and importlib.util.find_spec("onnxruntime_genai") is not None:
         try:
             # A light import (tens of ms; no model is loaded).
@@ -118,7 +121,60 @@ def probe_onnxruntime_genai() -> tuple[str | None, list[str]]:
                     compiled.add(name)
         except (ImportError, OSError) as e:  # a broken install: the version check will still tell
             log.warning("event=ort_genai_import_failed error=%r", str(e))
-    return version, sorted(usable_providers(compiled, DeviceEvidence.read()))
+            return RuntimeProbe(version=version, execution_providers=sorted(compiled & {"cpu"}))
+    evidence = DeviceEvidence.read()
+    for name in sorted(compiled - usable_providers(compiled, evidence)):
+        refused[name] = "onnxruntime-genai reports it, but this device shows no hardware for it"
+    usable = set()
+    for name in sorted(usable_providers(compiled, evidence)):
+        failure = provider_failure(name) if name != "cpu" else None
+        if failure is None:
+            usable.add(name)
+        else:
+            refused[name] = failure
+            log.warning("event=execution_provider_refused provider=%s reason=%r", name, failure)
+    return RuntimeProbe(version=version, execution_providers=sorted(usable), refused_execution_providers=refused,
+                        accelerator_memory_bytes=nvidia_gpu_memory_bytes() if "cuda" in usable else None)
+
+
+# A one-layer random llama (fp16, 64 tokens, 32 KB; `python -m builder.build.probemodel` makes it) that
+# every provider can load: running one step on it proves the provider works, not just that it is built in.
+PROVIDER_PROBE_MODEL = Path(__file__).with_name("provider_probe")
+
+
+def provider_failure(provider: str, model_dir: Path = PROVIDER_PROBE_MODEL) -> str | None:
+    """Why `provider` does not work here (its first line), or None when the bundled model runs on it."""
+    if provider == "cuda":
+        preload_pip_cuda_libraries()
+    try:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(model_dir))
+        config.clear_providers()
+        if provider != "cpu":
+            config.append_provider(provider)
+        model = og.Model(config)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=8, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens([1, 5, 6])
+        generator.generate_next_token()
+        del generator, params, model
+    except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises plain RuntimeError/OSError
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return None
+
+
+def nvidia_gpu_memory_bytes() -> int | None:
+    """Total memory of the first NVIDIA GPU (`nvidia-smi`, which ships with the driver); None if unknown."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(out.split()[0]) * 1024 * 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 # Providers that drive an accelerator, and so need one present to be usable.
@@ -178,15 +234,15 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def probe(state_dir: Path, ort_genai: tuple[str | None, list[str]] | None = None) -> HardwareReport:
+def probe(state_dir: Path, runtime: RuntimeProbe | None = None) -> HardwareReport:
     """Probe this device. `state_dir` need not exist yet (its nearest existing parent is measured).
 
-    `ort_genai`: the (version, providers) of `probe_onnxruntime_genai()` measured earlier; the
-    daemon passes it so that its API process never imports onnxruntime-genai (~15 MB RSS).
+    `runtime`: what `probe_onnxruntime_genai()` measured earlier; the daemon passes it so that
+    its API process never imports onnxruntime-genai (~15 MB RSS).
     """
     mem = psutil.virtual_memory()
     flags = read_cpu_flags()
-    version, providers = ort_genai if ort_genai is not None else probe_onnxruntime_genai()
+    runtime = runtime if runtime is not None else probe_onnxruntime_genai()
     return HardwareReport(
         total_ram_bytes=mem.total,
         available_ram_bytes=mem.available,
@@ -196,28 +252,28 @@ def probe(state_dir: Path, ort_genai: tuple[str | None, list[str]] | None = None
         arch=platform.machine(),
         cpu_features=sorted(f for f in NOTABLE_FEATURES if f in flags),
         cpu_flags=sorted(flags),
-        onnxruntime_genai_version=version,
-        execution_providers=providers,
+        onnxruntime_genai_version=runtime.version,
+        execution_providers=runtime.execution_providers,
+        accelerator_memory_bytes=runtime.accelerator_memory_bytes,
+        refused_execution_providers=runtime.refused_execution_providers,
         os=f"{platform.system()} {platform.release()}",
     )
 
 
-def probe_onnxruntime_genai_in_subprocess(timeout_s: float = 60.0) -> tuple[str | None, list[str]]:
+def probe_onnxruntime_genai_in_subprocess(timeout_s: float = 120.0) -> RuntimeProbe:
     """`probe_onnxruntime_genai()` run in a short-lived child process, so the caller's
-    process does not keep onnxruntime's libraries mapped. Falls back to probing in-process."""
-    import json
+    process does not keep onnxruntime's libraries (or a GPU context) mapped. Falls back to
+    probing in-process."""
     import subprocess
     import sys
 
-    code = ("import json; from agent.system.hardware import probe_onnxruntime_genai as p; "
-            "v, e = p(); print(json.dumps([v, e]))")
+    code = "from agent.system.hardware import probe_onnxruntime_genai as p; print(p().model_dump_json())"
     from agent.system.childproc import python_child_env
 
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
                              env=python_child_env(), check=True).stdout
-        version, providers = json.loads(out.strip().splitlines()[-1])
-        return version, list(providers)
+        return RuntimeProbe.model_validate_json(out.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
         log.warning("event=ort_genai_probe_subprocess_failed error=%r: probing in-process", str(e))
         return probe_onnxruntime_genai()

@@ -24,6 +24,16 @@ from agent.wire.manifest import Manifest, Requirements
 _GIB = 1024**3
 
 
+class RuntimeProbe(FrozenModel):
+    """The installed onnxruntime-genai and the execution providers that work with it here."""
+
+    version: str | None
+    execution_providers: list[str] = Field(default_factory=list)
+    refused_execution_providers: dict[str, str] = Field(
+        default_factory=dict, description="provider -> why it does not work here though it is built in")
+    accelerator_memory_bytes: int | None = None
+
+
 class HardwareReport(FrozenModel):
     """One probe of this device (`edge-agent doctor --json` prints it)."""
 
@@ -37,12 +47,18 @@ class HardwareReport(FrozenModel):
     cpu_features: list[str] = Field(description="the notable features present (see NOTABLE_FEATURES)")
     cpu_flags: list[str] = Field(description="every CPU flag the OS shows, with aliases added")
     onnxruntime_genai_version: str | None
-    execution_providers: list[str] = Field(description="built into the installed onnxruntime-genai (cpu always)")
+    execution_providers: list[str] = Field(
+        description="the providers that work here: built into onnxruntime-genai, their hardware present, and a"
+        " model loaded and run on each (cpu always)")
+    accelerator_memory_bytes: int | None = Field(
+        default=None, ge=0, description="memory of the CUDA GPU the cuda provider runs on; None where unknown")
+    refused_execution_providers: dict[str, str] = Field(
+        default_factory=dict, description="provider -> why it does not work here though it is built in")
     os: str
 
 
 ShortfallKind = Literal["ram", "disk", "arch", "cpu_features", "onnxruntime_genai_version", "execution_provider",
-                        "disk_cap"]
+                        "accelerator_memory", "disk_cap"]
 
 
 class Shortfall(FrozenModel):
@@ -113,6 +129,13 @@ def check_requirements(requirements: Requirements, report: HardwareReport) -> li
             detail=(f"needs the {requirements.execution_provider} execution provider, this device has"
                     f" {', '.join(report.execution_providers) or 'none'}"),
             remedy=f"install onnxruntime-genai with {requirements.execution_provider} support or publish a cpu build"))
+    needed, has = requirements.min_accelerator_memory_bytes, report.accelerator_memory_bytes
+    if requirements.execution_provider != "cpu" and has is not None and has < needed:
+        out.append(Shortfall(
+            kind="accelerator_memory", required=str(needed), available=str(has), short_by_bytes=needed - has,
+            detail=(f"needs {human_bytes(needed)} of {requirements.execution_provider} accelerator memory, this"
+                    f" device's GPU has {human_bytes(has)}"),
+            remedy=f"publish a smaller build (-p int4, a shorter --context-length) or {other_channel}"))
     return out
 
 

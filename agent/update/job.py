@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from agent.config import AgentConfig
 from agent.store.store import Store
 from agent.system.childproc import die_with_parent, python_child_env
+from agent.update.compat import RuntimeProbe
 from agent.update.decision import CheckResult
 from agent.update.statemachine import ModelRef
 from agent.wire.base import StrictModel
@@ -52,7 +53,7 @@ class _Wire(StrictModel):
 
 class JobStart(_Wire):
     config: AgentConfig
-    ort_genai: tuple[str | None, list[str]] | None = None  # measured once by the daemon
+    runtime: RuntimeProbe | None = None  # measured once by the daemon
     log_level: int = logging.INFO
 
 
@@ -92,10 +93,10 @@ class UpdateJobSource:
     """
 
     def __init__(self, config: AgentConfig, store: Store, *,
-                 ort_genai: tuple[str | None, list[str]] | None = None) -> None:
+                 runtime: RuntimeProbe | None = None) -> None:
         self.config = config
         self.store = store
-        self.ort_genai = ort_genai
+        self.runtime = runtime
         self.last_channel: ChannelFile | None = None
         self.bytes_downloaded = 0
         self.files_downloaded = 0
@@ -151,7 +152,7 @@ class UpdateJobSource:
         proc = subprocess.Popen([sys.executable, "-m", "agent.update.job"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=None, env=python_child_env())
         stdin = require(proc.stdin, "the update job's stdin")
-        start = JobStart(config=self.config, ort_genai=self.ort_genai, log_level=logging.getLogger().level)
+        start = JobStart(config=self.config, runtime=self.runtime, log_level=logging.getLogger().level)
         stdin.write(start.model_dump_json().encode() + b"\n")
         log.info("event=update_job_started pid=%d", proc.pid)
         return proc
@@ -216,7 +217,7 @@ def job_main(stdin: IO[bytes] | None = None) -> int:
     from agent.update.source import TufUpdateSource
 
     store = Store(start.config.state_dir)
-    source = TufUpdateSource(start.config, store, hardware=lambda d: probe(d, start.ort_genai))
+    source = TufUpdateSource(start.config, store, hardware=lambda d: probe(d, start.runtime))
     for line in stdin:
         request = JobRequest.model_validate_json(line)
         try:

@@ -76,6 +76,11 @@ class Requirements(FrozenModel):
     cpu_features: list[str] = Field(default_factory=list)
     min_onnxruntime_genai_version: str
     execution_provider: ExecutionProvider
+    # Left out of a CPU build's manifest (exclude_if), which so stays readable by agents from before it.
+    min_accelerator_memory_bytes: int = Field(
+        default=0, ge=0, exclude_if=lambda v: v == 0,
+        description="a GPU build's estimate of the accelerator memory it needs (weights and the KV cache at the"
+        " context length, plus a margin); 0 for the CPU. The device's canary proves it at activation")
 
 
 class Canary(FrozenModel):
@@ -108,6 +113,10 @@ class Evaluation(FrozenModel):
     prefill_tokens_per_s: float = Field(ge=0)
     peak_rss_bytes: int = Field(ge=0)
     canary: Canary
+    measured_on: ExecutionProvider = Field(  # left out when "cpu", like min_accelerator_memory_bytes
+        default="cpu", exclude_if=lambda v: v == "cpu",
+        description="the provider every figure here was measured on: the build host's CPU, for a GPU build too"
+        " (its very graph runs there); a device replays the canary on its own provider")
 
 
 class ModelInfo(FrozenModel):

@@ -60,14 +60,25 @@ def eval_text_sha256() -> str:
 
 
 def load_model(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
+    """The model on this host's CPU, whichever provider it was built for: the gate evaluates the
+    very graph that ships (a CUDA, DirectML or WebGPU build's graph runs on the CPU too)."""
     import onnxruntime_genai as og
 
     try:
-        model = og.Model(str(model_dir))
+        model = og.Model(cpu_config(model_dir))
         return model, og.Tokenizer(model)
     except Exception as e:  # ORT-GenAI raises plain RuntimeError/OSError with long text
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise BuildError(f"onnxruntime-genai cannot load the built model {model_dir}: {first}") from e
+
+
+def cpu_config(model_dir: Path | str):  # -> og.Config
+    """`model_dir`'s config with its execution providers cleared: it runs on the CPU."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.clear_providers()
+    return config
 
 
 def _context_length(model) -> int:  # og.Model

@@ -51,6 +51,24 @@ def min_free_disk_bytes(total_file_bytes: int) -> int:
     return DISK_FACTOR * total_file_bytes
 
 
+# A GPU build's accelerator memory over its weights and KV cache: the CUDA context, cuBLAS
+# workspaces and activations (an estimate: no GPU measures it here; the device's canary does).
+# Measured on an H200 (README "GPU targets"): a process holding only a CUDA context took 608 MiB,
+# the SmolLM2 INT4 worker 948 MiB for 265 MB of weights and KV.
+ACCELERATOR_MARGIN_FRACTION = 0.25
+ACCELERATOR_MARGIN_MIN_BYTES = 768 * 1024 * 1024
+
+
+def accelerator_memory_bytes(artifact: Path, context_length: int) -> int:
+    """Accelerator memory a GPU build of `artifact` needs: its ONNX weights, an fp16 KV cache at
+    `context_length` (what GPU builds keep), and a margin."""
+    weights = sum(f.stat().st_size for f in artifact.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
+    decoder = json.loads((artifact / "genai_config.json").read_text())["model"]["decoder"]
+    kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * context_length * 2
+    needed = weights + kv
+    return needed + max(ACCELERATOR_MARGIN_MIN_BYTES, int(needed * ACCELERATOR_MARGIN_FRACTION))
+
+
 def measure_footprint(model_dir: Path, context_length: int, env: dict[str, str] | None = None) -> Footprint:
     """Run the probe in a child process and turn its peak RSS into min_ram_bytes.
 
@@ -79,7 +97,9 @@ def measure_footprint(model_dir: Path, context_length: int, env: dict[str, str] 
 def _probe(model_dir: str, context_length: int) -> int:
     import onnxruntime_genai as og
 
-    model = og.Model(model_dir)
+    from builder.build.evaluate import cpu_config
+
+    model = og.Model(cpu_config(model_dir))
     vocab = int(json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"])
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=context_length, do_sample=False)

@@ -12,9 +12,11 @@ from agent.wire.errors import UsageError
 from agent.wire.manifest import ExecutionProvider, Precision, Profile
 
 # The combinations onnxruntime-genai 0.18's model builder lists as valid
-# (it prints them itself); anything else fails minutes later inside it.
+# (it prints them itself); anything else fails minutes later inside it. Less fp32/cuda:
+# 0.18 writes that graph without its KV outputs ("Graph output (present.0.key) does not
+# exist"), which no provider loads (measured on SmolLM2 and a tiny llama).
 VALID_COMBINATIONS: frozenset[tuple[str, str]] = frozenset({
-    ("fp32", "cpu"), ("fp32", "cuda"),
+    ("fp32", "cpu"),
     ("fp16", "cuda"), ("fp16", "dml"),
     ("int8", "cpu"), ("int8", "cuda"), ("int8", "webgpu"),
     ("int4", "cpu"), ("int4", "cuda"), ("int4", "dml"), ("int4", "webgpu"),
@@ -99,6 +101,8 @@ def resolve_build_options(
         raise UsageError(
             f"precision {precision} is not supported on execution provider {execution_provider}"
             f" (valid there: {valid or 'none'}): pick another -p or -e"
+            + ("; onnxruntime-genai 0.18 writes an fp32 CUDA graph no provider loads: use -p fp16 for full"
+               " precision on a GPU" if (precision, execution_provider) == ("fp32", "cuda") else "")
         )
     if profile is None:
         profile = execution_provider

@@ -112,6 +112,7 @@ class BuildResult(FrozenModel):
     prefill_tokens_per_s: float
     peak_rss_bytes: int
     min_ram_bytes: int
+    min_accelerator_memory_bytes: int = 0
     context_length: int
     canary_token_ids: list[int]
     contracts: list[str] = Field(default_factory=list, description="the output contracts the artifact carries")
@@ -128,7 +129,9 @@ def _result(out_dir: Path, m: Manifest, reused: bool, duration_s: float, stages:
         reference_perplexity=ev.reference_perplexity, perplexity_ratio=ev.perplexity_ratio,
         max_perplexity_ratio=ev.max_perplexity_ratio, decode_tokens_per_s=ev.decode_tokens_per_s,
         prefill_tokens_per_s=ev.prefill_tokens_per_s, peak_rss_bytes=ev.peak_rss_bytes,
-        min_ram_bytes=m.requirements.min_ram_bytes, context_length=m.model_info.context_length,
+        min_ram_bytes=m.requirements.min_ram_bytes,
+        min_accelerator_memory_bytes=m.requirements.min_accelerator_memory_bytes,
+        context_length=m.model_info.context_length,
         canary_token_ids=ev.canary.expected_token_ids, duration_s=duration_s, stage_durations_s=stages,
         contracts=sorted(Path(f.path).stem for f in m.files if f.path.startswith(f"{CONTRACTS_DIR}/")),
     )
@@ -339,10 +342,6 @@ def _check_request(request: BuildRequest, out_dir: Path) -> tuple[BuildOptions, 
         block_size=request.block_size, accuracy_level=request.accuracy_level, algo=request.algo,
         extra_options=request.extra_options,
     )
-    if opts.execution_provider != "cpu":
-        # Evaluation runs the built model here; the CPU package of onnxruntime-genai cannot.
-        raise UsageError(f"-e {opts.execution_provider} builds are evaluated on this host, which runs "
-                         "onnxruntime-genai on the CPU only: build with -e cpu here")
     existing = _check_out_dir(out_dir)
     return opts, existing, _make_temp_dir(out_dir)
 
@@ -436,12 +435,15 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
             arch=_checked_arches(request.check_arches),
             cpu_features=[], min_onnxruntime_genai_version=og_v,
             execution_provider=opts.execution_provider,
+            min_accelerator_memory_bytes=(0 if opts.execution_provider == "cpu" else
+                                          footprint.accelerator_memory_bytes(artifact, fp.context_length)),
         ),
         evaluation=Evaluation(
             perplexity=measured.perplexity, reference_perplexity=ref_ppl, perplexity_ratio=ratio,
             max_perplexity_ratio=request.max_ppl_ratio, eval_text_sha256=measured.eval_text_sha256,
             eval_tokens=measured.eval_tokens, decode_tokens_per_s=measured.decode_tokens_per_s,
             prefill_tokens_per_s=measured.prefill_tokens_per_s, peak_rss_bytes=fp.peak_rss_bytes,
+            measured_on="cpu",  # every provider's graph is evaluated on this host's CPU (`evaluate.load_model`)
             canary=Canary(prompt=measured.canary_prompt, max_new_tokens=measured.canary_max_new_tokens,
                           expected_token_ids=measured.canary_token_ids, expected_leads=measured.canary_leads),
         ),

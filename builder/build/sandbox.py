@@ -157,7 +157,8 @@ class Arm64Sandbox:
         shutil.copytree(model_dir, self.path(inside))
         code = ("import json, sys; from pathlib import Path; from agent.serving.runtime import ModelRuntime; "
                 "args = json.loads(sys.argv[1]); "
-                "print(json.dumps(ModelRuntime(Path(args['dir'])).teacher_forced_leads(args['prompt'], args['ids'])))")
+                "runtime = ModelRuntime(Path(args['dir']), providers=[]); "  # the CPU, whatever the build's target
+                "print(json.dumps(runtime.teacher_forced_leads(args['prompt'], args['ids'])))")
         try:
             done = self.run(["-c", code, json.dumps({"dir": inside, "prompt": prompt, "ids": token_ids})])
         finally:

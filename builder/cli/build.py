@@ -57,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--precision", choices=["int4", "int8", "fp16", "fp32"], default="int4",
                    help="weight precision")
     p.add_argument("-e", "--execution-provider", choices=["cpu", "cuda", "dml", "webgpu"], default="cpu",
-                   help="execution provider the artifact targets")
+                   help="execution provider the artifact targets (default: cpu). A cuda, dml or webgpu build is"
+                        " evaluated on this host's CPU (the very graph that ships) and needs no GPU here; the"
+                        " device checks its provider and replays the canary on it")
     p.add_argument("--profile", choices=["cpu", "mobile"], default=None,
                    help="cpu: the -e default recipe; mobile: INT4, int8 compute (accuracy level 4), "
                         "block size 32, context capped at 2048 tokens, for phones and small ARM boards "
@@ -106,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{verb} {result.name} v{result.version} ({result.precision}/{result.profile}) in {result.out_dir}: "
               f"{result.file_count} files, {result.total_file_bytes / 2**20:.1f} MiB, "
               f"ppl {result.perplexity:.2f} ({result.perplexity_ratio:.3f}x fp32), "
-              f"{result.decode_tokens_per_s:.0f} tok/s decode, min RAM {result.min_ram_bytes / 2**20:.0f} MiB",
+              f"{result.decode_tokens_per_s:.0f} tok/s decode, min RAM {result.min_ram_bytes / 2**20:.0f} MiB"
+              + ("" if result.execution_provider == "cpu" else
+                 f" (all measured on this host's CPU; the device needs {result.execution_provider} and about"
+                 f" {result.min_accelerator_memory_bytes / 2**20:.0f} MiB of GPU memory, and replays the canary"
+                 " there)"),
               file=sys.stderr)
     return int(ExitCode.OK)
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.system.hardware import DeviceEvidence, parse_cpu_flags, probe, read_cpu_flags, usable_providers
+from agent.system.cudalibs import pip_cuda_libraries
+from agent.system.hardware import (
+    DeviceEvidence,
+    parse_cpu_flags,
+    probe,
+    provider_failure,
+    read_cpu_flags,
+    usable_providers,
+)
 from agent.update.compat import (
     HardwareReport,
     check_disk_cap,
@@ -43,10 +51,13 @@ def test_probe_is_sane_on_this_machine(report: HardwareReport) -> None:
     import onnxruntime_genai as og
 
     evidence = DeviceEvidence.read()
-    # A provider is reported when it is compiled in and its hardware is here, not merely compiled in.
-    assert ("cuda" in report.execution_providers) == (og.is_cuda_available() and evidence.has_nvidia_driver)
-    has_gpu = evidence.has_gpu_render_node or evidence.has_nvidia_driver
-    assert ("webgpu" in report.execution_providers) == (og.is_webgpu_available() and has_gpu)
+    # A provider is reported when it is compiled in, its hardware is here and the probe model runs on it.
+    for provider in ("cuda", "webgpu"):
+        compiled = getattr(og, f"is_{provider}_available")()
+        has_hardware = usable_providers({provider}, evidence) == {provider}
+        works = compiled and has_hardware and provider_failure(provider) is None
+        assert (provider in report.execution_providers) == works
+        assert (provider in report.refused_execution_providers) == (compiled and not works)
     assert set(report.cpu_features) <= set(report.cpu_flags)
     if report.arch == "x86_64":
         assert {"sse2", "fpu"} <= set(report.cpu_flags)
@@ -121,6 +132,29 @@ def test_missing_execution_provider(report: HardwareReport) -> None:
     assert s.kind == "execution_provider" and s.detail.startswith("needs the dml execution provider")
 
 
+def test_a_provider_counts_only_when_the_bundled_model_runs_on_it() -> None:
+    assert provider_failure("cpu") is None
+    # This CPU wheel says is_webgpu_available() on any machine, GPU or not; its onnxruntime has no WebGPU.
+    import onnxruntime_genai as og
+
+    assert og.is_webgpu_available()
+    assert provider_failure("webgpu") == "WebGPU execution provider is not supported in this build."
+    assert "not been built with DML support" in (provider_failure("dml") or "")
+    assert "Cuda interface not available" in (provider_failure("cuda") or "")
+
+
+def test_gpu_memory_short_of_a_gpu_builds_estimate(report: HardwareReport) -> None:
+    gpu = report.model_copy(update={"execution_providers": [*report.execution_providers, "cuda"],
+                                    "accelerator_memory_bytes": 4 * 1024**3})  # FAKE: a 4 GiB GPU
+    needs = _req(execution_provider="cuda", min_accelerator_memory_bytes=6 * 1024**3)
+    [s] = check_requirements(needs, gpu)
+    assert s.kind == "accelerator_memory" and s.short_by_bytes == 2 * 1024**3
+    assert s.detail == "needs 6.0 GiB of cuda accelerator memory, this device's GPU has 4.0 GiB"
+    assert check_requirements(_req(execution_provider="cuda", min_accelerator_memory_bytes=4 * 1024**3), gpu) == []
+    # Where the GPU's memory is unknown (DirectML, WebGPU), the canary at activation is the check.
+    assert check_requirements(needs, gpu.model_copy(update={"accelerator_memory_bytes": None})) == []
+
+
 def test_model_bigger_than_the_disk_cap() -> None:
     manifest = manifest_for("m", 3, model_files(3, size=5000))
     [s] = check_disk_cap(manifest, 4000)
@@ -172,3 +206,18 @@ def test_arm64_features_come_from_the_kernels_hwcaps(tmp_path: Path) -> None:
     auxv.write_bytes(_auxv(0b11, 0))  # fp and asimd only: a Cortex-A53
     assert read_cpu_flags(cpuinfo, auxv, machine="aarch64") == {"fp", "asimd", "neon"}
     assert "avx2" in read_cpu_flags(cpuinfo, auxv, machine="x86_64")
+
+
+def test_pip_cuda_libraries_are_found_in_both_wheel_layouts_and_loaded_in_dependency_order(tmp_path: Path) -> None:
+    cu13 = tmp_path / "site-a" / "nvidia" / "cu13" / "lib"  # CUDA 13 wheels: one folder
+    cu12 = tmp_path / "site-b" / "nvidia" / "cufft" / "lib"  # older wheels: one folder per library
+    for folder, names in ((cu13, ["libcufft.so.12", "libcublas.so.13", "libcudart.so.13", "libcublasLt.so.13",
+                                  "libcudart.so.13.0.96", "libnvrtc.so.13"]),
+                          (cu12, ["libcurand.so.10"])):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_bytes(b"")
+    roots = [tmp_path / "site-a" / "nvidia", tmp_path / "site-b" / "nvidia"]
+    assert [p.name for p in pip_cuda_libraries(roots)] == [
+        "libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcufft.so.12"]
+    assert pip_cuda_libraries([tmp_path / "nowhere"]) == []

@@ -98,3 +98,16 @@ def test_a_file_that_is_also_a_directory_is_rejected(paths: list[str]) -> None:
 def test_sibling_paths_sharing_a_prefix_are_fine() -> None:
     files = [{"path": p, "size": 1, "sha256": SHA} for p in ("a", "ab/c", "a.data", "b/a")]
     assert [f.path for f in Manifest.model_validate(manifest_dict(files=files)).files] == ["a", "ab/c", "a.data", "b/a"]
+
+
+def test_gpu_fields_are_left_out_of_a_cpu_build_so_older_agents_still_read_it() -> None:
+    cpu = Manifest.model_validate(manifest_dict())
+    written = cpu.model_dump_json()
+    assert "min_accelerator_memory_bytes" not in written and "measured_on" not in written
+    assert Manifest.model_validate_json(written) == cpu
+    gpu = manifest_dict()
+    gpu["build"] = {**gpu["build"], "execution_provider": "cuda", "profile": "cuda"}
+    gpu["requirements"] = {**gpu["requirements"], "execution_provider": "cuda", "min_accelerator_memory_bytes": 2**30}
+    written = Manifest.model_validate(gpu).model_dump_json()
+    assert '"min_accelerator_memory_bytes":1073741824' in written and "measured_on" not in written
+    assert Manifest.model_validate_json(written).requirements.min_accelerator_memory_bytes == 2**30
