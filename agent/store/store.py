@@ -213,9 +213,10 @@ class Store:
         return total
 
     def missing_bytes(self, manifest: Manifest) -> int:
-        """Bytes installing `manifest` adds: files whose blob is not here yet, plus the manifest itself."""
+        """Bytes installing `manifest` adds: files whose blob is not here yet, plus the manifest twice
+        (the verified copy staged until the switch is done, and the model dir's own)."""
         missing = sum(f.size for f in manifest.files if not self.has_blob(f.sha256))
-        return missing + len(manifest.model_dump_json(indent=1))
+        return missing + 2 * len(manifest.model_dump_json(indent=1))
 
     def local_manifest(self, name: str, version: int) -> Manifest | None:
         """The manifest of `name` v`version` without the network: the one staged by the check (also

@@ -176,6 +176,19 @@ def test_disk_cap_holds_at_every_transition_and_gc_keeps_the_newest(repo: Path, 
     assert u.store.check_invariants() == []
 
 
+@pytest.mark.parametrize("cap", range(14_000, 32_001, 1_000))
+def test_no_transition_ever_exceeds_the_cap_whatever_it_is(repo: Path, tmp_path: Path, cap: int) -> None:
+    """Four versions of ~6 KB each under caps from "one fits" to "all four fit": each is installed or
+    declined, and disk use stays under the cap at every transition (staged manifests included)."""
+    u = make_updater(repo, tmp_path / "state", disk_cap_bytes=cap)
+    u.start()
+    for v in range(1, 5):
+        publish(repo, v)
+        assert u.check_now().phase in (P.ACTIVE, P.INCOMPATIBLE, P.FAILED), u.state.reason
+    assert max(sink_of(u).usage_bytes) <= cap and u.store.disk_usage_bytes() <= cap
+    assert u.store.check_invariants() == []
+
+
 def test_model_that_cannot_fit_next_to_current_and_previous_is_incompatible(repo: Path, tmp_path: Path) -> None:
     cap = 16_000  # two models fit, a third next to them does not
     u = make_updater(repo, tmp_path / "state", disk_cap_bytes=cap)
