@@ -26,12 +26,14 @@ SOURCE="$HERE/.."
 PYTHON=${PYTHON:-python3}
 FORCE_CONFIG=0
 START=0
+CUDA=0
+CUDA_WHEELS=""
 SERVICE_USER=edge-agent
 
 usage() {
     cat <<EOF
 usage: $PROG --root-json FILE --config FILE [--prefix DIR] [--source PATH] [--python EXE]
-             [--force-config] [--start]
+             [--cuda [--cuda-wheels DIR]] [--force-config] [--start]
 
   --root-json FILE   the repository's trusted root (REPO/www/metadata/root.json); required on a
                      first install, ignored when the device already has one
@@ -40,6 +42,10 @@ usage: $PROG --root-json FILE --config FILE [--prefix DIR] [--source PATH] [--py
   --prefix DIR       install under DIR instead of / (image building, tests); default: /
   --source PATH      the edgefleet checkout or wheel to install (default: $SOURCE)
   --python EXE       the Python that creates the venv (default: \$PYTHON or python3, >= 3.11)
+  --cuda             a device with an NVIDIA GPU and driver: install onnxruntime-genai-cuda (with
+                     onnxruntime-gpu and pip's CUDA 13 runtime libraries) in place of the CPU build
+                     (\`edge-agent doctor\` then says whether cuda works here)
+  --cuda-wheels DIR  take those packages from the wheels in DIR only (an offline device)
   --force-config     replace an existing agent.toml
   --start            start (or restart) the service now (ignored with --prefix)
 EOF
@@ -55,6 +61,8 @@ while [ $# -gt 0 ]; do
         --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
         --source) SOURCE=${2:?--source needs a path}; shift 2 ;;
         --python) PYTHON=${2:?--python needs an executable}; shift 2 ;;
+        --cuda) CUDA=1; shift ;;
+        --cuda-wheels) CUDA_WHEELS=${2:?--cuda-wheels needs a directory}; shift 2 ;;
         --force-config) FORCE_CONFIG=1; shift ;;
         --start) START=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -77,6 +85,8 @@ UNIT_SRC="$HERE/../systemd/edge-agent.service"
 [ -n "$PREFIX" ] || [ "$(id -u)" -eq 0 ] || die "run as root to install into / (or pass --prefix DIR)"
 [ -f "$UNIT_SRC" ] || die "unit file $UNIT_SRC is missing: run this script from an edgefleet checkout"
 [ -e "$SOURCE" ] || die "--source $SOURCE does not exist"
+[ -z "$CUDA_WHEELS" ] || [ "$CUDA" -eq 1 ] || die "--cuda-wheels goes with --cuda"
+[ -z "$CUDA_WHEELS" ] || [ -d "$CUDA_WHEELS" ] || die "--cuda-wheels $CUDA_WHEELS is not a directory"
 [ -z "$ROOT_JSON" ] || [ -f "$ROOT_JSON" ] || die "--root-json $ROOT_JSON is not a file"
 [ -z "$CONFIG" ] || [ -f "$CONFIG" ] || die "--config $CONFIG is not a file"
 [ -f "$STATE_DIR/trust/root.json" ] || [ -n "$ROOT_JSON" ] || \
@@ -105,6 +115,23 @@ fi
 mkdir -p "$OPT_DIR"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$SOURCE"
+if [ "$CUDA" -eq 1 ]; then
+    # The CPU and CUDA builds install the same modules (onnxruntime_genai, onnxruntime) under other
+    # names: the CPU ones go, and the CUDA ones are installed again after that, since removing the
+    # CPU builds deletes files they share (a second run of this script, which reinstalled the CPU
+    # build as the agent's dependency, meets exactly that).
+    GENAI_VERSION=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("onnxruntime-genai"))')
+    CUDA_PACKAGES=("onnxruntime-genai-cuda==$GENAI_VERSION" onnxruntime-gpu "nvidia-cuda-runtime~=13.0"
+                   "nvidia-cublas~=13.0" "nvidia-cufft~=12.0" "nvidia-curand~=10.0")
+    FROM=()
+    [ -z "$CUDA_WHEELS" ] || FROM=(--no-index --find-links "$CUDA_WHEELS")
+    "$VENV/bin/python" -m pip uninstall --quiet -y onnxruntime-genai onnxruntime
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${FROM[@]}" "${CUDA_PACKAGES[@]}" ||
+        die "onnxruntime-genai-cuda did not install (see above); the agent has no onnxruntime-genai now: run again"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+        "${FROM[@]}" "${CUDA_PACKAGES[@]:0:2}" || die "onnxruntime-genai-cuda did not reinstall (see above)"
+    say "onnxruntime-genai-cuda $GENAI_VERSION installed: \`edge-agent doctor\` says whether cuda works here"
+fi
 "$VENV/bin/edge-agent" --help >/dev/null || die "the installed edge-agent does not start"
 say "agent installed in $VENV ($("$VENV/bin/python" -c 'import agent; print(agent.__version__)'))"
 

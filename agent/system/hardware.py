@@ -127,7 +127,7 @@ def probe_onnxruntime_genai() -> RuntimeProbe:
         refused[name] = "onnxruntime-genai reports it, but this device shows no hardware for it"
     usable = set()
     for name in sorted(usable_providers(compiled, evidence)):
-        failure = provider_failure(name) if name != "cpu" else None
+        failure = provider_failure(name)  # cpu too: a broken install runs nothing
         if failure is None:
             usable.add(name)
         else:

@@ -3,6 +3,8 @@ real agent, the service user, config, trust root and the enabled unit; run twice
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import stat
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from testkit.artifacts import new_repo
 from testkit.env import REPO_ROOT
+from testkit.wheels import make_wheel, renamed_wheel
 
 SCRIPT = REPO_ROOT / "deploy" / "install-device.sh"
 
@@ -75,3 +78,47 @@ def test_first_install_needs_root_and_config(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "first install needs --root-json" in result.stderr
     assert not (tmp_path / "root/opt").exists()  # refused before anything was installed
+
+
+def test_cuda_install_swaps_the_cpu_runtime_for_the_cuda_one_and_stays_whole_when_run_again(
+        tmp_path: Path) -> None:
+    """`--cuda --cuda-wheels DIR` from an offline folder. FAKES, named as such: the "CUDA" wheels are
+    this platform's CPU onnxruntime-genai and onnxruntime under the CUDA builds' names, and pip's
+    CUDA libraries are empty wheels: the real ones weigh hundreds of MB and need a GPU to mean anything."""
+    wheels = tmp_path / "wheels"
+    cpu = tmp_path / "cpu"
+    ort_version = importlib.metadata.version("onnxruntime")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "-d", str(cpu), "onnxruntime-genai==0.18.0", f"onnxruntime=={ort_version}"],
+                   check=True, timeout=600)
+    wheels.mkdir()
+    (genai,) = cpu.glob("onnxruntime_genai-*.whl")
+    (ort,) = cpu.glob("onnxruntime-*.whl")
+    renamed_wheel(genai, "onnxruntime-genai-cuda", wheels, requirements={"onnxruntime": "onnxruntime-gpu"})
+    renamed_wheel(ort, "onnxruntime-gpu", wheels)
+    for name, version in (("nvidia-cuda-runtime", "13.0.0"), ("nvidia-cublas", "13.0.0"),
+                          ("nvidia-cufft", "12.0.0"), ("nvidia-curand", "10.0.0")):
+        make_wheel(wheels, name, version)
+
+    root_json = new_repo(tmp_path / "repo").metadata_dir / "root.json"
+    prefix = tmp_path / "root"
+    venv = prefix / "opt/edge-agent/venv"
+    config = _config(tmp_path / "a.toml", "gpu-1")
+    for run in range(2):  # the second run reinstalls the CPU build as a dependency first
+        done = _install(prefix, "--root-json", str(root_json), "--config", str(config), "--cuda",
+                        "--cuda-wheels", str(wheels))
+        assert done.returncode == 0, done.stderr
+        assert "onnxruntime-genai-cuda 0.18.0 installed" in done.stderr
+        dists = subprocess.run([str(venv / "bin/python"), "-m", "pip", "list", "--format=json"],
+                               capture_output=True, text=True, timeout=120, check=True).stdout
+        names = {d["name"].lower() for d in json.loads(dists)}
+        assert {"onnxruntime-genai-cuda", "onnxruntime-gpu", "nvidia-cublas"} <= names, run
+        assert not {"onnxruntime-genai", "onnxruntime"} & names, run
+        doctor = subprocess.run([str(venv / "bin/edge-agent"), "doctor", "--json", "--state-dir", str(tmp_path)],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert doctor.returncode == 0, doctor.stderr
+        hardware = json.loads(doctor.stdout)["hardware"]
+        # The modules are whole (onnxruntime-genai loaded and ran the probe model on the CPU), and this
+        # GPU-less machine is told why cuda is not among its providers.
+        assert hardware["onnxruntime_genai_version"] == "0.18.0" and hardware["execution_providers"] == ["cpu"], run
+        assert "no hardware" in hardware["refused_execution_providers"]["cuda"]
