@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.serving import oga
-from agent.serving.loadcheck import check_model_dir
 from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
+from agent.wire.loadcheck import check_model_dir
 from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)

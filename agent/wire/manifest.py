@@ -47,9 +47,12 @@ ModelName = Annotated[str, AfterValidator(check_model_name)]
 
 
 class SourceInfo(FrozenModel):
-    kind: Literal["hf_id", "hf_dir", "gguf"]
+    kind: Literal["hf_id", "hf_dir", "gguf", "ort_genai"]  # ort_genai: a ready folder, packaged as it was
     reference: str = Field(min_length=1)
     sha256: Sha256Hex  # over the source files, sorted by relative path
+    made_from: str | None = Field(  # left out when None, so older agents read every other manifest
+        default=None, exclude_if=lambda v: v is None,
+        description="a ready folder's --reference: the model it was made from, whose FP32 build the gate compared")
 
 
 class BuildInfo(FrozenModel):

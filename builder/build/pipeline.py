@@ -44,7 +44,7 @@ from agent.wire.manifest import (
     Requirements,
     SourceInfo,
 )
-from builder.build import contracts, evaluate, footprint, modelinfo, package, sources
+from builder.build import contracts, evaluate, footprint, modelinfo, package, ready, sources
 from builder.build.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, resolve_build_options
 from builder.build.ortbuild import run_ort_builder, set_context_length
 from builder.build.progress import NullProgress, Progress
@@ -89,6 +89,9 @@ class BuildRequest(FrozenModel):
     check_arches: list[Literal["aarch64"]] = Field(default_factory=list)
     # Output contract files (`<name>.json`), put into the artifact and checked against the built model.
     contracts: list[Path] = Field(default_factory=list)
+    # For a ready onnxruntime-genai folder: the model it was made from (an HF folder or id, a GGUF);
+    # its FP32 build is the quality gate's reference.
+    reference: str | None = None
 
 
 class BuildResult(FrozenModel):
@@ -265,16 +268,23 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
     try:
         with run.stage("resolve source"):
             source = _resolve_source(request, run.cache_dir)
+            reference = _resolve_reference(request, source, run.cache_dir)
+            if source.resolved.kind == "ort_genai":
+                opts = _ready_folder_options(source.resolved.path, request)
             if existing is not None:
                 return run.result(_reuse(existing, source, request, opts, run.out_dir, contract_files),
                                   is_reused=True)
         with run.stage("convert source"):
-            hf_dir = _convert_source(source, run.cache_dir)
-        with run.stage(f"build {opts.precision} onnx"):
-            artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
+            hf_dir = _convert_source(reference, run.cache_dir)
+        if source.resolved.kind == "ort_genai":
+            with run.stage("copy the ready folder"):
+                artifact, info = _copy_ready_folder(source.resolved.path, hf_dir, work, request.context_length)
+        else:
+            with run.stage(f"build {opts.precision} onnx"):
+                artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
         window = min(evaluate.PPL_WINDOW_TOKENS, info.context_length)
         with run.stage("evaluate fp32 reference"):
-            ref_ppl = _reference_perplexity(hf_dir, source.sha256, run.cache_dir, window, work / "reference.log")
+            ref_ppl = _reference_perplexity(hf_dir, reference.sha256, run.cache_dir, window, work / "reference.log")
         with run.stage("evaluate built model"):
             measured = evaluate.measure_model(artifact, progress=run.progress.update)
         for arch in request.check_arches:
@@ -352,6 +362,58 @@ def _resolve_source(request: BuildRequest, cache_dir: Path) -> _Source:
                    sha256=sources.source_sha256(resolved.path))
 
 
+def _resolve_reference(request: BuildRequest, source: _Source, cache_dir: Path) -> _Source:
+    """What the FP32 reference is built from: the source itself, or a ready folder's `--reference`.
+
+    Raises:
+        UsageError: a ready folder without `--reference`, or `--reference` for a source that has weights.
+        SourceError: the reference cannot be resolved.
+    """
+    if source.resolved.kind != "ort_genai":
+        if request.reference is not None:
+            raise UsageError(f"--reference is for a ready onnxruntime-genai folder; {request.source} is built from its"
+                             " own weights, which are the reference: drop --reference")
+        return source
+    if request.reference is None:
+        raise UsageError(f"{request.source} is a ready onnxruntime-genai folder: it brings no full-precision weights"
+                         " for the quality gate's reference, so pass --reference with the model it was made from"
+                         " (a Hugging Face folder or id, or a GGUF file)")
+    resolved = sources.resolve_source(request.reference, cache_dir)
+    if resolved.kind == "ort_genai":
+        raise UsageError(f"--reference {request.reference} is itself an onnxruntime-genai folder: pass the model it"
+                         " was made from")
+    return _Source(resolved=resolved, name=resolved.default_name, sha256=sources.source_sha256(resolved.path))
+
+
+def _ready_folder_options(folder: Path, request: BuildRequest) -> BuildOptions:
+    """A ready folder's precision and provider, read from it; build flags that would change them refused.
+
+    Raises:
+        UsageError: -p, -e or a quantization option asks for something other than what the folder is.
+    """
+    precision, provider = ready.precision_of(folder), ready.provider_of(folder)
+    asked = {"-p": (request.precision, "int4", precision), "-e": (request.execution_provider, "cpu", provider)}
+    for flag, (value, default, found) in asked.items():
+        if value not in (default, found):
+            raise UsageError(f"{request.source} is a ready {precision}/{provider} folder: {flag} {value} would need a"
+                             " rebuild; build from the model's own weights instead")
+    given = [flag for flag, v in (("--block-size", request.block_size), ("--accuracy-level", request.accuracy_level),
+                                  ("--algo", request.algo), ("--profile", request.profile)) if v is not None]
+    if given or request.extra_options:
+        raise UsageError(f"{request.source} is already built: {', '.join(given) or '--extra-option'} does not apply")
+    return BuildOptions(precision=precision, execution_provider=provider, profile=provider, ort_extra_options={})
+
+
+def _copy_ready_folder(folder: Path, reference_hf_dir: Path, work: Path,
+                       context_length: int | None) -> tuple[Path, ModelInfo]:
+    ready.check_matches_reference(folder, reference_hf_dir)
+    artifact = work / "artifact"
+    ready.copy_folder(folder, artifact)
+    if context_length is not None:
+        set_context_length(artifact, context_length)
+    return artifact, modelinfo.model_info(reference_hf_dir, artifact)
+
+
 def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: BuildOptions, out_dir: Path,
            contract_files: dict[str, Path]) -> Manifest:
     """OUT already holds this exact build: verify it and reuse it.
@@ -424,7 +486,8 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
     manifest = Manifest(
         name=source.name, version=request.version, label=request.label,
         created_at=dt.datetime.now(dt.UTC),
-        source=SourceInfo(kind=source.resolved.kind, reference=source.resolved.reference, sha256=source.sha256),
+        source=SourceInfo(kind=source.resolved.kind, reference=source.resolved.reference, sha256=source.sha256,
+                          made_from=request.reference),
         build=BuildInfo(precision=opts.precision, execution_provider=opts.execution_provider,
                         profile=opts.profile, onnxruntime_genai_version=og_v, onnxruntime_version=ort_v,
                         transformers_version=tf_v, builder_options=opts.ort_extra_options),

@@ -26,14 +26,14 @@ _HF_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9.
 # The files a build needs from a hub repository; skips other formats' weights.
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
-SourceKind = Literal["hf_id", "hf_dir", "gguf"]
+SourceKind = Literal["hf_id", "hf_dir", "gguf", "ort_genai"]
 
 
 @dataclass(frozen=True)
 class ResolvedSource:
     kind: SourceKind
     reference: str  # what the operator typed (or the alias)
-    path: Path  # a GGUF file or a HF folder on local disk
+    path: Path  # a GGUF file, a HF folder or a ready onnxruntime-genai folder on local disk
     default_name: str
 
 
@@ -76,10 +76,16 @@ def resolve_source(source: str, cache_dir: Path) -> ResolvedSource:
         if path.is_file():
             check_gguf_header(path)
             return ResolvedSource("gguf", source, path, derive_name(path.name))
+        if path.is_dir() and (path / "genai_config.json").is_file():
+            from builder.build.ready import check_ready_folder
+
+            check_ready_folder(path)
+            return ResolvedSource("ort_genai", source, path, derive_name(path.name))
         if path.is_dir():
             check_hf_dir(path)
             return ResolvedSource("hf_dir", source, path, derive_name(path.name))
-        raise SourceError(f"source {source} is neither a file nor a folder: give a GGUF file, a HF folder or a hub id")
+        raise SourceError(f"source {source} is neither a file nor a folder: give a GGUF file, a HF folder, a ready"
+                          " onnxruntime-genai folder or a hub id")
     looks_like_path = source.startswith(("/", ".", "~")) or source.lower().endswith(".gguf") or source.count("/") != 1
     if looks_like_path or not _HF_ID_RE.match(source):
         raise SourceError(
@@ -141,8 +147,8 @@ def check_hf_dir(path: Path) -> None:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SourceError(
-            f"folder {path} is not a Hugging Face model (no config.json): "
-            "give a folder saved with save_pretrained, a GGUF file or a hub id"
+            f"folder {path} is not a Hugging Face model (no config.json) nor an onnxruntime-genai one (no"
+            " genai_config.json): give a folder saved with save_pretrained, a GGUF file or a hub id"
         )
     try:
         config = json.loads(config_path.read_text())

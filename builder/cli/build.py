@@ -32,11 +32,15 @@ example:
     build of the same source, measures RAM and speed, and writes manifest.json.
   edge-builder build smollm2-135m -o out/smollm2-arm --check-arch aarch64
     the same, with the canary also replayed on aarch64, so ARM devices accept it.
+  edge-builder build ./phi3-int4-onnx --reference microsoft/Phi-3-mini-4k-instruct -o out/phi3
+    packages a ready onnxruntime-genai folder as it is (no rebuild), gated against
+    an FP32 build of the model it was made from.
 
 SOURCE is one of: a Hugging Face id (HuggingFaceTB/SmolLM2-135M, fetched into
 the HF cache under --cache-dir/hf; set HF_HUB_OFFLINE=1 to use only the cache),
-a local Hugging Face folder, a GGUF file of any quantization, or the alias
-smollm2-135m.
+a local Hugging Face folder, a GGUF file of any quantization, the alias
+smollm2-135m, or a ready onnxruntime-genai folder (with genai_config.json: a
+model's own export script's output or a vendor's ONNX folder; needs --reference).
 """
 
 
@@ -48,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "The artifact is built next to OUT and renamed into place at the end.",
         epilog=_EXAMPLE + "\n" + ExitCode.help_text(), formatter_class=_HelpFormatter,
     )
-    p.add_argument("source", metavar="SOURCE", help="HF id, HF folder, GGUF file or the alias smollm2-135m")
+    p.add_argument("source", metavar="SOURCE", help="HF id, HF folder, GGUF file, the alias smollm2-135m, or a "
+                   "ready onnxruntime-genai folder")
     p.add_argument("-o", "--out", required=True, type=Path, metavar="OUT",
                    help="artifact folder to create (must be absent, empty, or hold this same build)")
     p.add_argument("--name", help="model name in the manifest (default: derived from SOURCE)")
@@ -75,6 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context-length", type=int, default=None,
                    help="declare a shorter context than the model's own (tokens); the footprint is measured at it "
                         "(default: the model's; 2048 at most with --profile mobile)")
+    p.add_argument("--reference", metavar="SOURCE", default=None,
+                   help="for a ready onnxruntime-genai folder: the model it was made from (HF id or folder, GGUF); "
+                        "its FP32 build is the quality gate's reference")
     p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
                    help="quality gate: fail when perplexity / fp32 reference perplexity exceeds this")
     p.add_argument("--check-arch", action="append", choices=["aarch64"], default=[], metavar="ARCH",
@@ -122,7 +130,7 @@ def _request(args: argparse.Namespace) -> BuildRequest:
         source=args.source, out_dir=args.out, name=args.name, version=args.version, label=args.label,
         precision=args.precision, execution_provider=args.execution_provider, profile=args.profile,
         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
-        extra_options=parse_extra_options(args.extra_option),
+        extra_options=parse_extra_options(args.extra_option), reference=args.reference,
         cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
         context_length=args.context_length, check_arches=args.check_arch, contracts=args.contract,
     )

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.serving.loadcheck import check_model_dir, external_data_locations
 from agent.wire.errors import ActivationError
+from agent.wire.loadcheck import check_model_dir, external_data_locations
 
 
 def _model_dir(tmp_path: Path, *, location: str = "model.onnx.data", decoder: dict[str, Any] | None = None) -> Path:
