@@ -57,6 +57,10 @@ class AgentConfig(StrictModel):
                                       description="streamed tokens made within this many ms of the last chunk"
                                                   " ride in the next chunk (the first never waits); 0: every token"
                                                   " alone, at a cost in decode speed")
+    parallel: int = Field(default=4, ge=1, le=64,
+                          description="requests the model generates at once; more wait in the queue")
+    queue_size: int = Field(default=16, ge=0, le=4096,
+                            description="requests that may wait for a slot; one more is a 429 with Retry-After")
     allow_custom_ops: bool = Field(default=False, description=(
         "let a model's genai_config.json load custom operator libraries (native code from the package)"))
     probation_s: float = Field(default=60.0, ge=0,

@@ -95,8 +95,10 @@ class Daemon:
         self.config_path = config_path
         self.store = Store(config.state_dir)
         self.host = ModelHost(threads=config.intra_op_num_threads, stream_interval_s=config.stream_interval_ms / 1000,
-                              allow_custom_ops=config.allow_custom_ops)
+                              allow_custom_ops=config.allow_custom_ops, parallel=config.parallel,
+                              queue_size=config.queue_size)
         self.link: MqttLink | None = None
+        self._limits_task: asyncio.Task[None] | None = None
         self.outbox: Outbox | None = None
         self._requests = UpdateRequests()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -330,6 +332,10 @@ class Daemon:
             self._updater.disk_cap_bytes = new.disk_cap_bytes
         if self._activator is not None:
             self._activator.mode = new.switch_mode
+        if (new.parallel, new.queue_size) != (old.parallel, old.queue_size):
+            # Kept in an attribute: the loop holds only a weak reference to a task.
+            self._limits_task = asyncio.get_running_loop().create_task(
+                self.host.set_limits(new.parallel, new.queue_size))
         if any(getattr(old, k) != getattr(new, k) for k in _BROKER_KEYS):
             if self.link is not None:
                 self.link.stop()

@@ -54,7 +54,7 @@ class ModelHost:
                  load_timeout_s: float = 300.0, drain_timeout_s: float = 600.0,
                  stream_interval_s: float = 0.05, allow_custom_ops: bool = False) -> None:
         """`stream_interval_s`: see `GenerateCommand.stream_interval_s` (the API's streaming granularity);
-        `allow_custom_ops`: models may load custom operator libraries (`agent.serving.loadcheck`)."""
+        `allow_custom_ops`: models may load custom operator libraries (`agent.wire.loadcheck`)."""
         self.threads = threads
         self.allow_custom_ops = allow_custom_ops
         self.stream_interval_s = stream_interval_s
@@ -301,6 +301,13 @@ class ModelHost:
         self.state = "empty"
         if current is not None:
             await current.stop()
+
+    async def set_limits(self, parallel: int, queue_size: int) -> None:
+        """New slot and queue sizes, at once: requests already admitted run on; waiters recheck."""
+        self.parallel, self.queue_size = parallel, queue_size
+        log.info("event=serving_limits parallel=%d queue_size=%d", parallel, queue_size)
+        async with self._slot_freed:
+            self._slot_freed.notify_all()
 
     async def _acquire_slot(self) -> WorkerClient:
         if self._current is None and not self._paused:
