@@ -67,6 +67,11 @@ def _generate(**changes: Any) -> bytes:
     return json.dumps(data).encode()
 
 
+# Where the stdlib side names no field, pydantic's words for the same refusal.
+_PYDANTIC_WORDS = {"not JSON": "Invalid JSON", "JSON object": "Input should be an object",
+                   "unknown command type 'reboot'": "GenerateCommand.type"}
+
+
 @pytest.mark.parametrize(("line", "reason"), [
     (b"{not json", "not JSON"),
     (b"[1, 2]", "JSON object"),
@@ -99,8 +104,12 @@ def _generate(**changes: Any) -> bytes:
 def test_bad_commands_are_rejected_on_both_sides(line: bytes, reason: str) -> None:
     with pytest.raises(ValueError, match=reason.replace("(", r"\(")):
         parse_command(line)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as pydantic_side:
         PYDANTIC_COMMAND.validate_json(line)
+    # pydantic says it in its own words: the same message (a __post_init__ check), or the field by name.
+    said = str(pydantic_side.value)
+    field = reason.split()[0]
+    assert _PYDANTIC_WORDS.get(reason, reason) in said or field in said.replace("GenerateCommand.", ""), said
 
 
 EVENTS = [
