@@ -119,9 +119,10 @@ def probe_onnxruntime_genai() -> RuntimeProbe:
             for name in ACCELERATOR_PROVIDERS:
                 if getattr(og, f"is_{name}_available", lambda: False)():
                     compiled.add(name)
-        except (ImportError, OSError) as e:  # a broken install: the version check will still tell
+        except (ImportError, OSError) as e:  # a broken install runs nothing
             log.warning("event=ort_genai_import_failed error=%r", str(e))
-            return RuntimeProbe(version=version, execution_providers=sorted(compiled & {"cpu"}))
+            return RuntimeProbe(version=version, refused_execution_providers={
+                "cpu": f"onnxruntime-genai does not import ({e}): reinstall it"})
     evidence = DeviceEvidence.read()
     for name in sorted(compiled - usable_providers(compiled, evidence)):
         refused[name] = "onnxruntime-genai reports it, but this device shows no hardware for it"

@@ -49,7 +49,7 @@ class HardwareReport(FrozenModel):
     onnxruntime_genai_version: str | None
     execution_providers: list[str] = Field(
         description="the providers that work here: built into onnxruntime-genai, their hardware present, and a"
-        " model loaded and run on each (cpu always)")
+        " model loaded and run on each (cpu, unless onnxruntime-genai is broken)")
     accelerator_memory_bytes: int | None = Field(
         default=None, ge=0, description="memory of the CUDA GPU the cuda provider runs on; None where unknown")
     refused_execution_providers: dict[str, str] = Field(
