@@ -45,7 +45,8 @@ class AgentConfig(StrictModel):
     broker_key_file: Path | None = None
     mqtt_protocol: str = Field(default="3.1.1", pattern=r"^(3\.1\.1|5)$")
     telemetry_interval_s: float = Field(default=30.0, gt=0)
-    poll_interval_s: float = Field(default=900.0, gt=0)
+    poll_interval_s: float = Field(default=900.0, gt=0, description="the longest this device goes without an"
+                                   " update check: a check for any reason (a doorbell, a command) starts it over")
     download_rate_limit_bytes_per_s: int | None = Field(default=None, gt=0)
     download_min_rate_bytes_per_s: int = Field(default=1024, ge=1, description=(
         "an attempt slower than this over 30 s is abandoned and retried (a dripping mirror)"))

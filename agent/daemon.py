@@ -104,6 +104,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
         self._incoming = asyncio.Event()
+        self._checked = asyncio.Event()  # an update pass ended: the poll timer starts over
         self._server: _Server | None = None
         self._api_state: Any = None  # the app's state: its `api` takes a reloaded token
         self._tasks: list[asyncio.Task[None]] = []
@@ -185,6 +186,8 @@ class Daemon:
             finally:
                 # The pass is over: TUF and the downloader leave with their process.
                 require(self._source, "the daemon's update source").close()
+                if isinstance(request, CheckRequest) and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._checked.set)
 
     def _on_activated(self, model_dir: Path) -> None:
         """Updater thread, right after a switch: watch the new worker for `probation_s`."""
@@ -247,11 +250,17 @@ class Daemon:
 
     # -- main loop tasks ---------------------------------------------------------
     async def _poll_timer(self) -> None:
+        """A check after `poll_interval_s` without one: a pass for any reason (a doorbell, a command,
+        the last poll) starts the wait over, so a crowded update rung by the doorbell does not also
+        run a poll pass every interval (README, "Fleet link": bench/fleet.py counts the passes)."""
         while True:
             # +-10 % jitter: agents started together (a power cut, a fleet reboot) must not
             # poll the repository in lockstep forever.
-            await asyncio.sleep(self.config.poll_interval_s * random.uniform(0.9, 1.1))
-            self.request_check("poll")
+            try:
+                await asyncio.wait_for(self._checked.wait(), self.config.poll_interval_s * random.uniform(0.9, 1.1))
+            except TimeoutError:
+                self.request_check("poll")
+            self._checked.clear()
 
     async def _incoming_pump(self) -> None:
         while True:

@@ -209,6 +209,7 @@ def run_one(n: int, poll_s: int, rounds: int, cache: Path, tokenizer_dir: Path,
                     while time.time() - max((m[0] for m in traffic.since(time.time() - 5)), default=0) < 1.0:
                         time.sleep(0.1)
                     log_offset = broker.log_path.stat().st_size
+                    device_offsets = _device_log_offsets(fleet)
                     t0 = time.time()
                     repo.set_channel(ChannelFile(channel="stable", model="tiny", version=version))
                     if mode == "doorbell":
@@ -218,6 +219,7 @@ def run_one(n: int, poll_s: int, rounds: int, cache: Path, tokenizer_dir: Path,
                     r = _analyse(traffic, t0, done, n, version)
                     sent = _deliveries_to_devices(broker.log_path, log_offset, device_ids)
                     r["to_devices_per_device"] = sent / n
+                    r.update(_checks_per_device(fleet, device_offsets))
                     r["messages_per_device"] = float(r["messages_per_device"]) + sent / n
                     print(f"n={n}: v{version} by {mode}: last device ACTIVE after {r['last_active_s']:.1f} s",
                           file=sys.stderr)
@@ -229,6 +231,27 @@ def run_one(n: int, poll_s: int, rounds: int, cache: Path, tokenizer_dir: Path,
         sub.disconnect()
         sub.loop_stop()
         broker.kill()
+
+
+def _device_log_offsets(fleet: Fleet) -> dict[Path, int]:
+    logs = [a.state_dir.parent / f"{a.device_id}.log" for a in fleet.agents]
+    return {log: log.stat().st_size if log.exists() else 0 for log in logs}
+
+
+def _checks_per_device(fleet: Fleet, offsets: dict[Path, int]) -> dict[str, float]:
+    """Update passes each device ran since `offsets`, counted from its own log, and what asked for them
+    (a pass asked for by two triggers at once counts for each)."""
+    passes, triggers = 0, {t: 0 for t in ("doorbell", "poll", "check_now", "startup", "other")}
+    for log, offset in offsets.items():
+        with open(log, "rb") as f:
+            f.seek(offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                if "event=check_requested triggers=" in line:
+                    passes += 1
+                    for trigger in line.rsplit("triggers=", 1)[1].strip().split(","):
+                        triggers[trigger if trigger in triggers else "other"] += 1
+    n = len(offsets) or 1
+    return {"checks_per_device": passes / n, **{f"checks_by_{t}_per_device": c / n for t, c in triggers.items()}}
 
 
 def _wait_probations(fleet: Fleet, passed: int, timeout_s: float = 300.0) -> None:
@@ -279,7 +302,9 @@ def main() -> None:
                          ("share_wait_check", "{:.0%}"), ("share_check", "{:.0%}"),
                          ("share_download_verify_install", "{:.0%}"), ("share_activate", "{:.0%}"),
                          ("messages_per_device", "{:.1f}"), ("to_devices_per_device", "{:.1f}"),
-                         ("events_per_device", "{:.1f}"),
+                         ("events_per_device", "{:.1f}"), ("checks_per_device", "{:.1f}"),
+                         ("checks_by_doorbell_per_device", "{:.1f}"), ("checks_by_poll_per_device", "{:.1f}"),
+                         ("checks_by_other_per_device", "{:.1f}"),
                          ("status_per_device", "{:.1f}"), ("telemetry_per_device", "{:.1f}"),
                          ("timed_devices", "{}")):
             b, c = _median_of(base, key), _median_of(cand, key)

@@ -141,11 +141,12 @@ def _result(out_dir: Path, m: Manifest, reused: bool, duration_s: float, stages:
 
 
 def _is_same_build(m: Manifest, name: str, version: int, source_sha256: str, opts: BuildOptions,
-                   context_length: int | None) -> bool:
+                   context_length: int | None, made_from: str | None) -> bool:
     return (m.name == name and m.version == version and m.source.sha256 == source_sha256
             and m.build.precision == opts.precision and m.build.execution_provider == opts.execution_provider
             and m.build.profile == opts.profile and m.build.builder_options == opts.ort_extra_options
-            and (context_length is None or m.model_info.context_length == context_length))
+            and (context_length is None or m.model_info.context_length == context_length)
+            and m.source.made_from == made_from)
 
 
 def _check_out_dir(out_dir: Path) -> Manifest | None:
@@ -270,7 +271,12 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
             source = _resolve_source(request, run.cache_dir)
             reference = _resolve_reference(request, source, run.cache_dir)
             if source.resolved.kind == "ort_genai":
-                opts = _ready_folder_options(source.resolved.path, request)
+                opts = ready.folder_options(source.resolved.path, request.source, precision=request.precision,
+                                            execution_provider=request.execution_provider, unused={
+                                                "--block-size": request.block_size,
+                                                "--accuracy-level": request.accuracy_level, "--algo": request.algo,
+                                                "--profile": request.profile,
+                                                "--extra-option": request.extra_options or None})
             if existing is not None:
                 return run.result(_reuse(existing, source, request, opts, run.out_dir, contract_files),
                                   is_reused=True)
@@ -278,7 +284,10 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
             hf_dir = _convert_source(reference, run.cache_dir)
         if source.resolved.kind == "ort_genai":
             with run.stage("copy the ready folder"):
-                artifact, info = _copy_ready_folder(source.resolved.path, hf_dir, work, request.context_length)
+                artifact = ready.copy_to_artifact(source.resolved.path, hf_dir, work / "artifact")
+                if request.context_length is not None:
+                    set_context_length(artifact, request.context_length)
+                info = modelinfo.model_info(hf_dir, artifact)
         else:
             with run.stage(f"build {opts.precision} onnx"):
                 artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
@@ -385,35 +394,6 @@ def _resolve_reference(request: BuildRequest, source: _Source, cache_dir: Path) 
     return _Source(resolved=resolved, name=resolved.default_name, sha256=sources.source_sha256(resolved.path))
 
 
-def _ready_folder_options(folder: Path, request: BuildRequest) -> BuildOptions:
-    """A ready folder's precision and provider, read from it; build flags that would change them refused.
-
-    Raises:
-        UsageError: -p, -e or a quantization option asks for something other than what the folder is.
-    """
-    precision, provider = ready.precision_of(folder), ready.provider_of(folder)
-    asked = {"-p": (request.precision, "int4", precision), "-e": (request.execution_provider, "cpu", provider)}
-    for flag, (value, default, found) in asked.items():
-        if value not in (default, found):
-            raise UsageError(f"{request.source} is a ready {precision}/{provider} folder: {flag} {value} would need a"
-                             " rebuild; build from the model's own weights instead")
-    given = [flag for flag, v in (("--block-size", request.block_size), ("--accuracy-level", request.accuracy_level),
-                                  ("--algo", request.algo), ("--profile", request.profile)) if v is not None]
-    if given or request.extra_options:
-        raise UsageError(f"{request.source} is already built: {', '.join(given) or '--extra-option'} does not apply")
-    return BuildOptions(precision=precision, execution_provider=provider, profile=provider, ort_extra_options={})
-
-
-def _copy_ready_folder(folder: Path, reference_hf_dir: Path, work: Path,
-                       context_length: int | None) -> tuple[Path, ModelInfo]:
-    ready.check_matches_reference(folder, reference_hf_dir)
-    artifact = work / "artifact"
-    ready.copy_folder(folder, artifact)
-    if context_length is not None:
-        set_context_length(artifact, context_length)
-    return artifact, modelinfo.model_info(reference_hf_dir, artifact)
-
-
 def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: BuildOptions, out_dir: Path,
            contract_files: dict[str, Path]) -> Manifest:
     """OUT already holds this exact build: verify it and reuse it.
@@ -424,7 +404,8 @@ def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: Bui
     """
     held = {f.path: f.sha256 for f in existing.files if f.path.startswith(f"{CONTRACTS_DIR}/")}
     wanted = {f"{CONTRACTS_DIR}/{name}.json": sha256_file(path) for name, path in contract_files.items()}
-    if not _is_same_build(existing, source.name, request.version, source.sha256, opts, request.context_length) \
+    if not _is_same_build(existing, source.name, request.version, source.sha256, opts, request.context_length,
+                          request.reference) \
             or held != wanted:
         raise UsageError(
             f"output {out_dir} already holds a different build ({existing.name} v{existing.version}, "

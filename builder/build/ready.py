@@ -13,9 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from agent.wire.errors import ActivationError, SourceError
+from agent.wire.errors import ActivationError, SourceError, UsageError
 from agent.wire.loadcheck import check_model_dir
 from agent.wire.manifest import ExecutionProvider, Precision
+from builder.build.options import BuildOptions
 
 GENAI_CONFIG = "genai_config.json"
 _PROVIDERS: dict[str, ExecutionProvider] = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
@@ -102,6 +103,35 @@ def check_matches_reference(path: Path, reference_hf_dir: Path) -> None:
     if vocab is not None and reference is not None and int(vocab) != int(reference):
         raise SourceError(f"the ready folder's vocabulary ({vocab} tokens) is not its --reference's ({reference}):"
                           " pass the model the folder was made from")
+
+
+def folder_options(path: Path, source: str, *, precision: str, execution_provider: str,
+                   unused: dict[str, object]) -> BuildOptions:
+    """The folder's precision and provider, read from it; build flags that would change them refused
+    (`precision`/`execution_provider` at their defaults, int4 and cpu, ask for nothing; `unused`:
+    the quantization flags, flag -> value, None when not given).
+
+    Raises:
+        UsageError: a flag asks for something other than what the folder is.
+    """
+    found_precision, found_provider = precision_of(path), provider_of(path)
+    for flag, value, default, found in (("-p", precision, "int4", found_precision),
+                                         ("-e", execution_provider, "cpu", found_provider)):
+        if value not in (default, found):
+            raise UsageError(f"{source} is a ready {found_precision}/{found_provider} folder: {flag} {value} would"
+                             " need a rebuild; build from the model's own weights instead")
+    given = [flag for flag, value in unused.items() if value is not None]
+    if given:
+        raise UsageError(f"{source} is already built: {', '.join(given)} does not apply")
+    return BuildOptions(precision=found_precision, execution_provider=found_provider, profile=found_provider,
+                        ort_extra_options={})
+
+
+def copy_to_artifact(path: Path, reference_hf_dir: Path, artifact: Path) -> Path:
+    """The folder, checked against its reference, copied into `artifact` (returned)."""
+    check_matches_reference(path, reference_hf_dir)
+    copy_folder(path, artifact)
+    return artifact
 
 
 def copy_folder(path: Path, out: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -103,6 +104,33 @@ def test_a_burst_of_doorbells_coalesces_into_one_or_two_checks(tiny_raw: Path, r
     passes = agent.log().count("event=check_requested") - passes_before
     assert 1 <= passes <= 2 and 1 <= timestamp_fetches() <= 2, (passes, timestamp_fetches())
     assert "triggers=doorbell" in agent.log()
+
+
+def test_while_doorbell_passes_keep_coming_no_poll_pass_runs_and_after_them_the_poll_resumes(
+        tiny_raw: Path, release: Release, mosquitto: Mosquitto, tmp_path: Path, agents: list[Agent]) -> None:
+    """The poll is the longest a device goes without a check: a pass for a doorbell starts its wait
+    over (a crowded fleet update used to run a poll pass per interval beside the doorbell's)."""
+    release.publish(tiny_raw, "tiny", 1)
+    agent = Agent(tmp_path / "a", release, broker_url=mosquitto.url, poll_interval_s=4)
+    agents.append(agent.start())
+    agent.wait_serving("tiny", 1)
+    agent.wait(lambda: "event=probation_passed" in agent.log(), 60, "v1's probation to end (checks wait for it)")
+
+    def polls() -> int:
+        return len(re.findall(r"event=check_requested triggers=\S*poll", agent.log()))
+
+    def passes() -> int:
+        return agent.log().count("event=check_requested")
+
+    polls_before, started, n = polls(), time.monotonic(), 0
+    while time.monotonic() - started < 10:  # two and a half poll intervals, one doorbell pass after another
+        before, n = passes(), n + 1
+        publish_and_wait(mosquitto.port, f"edgefleet/{FLEET}/releases",
+                         Doorbell(repo_timestamp_version=200 + n, channels=["stable"]).model_dump_json().encode())
+        agent.wait(lambda before=before: passes() > before and agent.phase() is Phase.UP_TO_DATE, 30,
+                   f"doorbell {n}'s pass")
+    assert polls() == polls_before, f"{polls() - polls_before} poll pass(es) ran beside {n} doorbell passes"
+    agent.wait(lambda: polls() > polls_before, 30, "the poll to resume once the doorbells stopped")
 
 
 def test_update_found_only_by_polling(tiny_raw: Path, release: Release, tmp_path: Path,
