@@ -37,7 +37,6 @@ from agent.serving.runtime import ModelRuntime  # noqa: E402
 from agent.system.hardware import probe, probe_onnxruntime_genai  # noqa: E402
 from agent.update.compat import check_manifest  # noqa: E402
 from agent.wire.canary import judge_leads  # noqa: E402
-from agent.wire.channel import ChannelFile  # noqa: E402
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest  # noqa: E402
 from agent.wire.worker import ChatMessage, SamplingOptions, TokenEvent  # noqa: E402
 
@@ -85,19 +84,14 @@ async def activate_and_chat(artifact: Path, manifest: Manifest) -> dict[str, Any
         await host.close()
 
 
-def update_once_then_serve(artifact: Path, manifest: Manifest) -> dict[str, Any]:
+def update_once_then_serve(artifact: Path) -> dict[str, Any]:
     from builder.demo.ports import free_port
-    from testkit.artifacts import new_repo, serving
+    from testkit.artifacts import release_to_new_device, serving
     from testkit.waits import wait_until
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        repo = new_repo(root / "repo")
-        repo.publish(artifact)
-        repo.set_channel(ChannelFile(channel="stable", model=manifest.name, version=manifest.version))
-        state = root / "device"
-        (state / "trust").mkdir(parents=True)
-        (state / "trust" / "root.json").write_bytes((repo.metadata_dir / "root.json").read_bytes())
+        repo, state = release_to_new_device(root, artifact)
         with serving(repo.www_dir) as (url, _):
             (root / "agent.toml").write_text(f'device_id = "gpu-box"\nchannel = "stable"\nrepo_url = "{url}"\n'
                                              f'state_dir = "{state}"\n')
@@ -140,7 +134,7 @@ def check(artifact: Path) -> dict[str, Any]:
                            "precision": manifest.build.precision,
                            "compatible": not shortfalls, "shortfalls": [s.detail for s in shortfalls]}
     out.update(asyncio.run(activate_and_chat(artifact, manifest)))
-    out.update(update_once_then_serve(artifact, manifest))
+    out.update(update_once_then_serve(artifact))
     canary = manifest.evaluation.canary
     speeds: dict[str, float] = {}
     greedy: dict[str, list[int]] = {}

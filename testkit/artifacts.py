@@ -188,6 +188,21 @@ def serving(www: Path, port: int = 0, faults: Faults | None = None) -> Iterator[
         thread.join(timeout=10)
 
 
+def release_to_new_device(root: Path, artifact: Path) -> tuple[TufRepo, Path]:
+    """`artifact` signed into a new repository (root/repo) as the stable channel's model, and a
+    device state dir (root/device) provisioned with that repository's root.json only."""
+    from agent.wire.channel import ChannelFile
+
+    manifest = Manifest.model_validate_json((artifact / MANIFEST_FILENAME).read_bytes())
+    repo = new_repo(root / "repo")
+    repo.publish(artifact)
+    repo.set_channel(ChannelFile(channel="stable", model=manifest.name, version=manifest.version))
+    state = root / "device"
+    (state / "trust").mkdir(parents=True)
+    (state / "trust" / "root.json").write_bytes((repo.metadata_dir / "root.json").read_bytes())
+    return repo, state
+
+
 def new_repo(path: Path, **expiry_s: int) -> TufRepo:
     settings = RepoSettings()
     for role, seconds in expiry_s.items():

@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 
 from agent.serving.runtime import ModelRuntime
-from agent.wire.channel import ChannelFile
 from agent.wire.errors import ActivationError, ExitCode
-from agent.wire.manifest import Manifest
 from builder.build.package import verify_artifact
 from builder.build.pipeline import DEFAULT_MAX_PPL_RATIO, BuildRequest, build_artifact
-from testkit.artifacts import new_repo, serving
+from testkit.artifacts import release_to_new_device, serving
 from testkit.env import subprocess_env
 
 # (precision, provider) -> what this host's CPU-only onnxruntime-genai says when asked for the provider.
@@ -67,14 +65,7 @@ def test_a_gpu_build_is_gated_here_on_the_graph_it_ships(precision: str, provide
 
 def test_a_cpu_device_refuses_a_cuda_release_before_downloading_it(gpu_builds: dict[str, Path],
                                                                    tmp_path: Path) -> None:
-    art = gpu_builds["cuda"]
-    manifest = Manifest.model_validate_json((art / "manifest.json").read_bytes())
-    repo = new_repo(tmp_path / "repo")
-    repo.publish(art)
-    repo.set_channel(ChannelFile(channel="stable", model=manifest.name, version=manifest.version))
-    state = tmp_path / "device"
-    (state / "trust").mkdir(parents=True)
-    (state / "trust" / "root.json").write_bytes((repo.metadata_dir / "root.json").read_bytes())
+    repo, state = release_to_new_device(tmp_path, gpu_builds["cuda"])
     with serving(repo.www_dir) as (url, faults):
         toml = tmp_path / "agent.toml"
         toml.write_text(f'device_id = "cpu-box"\nchannel = "stable"\nrepo_url = "{url}"\nstate_dir = "{state}"\n')
