@@ -53,8 +53,7 @@ def min_free_disk_bytes(total_file_bytes: int) -> int:
 
 # A GPU build's accelerator memory over its weights and KV cache: the CUDA context, cuBLAS
 # workspaces and activations (an estimate: no GPU measures it here; the device's canary does).
-# Measured on an H200 (README "GPU targets"): a process holding only a CUDA context took 608 MiB,
-# the SmolLM2 INT4 worker 948 MiB for 265 MB of weights and KV.
+# The floor is what a CUDA context alone took on an H200, with room (README "GPU targets").
 ACCELERATOR_MARGIN_FRACTION = 0.25
 ACCELERATOR_MARGIN_MIN_BYTES = 768 * 1024 * 1024
 
