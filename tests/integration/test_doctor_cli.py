@@ -47,3 +47,18 @@ def test_doctor_cli_accepts_a_fitting_manifest_and_rejects_a_broken_one(tmp_path
     proc = _doctor("--manifest", str(path), "--state-dir", str(tmp_path))
     assert proc.returncode == ExitCode.VERIFICATION_FAILED
     assert proc.stderr.strip().startswith(f"edge-agent: error: manifest {path} is not valid at")
+
+
+def test_doctor_names_each_provider_it_refuses_and_why(tmp_path: Path) -> None:
+    """This CPU wheel says WebGPU is "available" on any machine; the probe model cannot run on it here,
+    and doctor says so in the runtime's words (and never lists it among the providers)."""
+    text = _doctor("--state-dir", str(tmp_path))
+    assert text.returncode == 0, text.stderr
+    providers = next(line for line in text.stdout.splitlines() if line.startswith("onnxruntime-genai"))
+    assert providers.endswith("(providers: cpu)")
+    refused = [line.split(None, 2) for line in text.stdout.splitlines() if " refused " in line]
+    (webgpu,) = [r for r in refused if r[:2] == ["webgpu", "refused"]]
+    assert len(webgpu) == 3 and webgpu[2]  # the reason: no GPU here, or no WebGPU in this build
+    report = json.loads(_doctor("--state-dir", str(tmp_path), "--json").stdout)["hardware"]
+    assert report["execution_providers"] == ["cpu"] and report["accelerator_memory_bytes"] is None
+    assert set(report["refused_execution_providers"]) >= {"webgpu"}
