@@ -18,7 +18,8 @@ device time spent waiting for the check to start (doorbell / poll), checking,
 downloading + verifying + installing, and activating (from each device's own
 event timestamps), and broker messages per device per update, counted, not
 assumed: what the devices published on the fleet topics (seen by a subscriber)
-plus every PUBLISH the broker sent to a device (its own log, `log_type all`).
+plus every PUBLISH the broker sent to a device (its own log, `log_type all`), and the
+update passes each device ran, by what asked for them (its own log).
 
     python bench/fleet.py --agents 20 [--agents 50 ...] [--poll 20] [--rounds 2]
 """
