@@ -24,6 +24,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 Precision = Literal["int4", "int8", "fp16", "fp32"]
 ExecutionProvider = Literal["cpu", "cuda", "dml", "webgpu"]
 Profile = Literal["cpu", "mobile", "cuda", "dml", "webgpu"]
+ReferencePrecision = Literal["fp32", "int8"]
 
 
 def check_model_name(name: str) -> str:
@@ -110,6 +111,9 @@ class Evaluation(FrozenModel):
     reference_perplexity: float = Field(gt=0)
     perplexity_ratio: float = Field(gt=0)
     max_perplexity_ratio: float = Field(gt=0)
+    reference_precision: ReferencePrecision = Field(  # left out when fp32, like the GPU fields
+        default="fp32", exclude_if=lambda v: v == "fp32",
+        description="the precision of the source's build the perplexity was compared with")
     eval_text_sha256: Sha256Hex
     eval_tokens: int = Field(gt=0)
     decode_tokens_per_s: float = Field(ge=0)

@@ -41,6 +41,7 @@ from agent.wire.manifest import (
     ModelInfo,
     ModelName,
     Precision,
+    ReferencePrecision,
     Requirements,
     SourceInfo,
 )
@@ -92,6 +93,9 @@ class BuildRequest(FrozenModel):
     # For a ready onnxruntime-genai folder: the model it was made from (an HF folder or id, a GGUF);
     # its FP32 build is the quality gate's reference.
     reference: str | None = None
+    # int8: the gate's reference is an INT8 build, about half FP32's size, for a model whose FP32
+    # copy would not fit the build host (its distance from FP32: README "Builder").
+    reference_precision: ReferencePrecision = "fp32"
 
 
 class BuildResult(FrozenModel):
@@ -141,12 +145,12 @@ def _result(out_dir: Path, m: Manifest, reused: bool, duration_s: float, stages:
 
 
 def _is_same_build(m: Manifest, name: str, version: int, source_sha256: str, opts: BuildOptions,
-                   context_length: int | None, made_from: str | None) -> bool:
+                   context_length: int | None, made_from: str | None, reference_precision: str) -> bool:
     return (m.name == name and m.version == version and m.source.sha256 == source_sha256
             and m.build.precision == opts.precision and m.build.execution_provider == opts.execution_provider
             and m.build.profile == opts.profile and m.build.builder_options == opts.ort_extra_options
             and (context_length is None or m.model_info.context_length == context_length)
-            and m.source.made_from == made_from)
+            and m.source.made_from == made_from and m.evaluation.reference_precision == reference_precision)
 
 
 def _check_out_dir(out_dir: Path) -> Manifest | None:
@@ -202,19 +206,21 @@ def _atomic_dir(final: Path, make) -> Path:  # make: Callable[[Path], None]
 
 
 def _reference_perplexity(hf_dir: Path, source_sha256: str, cache_dir: Path, window: int,
-                          log_path: Path) -> float:
-    """Perplexity of the FP32 CPU ONNX build of the same source, cached per source and text.
+                          log_path: Path, precision: ReferencePrecision = "fp32") -> float:
+    """Perplexity of the FP32 (or INT8) CPU ONNX build of the same source, cached per source,
+    precision and text.
 
     The reference goes through the same ORT builder and runtime as the
     candidate, so the ratio isolates what quantization costs.
     """
-    key = f"{source_sha256[:16]}-w{window}-{evaluate.eval_text_sha256()[:12]}"
+    tag = "" if precision == "fp32" else f"{precision}-"  # fp32 keeps the key older caches hold
+    key = f"{source_sha256[:16]}-{tag}w{window}-{evaluate.eval_text_sha256()[:12]}"
     ppl_file = cache_dir / "reference" / f"{key}.ppl"
     if ppl_file.is_file():
         return float(ppl_file.read_text())
     ref_dir = _atomic_dir(
-        cache_dir / "reference" / f"{source_sha256[:16]}-fp32",
-        lambda tmp: run_ort_builder(hf_dir, tmp, precision="fp32", execution_provider="cpu",
+        cache_dir / "reference" / f"{source_sha256[:16]}-{precision}",
+        lambda tmp: run_ort_builder(hf_dir, tmp, precision=precision, execution_provider="cpu",
                                     cache_dir=cache_dir / "ort", log_path=log_path),
     )
     ppl, _ = evaluate.measure_perplexity(ref_dir, window=window)
@@ -293,14 +299,16 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
                 artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
         window = min(evaluate.PPL_WINDOW_TOKENS, info.context_length)
         with run.stage("evaluate fp32 reference"):
-            ref_ppl = _reference_perplexity(hf_dir, reference.sha256, run.cache_dir, window, work / "reference.log")
+            ref_ppl = _reference_perplexity(hf_dir, reference.sha256, run.cache_dir, window, work / "reference.log",
+                                            request.reference_precision)
         with run.stage("evaluate built model"):
             measured = evaluate.measure_model(artifact, progress=run.progress.update)
         for arch in request.check_arches:
             with run.stage(f"check canary on {arch}"):
                 _check_canary_on(arch, artifact, measured, run.cache_dir)
         with run.stage("quality gate"):
-            ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio)
+            ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio,
+                                  request.reference_precision)
         with run.stage("measure footprint"):
             fp = footprint.measure_footprint(artifact, info.context_length)
         if contract_files:
@@ -405,7 +413,7 @@ def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: Bui
     held = {f.path: f.sha256 for f in existing.files if f.path.startswith(f"{CONTRACTS_DIR}/")}
     wanted = {f"{CONTRACTS_DIR}/{name}.json": sha256_file(path) for name, path in contract_files.items()}
     if not _is_same_build(existing, source.name, request.version, source.sha256, opts, request.context_length,
-                          request.reference) \
+                          request.reference, request.reference_precision) \
             or held != wanted:
         raise UsageError(
             f"output {out_dir} already holds a different build ({existing.name} v{existing.version}, "
@@ -442,7 +450,7 @@ def _build_onnx(hf_dir: Path, work: Path, opts: BuildOptions, context_length: in
 
 
 def _quality_gate(name: str, opts: BuildOptions, measured: evaluate.Measurement, ref_ppl: float,
-                  max_ppl_ratio: float) -> float:
+                  max_ppl_ratio: float, reference_precision: str = "fp32") -> float:
     """The perplexity ratio to the fp32 reference.
 
     Raises:
@@ -451,7 +459,7 @@ def _quality_gate(name: str, opts: BuildOptions, measured: evaluate.Measurement,
     ratio = evaluate.perplexity_ratio(measured.perplexity, ref_ppl)
     if ratio > max_ppl_ratio:
         raise QualityGateError(
-            f"{name} {opts.precision} perplexity {measured.perplexity:.3f} is {ratio:.3f}x the fp32 "
+            f"{name} {opts.precision} perplexity {measured.perplexity:.3f} is {ratio:.3f}x the {reference_precision} "
             f"reference {ref_ppl:.3f}, over --max-ppl-ratio {max_ppl_ratio}: try --block-size 32, "
             "--algo k_quant_last or -p int8; nothing was packaged"
         )
@@ -484,7 +492,8 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
         ),
         evaluation=Evaluation(
             perplexity=measured.perplexity, reference_perplexity=ref_ppl, perplexity_ratio=ratio,
-            max_perplexity_ratio=request.max_ppl_ratio, eval_text_sha256=measured.eval_text_sha256,
+            max_perplexity_ratio=request.max_ppl_ratio, reference_precision=request.reference_precision,
+            eval_text_sha256=measured.eval_text_sha256,
             eval_tokens=measured.eval_tokens, decode_tokens_per_s=measured.decode_tokens_per_s,
             prefill_tokens_per_s=measured.prefill_tokens_per_s, peak_rss_bytes=fp.peak_rss_bytes,
             measured_on="cpu",  # every provider's graph is evaluated on this host's CPU (`evaluate.load_model`)

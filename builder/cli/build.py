@@ -83,6 +83,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", metavar="SOURCE", default=None,
                    help="for a ready onnxruntime-genai folder: the model it was made from (HF id or folder, GGUF); "
                         "its FP32 build is the quality gate's reference")
+    p.add_argument("--reference-precision", choices=["fp32", "int8"], default="fp32",
+                   help="the build of the source the quality gate compares with: int8 is about half the size of "
+                        "fp32, for a model whose fp32 copy does not fit this host; its perplexity sits a little "
+                        "above fp32's, so ratios read a little lower (README \"Builder\" says by how much)")
     p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
                    help="quality gate: fail when perplexity / fp32 reference perplexity exceeds this")
     p.add_argument("--check-arch", action="append", choices=["aarch64"], default=[], metavar="ARCH",
@@ -131,6 +135,7 @@ def _request(args: argparse.Namespace) -> BuildRequest:
         precision=args.precision, execution_provider=args.execution_provider, profile=args.profile,
         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
         extra_options=parse_extra_options(args.extra_option), reference=args.reference,
+        reference_precision=args.reference_precision,
         cache_dir=args.cache_dir or default_cache_dir(), max_ppl_ratio=args.max_ppl_ratio,
         context_length=args.context_length, check_arches=args.check_arch, contracts=args.contract,
     )

@@ -81,6 +81,19 @@ def test_other_precisions_and_algorithms_build_load_and_generate(precision: str,
     assert result.canary_token_ids == canary.expected_token_ids
 
 
+def test_an_int8_reference_gates_without_an_fp32_copy_of_the_model(tiny_hf: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"  # nothing of this source is cached yet
+    out = tmp_path / "artifact"
+    result = build_artifact(BuildRequest(source=str(tiny_hf), out_dir=out, reference_precision="int8",
+                                         cache_dir=cache))
+    manifest = verify_artifact(out)
+    assert manifest.evaluation.reference_precision == "int8"
+    assert '"reference_precision": "int8"' in (out / "manifest.json").read_text()
+    built = sorted(p.name for p in (cache / "reference").iterdir() if p.is_dir())
+    assert built == [f"{manifest.source.sha256[:16]}-int8"]  # the only reference built: no fp32 copy
+    assert 0 < result.perplexity_ratio < DEFAULT_MAX_PPL_RATIO
+
+
 def test_quality_gate_failure_packages_nothing(tiny_model_dir, tmp_path: Path, builder_cache_dir: Path) -> None:
     out = tmp_path / "artifact"
     with pytest.raises(QualityGateError, match=r"over --max-ppl-ratio 0.5: .*nothing was packaged"):
