@@ -17,6 +17,7 @@ from typing import Literal
 
 from agent.wire.errors import SourceError
 from agent.wire.hashing import sha256_file
+from builder.build import ready
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,10 +77,8 @@ def resolve_source(source: str, cache_dir: Path) -> ResolvedSource:
         if path.is_file():
             check_gguf_header(path)
             return ResolvedSource("gguf", source, path, derive_name(path.name))
-        if path.is_dir() and (path / "genai_config.json").is_file():
-            from builder.build.ready import check_ready_folder
-
-            check_ready_folder(path)
+        if ready.is_ready_folder(path):
+            ready.check_ready_folder(path)
             return ResolvedSource("ort_genai", source, path, derive_name(path.name))
         if path.is_dir():
             check_hf_dir(path)

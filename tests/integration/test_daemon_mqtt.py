@@ -111,7 +111,7 @@ def test_while_doorbell_passes_keep_coming_no_poll_pass_runs_and_after_them_the_
     """The poll is the longest a device goes without a check: a pass for a doorbell starts its wait
     over (a crowded fleet update used to run a poll pass per interval beside the doorbell's)."""
     release.publish(tiny_raw, "tiny", 1)
-    agent = Agent(tmp_path / "a", release, broker_url=mosquitto.url, poll_interval_s=4)
+    agent = Agent(tmp_path / "a", release, broker_url=mosquitto.url, poll_interval_s=3)
     agents.append(agent.start())
     agent.wait_serving("tiny", 1)
     agent.wait(lambda: "event=probation_passed" in agent.log(), 60, "v1's probation to end (checks wait for it)")
@@ -123,7 +123,7 @@ def test_while_doorbell_passes_keep_coming_no_poll_pass_runs_and_after_them_the_
         return agent.log().count("event=check_requested")
 
     polls_before, started, n = polls(), time.monotonic(), 0
-    while time.monotonic() - started < 10:  # two and a half poll intervals, one doorbell pass after another
+    while time.monotonic() - started < 7.5:  # two and a half poll intervals, one doorbell pass after another
         before, n = passes(), n + 1
         publish_and_wait(mosquitto.port, f"edgefleet/{FLEET}/releases",
                          Doorbell(repo_timestamp_version=200 + n, channels=["stable"]).model_dump_json().encode())

@@ -33,7 +33,7 @@ from testkit.waits import wait_until
 pytestmark = pytest.mark.slow
 
 FLEET = "fleet"
-N_AGENTS = 20
+N_AGENTS = 12  # enough for three waves of distinct sizes (the salt is picked for it); each agent costs a model load
 WAVES = (10, 50, 100)
 SETTLE_S = 240.0
 
