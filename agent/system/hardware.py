@@ -110,7 +110,6 @@ def probe_onnxruntime_genai() -> RuntimeProbe:
         compiled.add("cpu")
         if provider:
             compiled.add(provider)
-    refused: dict[str, str] = {}
     if version is not None and importlib.util.find_spec("onnxruntime_genai") is not None:
         try:
             # A light import (tens of ms; no model is loaded).
@@ -123,11 +122,11 @@ def probe_onnxruntime_genai() -> RuntimeProbe:
             log.warning("event=ort_genai_import_failed error=%r", str(e))
             return RuntimeProbe(version=version, refused_execution_providers={
                 "cpu": f"onnxruntime-genai does not import ({e}): reinstall it"})
-    evidence = DeviceEvidence.read()
-    for name in sorted(compiled - usable_providers(compiled, evidence)):
-        refused[name] = "onnxruntime-genai reports it, but this device shows no hardware for it"
+    with_hardware = usable_providers(compiled, DeviceEvidence.read())
+    refused = {name: "onnxruntime-genai reports it, but this device shows no hardware for it"
+               for name in sorted(compiled - with_hardware)}
     usable = set()
-    for name in sorted(usable_providers(compiled, evidence)):
+    for name in sorted(with_hardware):
         failure = provider_failure(name)  # cpu too: a broken install runs nothing
         if failure is None:
             usable.add(name)
