@@ -14,11 +14,10 @@ import shutil
 from pathlib import Path
 
 from agent.wire.errors import ActivationError, SourceError, UsageError
-from agent.wire.loadcheck import check_model_dir
+from agent.wire.loadcheck import GENAI_CONFIG, check_model_dir
 from agent.wire.manifest import ExecutionProvider, Precision
 from builder.build.options import BuildOptions
 
-GENAI_CONFIG = "genai_config.json"
 _PROVIDERS: dict[str, ExecutionProvider] = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 # onnx.TensorProto data types of float weights.
 _FLOAT16, _FLOAT32, _BFLOAT16 = 10, 1, 16
