@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from agent.wire.base import StrictModel
 from agent.wire.errors import ConfigError
 
@@ -62,6 +63,10 @@ class AgentConfig(StrictModel):
                           description="requests the model generates at once; more wait in the queue")
     queue_size: int = Field(default=16, ge=0, le=4096,
                             description="requests that may wait for a slot; one more is a 429 with Retry-After")
+    prefix_cache_mb: int = Field(default=DEFAULT_BUDGET_BYTES >> 20, ge=0, le=1 << 20, description=(
+        "KV cache the model worker keeps of finished requests, so that a request repeating their start"
+        " (a chat's history, a shared system prompt) prefills only the rest; 0: off. Applies from the"
+        " next model load"))
     allow_custom_ops: bool = Field(default=False, description=(
         "let a model's genai_config.json load custom operator libraries (native code from the package)"))
     probation_s: float = Field(default=60.0, ge=0,

@@ -96,7 +96,7 @@ class Daemon:
         self.store = Store(config.state_dir)
         self.host = ModelHost(threads=config.intra_op_num_threads, stream_interval_s=config.stream_interval_ms / 1000,
                               allow_custom_ops=config.allow_custom_ops, parallel=config.parallel,
-                              queue_size=config.queue_size)
+                              queue_size=config.queue_size, prefix_cache_bytes=config.prefix_cache_mb << 20)
         self.link: MqttLink | None = None
         self._limits_task: asyncio.Task[None] | None = None
         self.outbox: Outbox | None = None
@@ -341,6 +341,7 @@ class Daemon:
             self._updater.disk_cap_bytes = new.disk_cap_bytes
         if self._activator is not None:
             self._activator.mode = new.switch_mode
+        self.host.prefix_cache_bytes = new.prefix_cache_mb << 20  # the next worker started takes it
         if (new.parallel, new.queue_size) != (old.parallel, old.queue_size):
             # Kept in an attribute: the loop holds only a weak reference to a task.
             self._limits_task = asyncio.get_running_loop().create_task(

@@ -18,6 +18,7 @@ import uvicorn
 
 from agent.serving.api import create_app
 from agent.serving.host import ModelHost
+from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from builder.demo.ports import free_port
 from testkit.waits import is_listening, wait_until
 
@@ -46,11 +47,12 @@ def wait_listening(port: int, timeout_s: float = 30.0) -> None:
 
 class ServerThread:
     def __init__(self, model_dir: Path | None, *, threads: int = 2, parallel: int = 4, queue_size: int = 16,
-                 api_token: str | None = None, stream_interval_s: float = 0.05) -> None:
+                 api_token: str | None = None, stream_interval_s: float = 0.05,
+                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = ModelHost(threads=threads, parallel=parallel, queue_size=queue_size,
-                              stream_interval_s=stream_interval_s)
+                              stream_interval_s=stream_interval_s, prefix_cache_bytes=prefix_cache_bytes)
         app = create_app(self.host, api_token=api_token, model_dir=model_dir)
         self.owns_host = model_dir is not None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",

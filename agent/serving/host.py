@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from agent.serving.identity import ModelIdentity
 from agent.serving.metrics import ServingMetrics
+from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from agent.serving.worker.client import WorkerClient
 from agent.wire.canary import judge_leads, judge_without_leads
 from agent.wire.contract import CHECK_MAX_TOKENS, answer_problem, example_request
@@ -52,10 +53,14 @@ class ModelHost:
 
     def __init__(self, *, threads: int | None = None, parallel: int = 4, queue_size: int = 16,
                  load_timeout_s: float = 300.0, drain_timeout_s: float = 600.0,
-                 stream_interval_s: float = 0.05, allow_custom_ops: bool = False) -> None:
+                 stream_interval_s: float = 0.05, allow_custom_ops: bool = False,
+                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         """`stream_interval_s`: see `GenerateCommand.stream_interval_s` (the API's streaming granularity);
-        `allow_custom_ops`: models may load custom operator libraries (`agent.wire.loadcheck`)."""
+        `allow_custom_ops`: models may load custom operator libraries (`agent.wire.loadcheck`);
+        `prefix_cache_bytes`: the KV each worker may keep of finished generations
+        (`agent.serving.prefix_cache`), applied to workers started after it changes."""
         self.threads = threads
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.allow_custom_ops = allow_custom_ops
         self.stream_interval_s = stream_interval_s
         self.parallel = parallel
@@ -115,9 +120,7 @@ class ModelHost:
                 self.state = "loading"
             started = time.perf_counter()
             try:
-                new = await WorkerClient.start(Path(model_dir), threads=self.threads,
-                                               allow_custom_ops=self.allow_custom_ops,
-                                               load_timeout_s=self.load_timeout_s)
+                new = await self._start_worker(Path(model_dir))
             except ActivationError as e:
                 self.last_error = str(e)
                 if self._current is None:
@@ -140,6 +143,11 @@ class ModelHost:
                 await self._drain_and_stop(old)
             return new.identity
 
+    async def _start_worker(self, model_dir: Path) -> WorkerClient:
+        return await WorkerClient.start(model_dir, threads=self.threads, allow_custom_ops=self.allow_custom_ops,
+                                        prefix_cache_bytes=self.prefix_cache_bytes,
+                                        load_timeout_s=self.load_timeout_s)
+
     async def _drain_then_switch(self, model_dir: Path, canary: Canary | None) -> ModelIdentity:
         old = require(self._current, "the model being replaced")
         started = time.perf_counter()
@@ -152,17 +160,14 @@ class ModelHost:
             await old.stop()
             log.info("event=drained model=%s drain_s=%.2f", old.identity.name, time.perf_counter() - started)
             try:
-                new = await WorkerClient.start(model_dir, threads=self.threads, allow_custom_ops=self.allow_custom_ops,
-                                               load_timeout_s=self.load_timeout_s)
+                new = await self._start_worker(model_dir)
                 if canary is not None:
                     await self._check_canary(new, canary)
             except ActivationError as e:
                 self.last_error = str(e)
                 log.error("event=model_switch_failed model_dir=%s mode=drain error=%s: reloading %s", model_dir, e,
                           old.identity.model_dir)
-                restored = await WorkerClient.start(Path(old.identity.model_dir), threads=self.threads,
-                                                    allow_custom_ops=self.allow_custom_ops,
-                                                    load_timeout_s=self.load_timeout_s)
+                restored = await self._start_worker(Path(old.identity.model_dir))
                 self._install(restored)
                 raise
             self._install(new)

@@ -79,6 +79,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaCreateGenerator": ([_P, _P, _PP], _P),
     "OgaDestroyGenerator": ([_P], None),
     "OgaGenerator_AppendTokens": ([_P, _I32P, _SIZE], _P),
+    "OgaGenerator_RewindTo": ([_P, _SIZE], _P),
     "OgaGenerator_IsDone": ([_P], ctypes.c_bool),
     "OgaGenerator_GenerateNextToken": ([_P], _P),
     "OgaGenerator_GetNextTokens": ([_P, ctypes.POINTER(_I32P), ctypes.POINTER(_SIZE)], _P),
@@ -346,6 +347,10 @@ class Generator(_Handle):
 
     def append_tokens(self, token_ids: Sequence[int]) -> None:
         _check(library().OgaGenerator_AppendTokens(self.handle, _int32_array(token_ids), len(token_ids)))
+
+    def rewind_to(self, length: int) -> None:
+        """Forget every token after the first `length` (their KV included): appending continues there."""
+        _check(library().OgaGenerator_RewindTo(self.handle, length))
 
     def is_done(self) -> bool:
         return bool(library().OgaGenerator_IsDone(self.handle))

@@ -33,6 +33,7 @@ from agent.wire.openai import (
     DeltaToolCall,
     ErrorBody,
     ErrorDetail,
+    PromptTokensDetails,
     ToolCallOut,
     Usage,
     chat_logprobs,
@@ -107,8 +108,10 @@ def _usage(done: list[DoneEvent]) -> Usage:
     """The prompt once (every choice has the same), every choice's completion."""
     prompt_tokens = done[0].prompt_tokens if done else 0
     completion_tokens = sum(event.completion_tokens for event in done)
+    cached_tokens = done[0].cached_tokens if done else 0
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def whole(reply: Reply, choices: list[Collected]) -> BaseModel:

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.serving import oga
+from agent.serving.prefix_cache import PrefixCache, batch_end
 from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.loadcheck import check_model_dir
-from agent.wire.worker import ChatMessage, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
+from agent.wire.worker import PREFILL_CHUNK_TOKENS, ChatMessage, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 # KV cache is allocated for the whole max_length up front, and a full 8k context of
 # SmolLM2 would take ~0.4 GB per request on a small box.
 DEFAULT_MAX_NEW_TOKENS = 1024
+
+# A generator kept by the prefix cache serves a later turn only if that turn's prompt and
+# completion fit the KV allocated for it: new cacheable generators get this much room beyond
+# their own request.
+PREFIX_HEADROOM_TOKENS = 1024
 
 _GUIDANCE_LABELS = {"json_schema": "JSON schema", "regex": "regex", "lark_grammar": "lark grammar"}
 
@@ -68,6 +74,20 @@ def _read_vocab_size(model_dir: Path) -> int:
     try:
         return int(json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def read_kv_bytes_per_token(model_dir: Path) -> int:
+    """The bytes of KV cache one token takes, by `genai_config.json`: keys and values of every layer,
+    fp16 in a GPU build's graph, fp32 in a CPU build's (what the 0.18 builder writes); 0 when the
+    config does not say (nothing can then be kept within a budget)."""
+    try:
+        genai_config = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        decoder = genai_config["decoder"]
+        per_layer = int(decoder["num_key_value_heads"]) * int(decoder["head_size"])
+        is_gpu_graph = any(decoder.get("session_options", {}).get("provider_options") or [])
+        return 2 * int(decoder["num_hidden_layers"]) * per_layer * (2 if is_gpu_graph else 4)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return 0
 
 
@@ -118,6 +138,16 @@ def log_softmax_at(logits: Sequence[float], token: int, top_n: int) -> tuple[flo
     return max(MIN_LOGPROB, logits[token] - log_total), top
 
 
+def prefix_cache_key(options: SamplingOptions, search: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a kept generator must have been created with to serve this request (onnxruntime-genai
+    fixes search options at creation); None when this request's generator must not be shared:
+    beam search, a constraint (its grammar state is the generator's), a seed (its sampler's
+    state would continue another request's)."""
+    if options.num_beams > 1 or options.guidance is not None or options.seed is not None:
+        return None
+    return tuple(sorted((k, v) for k, v in search.items() if k != "max_length"))
+
+
 @dataclass
 class StepResult:
     """What one step produced: the new token ids, the text now safe to show and, when the
@@ -139,22 +169,40 @@ class Generation:
     runtime: ModelRuntime
     prompt_ids: list[int]
     options: SamplingOptions
+    # Finished generators kept for their KV: this one may start from one and goes back there.
+    cache: PrefixCache[oga.Generator] | None = None
     _generator: oga.Generator | None = None
     _stream: oga.TokenizerStream | None = None
     completion_ids: list[int] = field(default_factory=list)
     _pending_text: str = ""
     finish_reason: FinishReason | None = None
-    _is_prefilled: bool = False
+    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    _prefilled: int = 0  # prompt tokens whose KV the generator holds
+    _max_length: int = 0  # what the generator's KV is allocated for
+    _cache_key: tuple[Any, ...] | None = None  # None: this generation's generator is not kept
     _budget: int = 0
     _counts: collections.Counter[int] = field(default_factory=collections.Counter)  # for the penalties
 
     def __post_init__(self) -> None:
         search = self.runtime.search_options(len(self.prompt_ids), self.options)
-        self._budget = int(search["max_length"]) - len(self.prompt_ids)
+        needed = int(search.pop("max_length"))
+        self._budget = needed - len(self.prompt_ids)
         guidance = self.options.guidance
+        if self.cache is not None and self.cache.enabled:
+            self._cache_key = prefix_cache_key(self.options, search)
         try:
-            self._generator = oga.Generator(self.runtime.model, search,
-                                            None if guidance is None else (guidance.kind, guidance.data))
+            reuse = None
+            if self._cache_key is not None and self.cache is not None:
+                reuse = self.cache.take(self.prompt_ids, self._cache_key, needed)
+            if reuse is not None:
+                self._generator, self._max_length, self.reused_tokens = reuse.generator, reuse.max_length, reuse.keep
+                self._prefilled = reuse.keep
+            else:
+                # A kept generator serves later turns only if their prompt and completion fit it.
+                headroom = PREFIX_HEADROOM_TOKENS if self._cache_key is not None else 0
+                self._max_length = min(self.runtime.context_length, needed + headroom)
+                self._generator = oga.Generator(self.runtime.model, {**search, "max_length": self._max_length},
+                                                None if guidance is None else (guidance.kind, guidance.data))
             self._stream = self.runtime.tokenizer.create_stream()
         except OgaError as e:
             # The C API reports every failure as text; llguidance's compile errors start so (0.18).
@@ -168,25 +216,36 @@ class Generation:
     def is_done(self) -> bool:
         return self.finish_reason is not None
 
-    def step(self) -> StepResult:
-        """Prefill on the first call, then one decode step (all of them for beam search).
+    @property
+    def is_prefilled(self) -> bool:
+        return self._prefilled >= len(self.prompt_ids)
+
+    def step(self, prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> StepResult:
+        """The next batch of the prompt's prefill (at most `prefill_chunk` tokens; no token comes of
+        it until the last), then one decode step (all of them for beam search). Batches of two or
+        more give the very KV of a prefill at once (`agent.serving.prefix_cache`).
 
         Raises:
             RuntimeModelError: onnxruntime-genai failed.
         """
         try:
-            return self._step()
+            return self._step(prefill_chunk)
         except OgaError as e:  # before its parent RuntimeModelError: say where it failed
             raise RuntimeModelError(f"generation failed in onnxruntime-genai: {e}") from e
 
-    def _step(self) -> StepResult:
+    def _step(self, prefill_chunk: int) -> StepResult:
         g, stream = self._generator, self._stream
         if g is None or stream is None:
             raise RuntimeModelError("this generation was cancelled")
         logprobs: list[TokenLogprob] | None = [] if self.options.logprobs is not None else None
-        if not self._is_prefilled:
-            g.append_tokens(self.prompt_ids)
-            self._is_prefilled = True
+        if not self.is_prefilled:
+            total = len(self.prompt_ids)
+            # Beam search takes its prompt whole: it expands the beams from it.
+            end = total if self.options.num_beams > 1 else batch_end(self._prefilled, total, prefill_chunk)
+            g.append_tokens(self.prompt_ids[self._prefilled:end])
+            self._prefilled = end
+            if not self.is_prefilled:
+                return StepResult(token_ids=[], text="")
         if self.options.num_beams > 1:
             while not g.is_done():
                 g.generate_next_token()
@@ -211,7 +270,7 @@ class Generation:
         emit, self._pending_text = self._pending_text[:n], self._pending_text[n:]
         if stopped:
             self.finish_reason = "stop"
-        elif g.is_done() or self.options.num_beams > 1:
+        elif g.is_done() or self.options.num_beams > 1 or len(self.completion_ids) >= self._budget:
             emit += self._pending_text  # a held-back tail that never became a stop sequence
             self._pending_text = ""
             is_eos = bool(self.completion_ids) and self.completion_ids[-1] in self.runtime.eos_token_ids
@@ -240,9 +299,18 @@ class Generation:
 
     def cancel(self) -> None:
         self.finish_reason = "cancelled"
-        if self._generator is not None:
-            self._generator.close()  # frees the KV cache now, not at the next GC
-            self._generator = None
+        self.release()
+
+    def release(self) -> None:
+        """Done with this generation: its generator goes to the prefix cache when it finished
+        whole and may be continued, else it is freed now (its KV with it, not at the next GC)."""
+        generator, self._generator = self._generator, None
+        if generator is None:
+            return
+        if self.cache is not None and self._cache_key is not None and self.finish_reason in ("stop", "length"):
+            self.cache.put(generator, generator.sequence(0), len(self.prompt_ids), self._max_length, self._cache_key)
+        else:
+            generator.close()
 
 
 class ModelRuntime:
@@ -263,6 +331,7 @@ class ModelRuntime:
         self.model_dir = Path(model_dir)
         self.context_length = read_context_length(self.model_dir)
         self.vocab_size = _read_vocab_size(self.model_dir)
+        self.kv_bytes_per_token = read_kv_bytes_per_token(self.model_dir)
         check_model_dir(self.model_dir, allow_custom_ops=allow_custom_ops)
         self.threads = intra_op_num_threads or default_threads()
         try:
@@ -340,8 +409,9 @@ class ModelRuntime:
             search["random_seed"] = options.seed
         return search
 
-    def start(self, prompt_ids: list[int], options: SamplingOptions) -> Generation:
-        """A new generation.
+    def start(self, prompt_ids: list[int], options: SamplingOptions,
+              cache: PrefixCache[oga.Generator] | None = None) -> Generation:
+        """A new generation, continuing a kept generator of `cache` where one shares its prefix.
 
         Raises (before allocating anything):
             ContextLengthError: the prompt and max_tokens do not fit.
@@ -352,7 +422,7 @@ class ModelRuntime:
         if outside and self.vocab_size:
             raise ValueError(f"logit_bias names token {outside[0]}, outside this model's vocabulary of "
                              f"{self.vocab_size} tokens")
-        return Generation(self, prompt_ids, options)
+        return Generation(self, prompt_ids, options, cache)
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[StepResult]:
         """Run one generation to its end in this process."""

@@ -369,10 +369,15 @@ class CompletionRequest(GenerationRequest):
 
 # ---- response models ----
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens served from the prefix cache (OpenAI's name)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class TopLogprobOut(BaseModel):

@@ -23,6 +23,9 @@ FinishReason = Literal["stop", "length", "cancelled"]
 # against the text after every token, so its length is bounded too.
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1024
+# The most prompt tokens the worker prefills at once: the attention scratch of one batch grows with
+# it, so the builder measures `min_ram_bytes` prefilling the whole context in batches of this size.
+PREFILL_CHUNK_TOKENS = 1024
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 _ROLES: frozenset[str] = frozenset(get_args(Role))
@@ -364,6 +367,7 @@ class DoneEvent(_Line):
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held: not prefilled again
 
 
 @dataclass(kw_only=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from agent.wire.base import FrozenModel
 from agent.wire.errors import BuildError
+from agent.wire.worker import PREFILL_CHUNK_TOKENS
 from builder import IMPORT_ROOT
 
-PREFILL_CHUNK_TOKENS = 1024
 DECODE_TOKENS = 8
 # Margin over the measured peak: the device runs the API server, the agent and
 # a second model during a switch window on top of the bare runtime, and RSS

@@ -64,11 +64,15 @@ def _token_id(model_dir: Path, text: str) -> int:
 
 def test_a_banned_token_never_appears_and_the_rest_is_the_references(smollm2_openai: openai.OpenAI,
                                                                       smollm2_int4_raw: Path) -> None:
+    import onnxruntime_genai as og
+
     plain = _answer(smollm2_openai)
-    the = _token_id(smollm2_int4_raw, " the")
-    assert " the" in plain
-    banned = _answer(smollm2_openai, logit_bias={str(the): -100})
-    assert banned == _reference(smollm2_int4_raw, 40, {the: -100.0}) and banned != plain
+    # The plain answer's commonest token: which one it is depends on the CPU's kernels (AVX2 and
+    # AVX-512 VNNI machines answer differently), that it is banned does not.
+    token = collections.Counter(int(t) for t in og.Tokenizer(og.Model(str(smollm2_int4_raw))).encode(plain)
+                                ).most_common(1)[0][0]
+    banned = _answer(smollm2_openai, logit_bias={str(token): -100})
+    assert banned == _reference(smollm2_int4_raw, 40, {token: -100.0}) and banned != plain
 
 
 def test_a_boosted_token_is_chosen_every_step(smollm2_openai: openai.OpenAI, smollm2_int4_raw: Path) -> None:

@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import IO
 
 from agent.serving import oga
+from agent.serving.prefix_cache import PrefixCache
 from agent.serving.runtime import Generation, ModelRuntime, StepResult
-from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, RuntimeModelError
+from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import (
+    PREFILL_CHUNK_TOKENS,
     CanaryCommand,
     CanaryEvent,
     CancelCommand,
@@ -56,6 +58,12 @@ from agent.wire.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+# Tokens of kept KV recomputed at a time while idle: a request arriving meanwhile waits for at
+# most one such batch (tens of ms for SmolLM2 on 2 cores).
+SETTLE_CHUNK_TOKENS = 32
+# Prompt tokens prefilled per round while other generations decode (alone: PREFILL_CHUNK_TOKENS).
+INTERLEAVED_PREFILL_TOKENS = 32
 
 
 # ---- the worker process ----
@@ -101,11 +109,12 @@ class _Active:
 class _Worker:
     """Steps all active generations round-robin; reads commands between rounds."""
 
-    def __init__(self, runtime: ModelRuntime, out: IO[bytes]) -> None:
+    def __init__(self, runtime: ModelRuntime, out: IO[bytes], prefix_cache_bytes: int = 0) -> None:
         self.runtime = runtime
         self.out = out
         self.commands: queue.Queue[Command] = queue.Queue()
         self.active: dict[str, _Active] = {}
+        self.cache: PrefixCache[oga.Generator] = PrefixCache(prefix_cache_bytes, runtime.kv_bytes_per_token)
 
     def send(self, event: Event) -> None:
         self.out.write(event.to_line())
@@ -127,7 +136,8 @@ class _Worker:
             if entry is not None:  # held tokens are dropped: nobody is reading them
                 entry.generation.cancel()
                 self.send(DoneEvent(id=command.id, finish_reason="cancelled", prompt_tokens=entry.prompt_tokens,
-                                    completion_tokens=len(entry.generation.completion_ids)))
+                                    completion_tokens=len(entry.generation.completion_ids),
+                                    cached_tokens=entry.generation.reused_tokens))
             return True
         if isinstance(command, CanaryCommand):
             self.run_canary(command)
@@ -159,7 +169,7 @@ class _Worker:
             prompt_ids = self.runtime.encode(text)
             if not prompt_ids:
                 raise ValueError("the prompt is empty: send at least one token of text")
-            generation = self.runtime.start(prompt_ids, command.options)
+            generation = self.runtime.start(prompt_ids, command.options, self.cache)
         except ContextLengthError as e:
             self.send(ErrorEvent(id=command.id, kind="context_length", message=str(e)))
             return
@@ -177,12 +187,19 @@ class _Worker:
         self.active[command.id] = _Active(generation, len(prompt_ids), command.stream_interval_s)
         self.send(StartedEvent(id=command.id, prompt_tokens=len(prompt_ids)))
 
+    def settle(self) -> None:
+        """Make a step of a kept completion's KV exact (`agent.serving.prefix_cache`) while idle."""
+        try:
+            self.cache.settle_step(SETTLE_CHUNK_TOKENS)
+        except OgaError as e:
+            log.warning("event=prefix_cache_settle_failed error=%s", e)
+
     def run(self) -> None:
         while True:
-            # Idle: block for work. Busy: take what arrived since the last round.
+            # Idle: block for work, unless kept KV is to be settled. Busy: take what arrived since the last round.
             pending: list[Command] = []
             try:
-                pending.append(self.commands.get(block=not self.active))
+                pending.append(self.commands.get(block=not self.active and not self.cache.has_unsettled))
                 while True:
                     pending.append(self.commands.get_nowait())
             except queue.Empty:
@@ -190,12 +207,18 @@ class _Worker:
             for command in pending:
                 if not self.handle(command):
                     return
+            if not self.active and not pending:
+                self.settle()
+            # A prompt arriving while others decode is prefilled a small batch per round, so their
+            # next tokens wait for that batch, not for the whole prompt.
+            chunk = PREFILL_CHUNK_TOKENS if len(self.active) == 1 else INTERLEAVED_PREFILL_TOKENS
             for request_id, entry in list(self.active.items()):
                 generation = entry.generation
                 try:
-                    result = generation.step()
+                    result = generation.step(chunk)
                 except RuntimeModelError as e:
                     del self.active[request_id]
+                    generation.release()
                     self.send(ErrorEvent(id=request_id, kind="runtime", message=str(e)))
                     continue
                 entry.hold(result)
@@ -204,9 +227,11 @@ class _Worker:
                     self.send(tokens)
                 if generation.finish_reason is not None:
                     del self.active[request_id]
+                    generation.release()
                     self.send(DoneEvent(id=request_id, finish_reason=generation.finish_reason,
                                         prompt_tokens=entry.prompt_tokens,
-                                        completion_tokens=len(generation.completion_ids)))
+                                        completion_tokens=len(generation.completion_ids),
+                                        cached_tokens=generation.reused_tokens))
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -215,6 +240,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--allow-custom-ops", action="store_true")
+    parser.add_argument("--prefix-cache-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s %(message)s")
@@ -229,7 +255,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     except EdgefleetError as e:
         out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).to_line())
         return 1
-    worker = _Worker(runtime, out)
+    worker = _Worker(runtime, out, args.prefix_cache_bytes)
     worker.send(ReadyEvent(threads=runtime.threads, pid=os.getpid(),
                            load_s=time.perf_counter() - started))
     threading.Thread(target=worker.read_stdin, name="commands", daemon=True).start()
@@ -239,6 +265,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         pass  # the API process is gone
     for entry in worker.active.values():
         entry.generation.cancel()
+    worker.cache.clear()
     runtime.close()
     oga.shutdown()
     return 0

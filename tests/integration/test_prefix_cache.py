@@ -1,0 +1,87 @@
+"""The prefix cache on a real model through the OpenAI API: a chat whose whole history is re-sent
+each turn prefills only what is new, and greedy answers are the very ones a server without the
+cache gives, turn by turn (the cache reuses only KV computed as a prefill computes it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from testkit.serving import ServerThread
+
+# A chat whose answers change if the cache reused KV computed token by token (measured: from the
+# second turn on, with the completion's decoded KV reused as is).
+QUESTIONS = ["What is a compiler?", "And an interpreter?", "Which is faster?"]
+
+
+@pytest.fixture(scope="module")
+def servers(smollm2_int4_raw: Path) -> Iterator[tuple[ServerThread, ServerThread]]:
+    with ServerThread(smollm2_int4_raw, threads=2) as cached, \
+            ServerThread(smollm2_int4_raw, threads=2, prefix_cache_bytes=0) as uncached:
+        yield cached, uncached
+
+
+def _turn(server: ServerThread, messages: list[dict[str, str]], max_tokens: int = 48) -> dict[str, Any]:
+    r = requests.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _chat(server: ServerThread, pause_s: float) -> list[dict[str, Any]]:
+    messages = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}]
+    replies = []
+    for question in QUESTIONS:
+        messages.append({"role": "user", "content": question})
+        reply = _turn(server, messages)
+        replies.append(reply)
+        messages.append({"role": "assistant", "content": reply["choices"][0]["message"]["content"]})
+        time.sleep(pause_s)
+    return replies
+
+
+def _cached(reply: dict[str, Any]) -> int:
+    cached: int = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return cached
+
+
+def test_a_chat_reuses_its_history_and_answers_exactly_as_without_the_cache(
+        servers: tuple[ServerThread, ServerThread]) -> None:
+    cached_server, uncached_server = servers
+    plain = _chat(uncached_server, pause_s=0)
+    back_to_back = _chat(cached_server, pause_s=0)
+    # A pause like a user's reading time: the worker settles the last answer's KV meanwhile.
+    paused = _chat(cached_server, pause_s=1.0)
+    for run in (back_to_back, paused):
+        assert [r["choices"][0]["message"]["content"] for r in run] == \
+            [r["choices"][0]["message"]["content"] for r in plain]
+    assert all(_cached(r) == 0 for r in plain)
+    for turn in range(1, len(QUESTIONS)):
+        previous = back_to_back[turn - 1]["usage"]
+        # At least the previous prompt: its KV came from a prefill.
+        assert _cached(back_to_back[turn]) >= previous["prompt_tokens"] - 2, back_to_back[turn]["usage"]
+        # After a pause, the previous answer's too: only the new question (and the template's
+        # tokens around it) is prefilled.
+        new_tokens = paused[turn]["usage"]["prompt_tokens"] - _cached(paused[turn])
+        assert new_tokens < paused[turn]["usage"]["prompt_tokens"] - previous["total_tokens"] + 8, paused[turn]["usage"]
+    # The first turn of the second chat found the first chat's system prompt.
+    assert _cached(paused[0]) > 0
+
+
+def test_other_sampling_options_do_not_share_a_generator(servers: tuple[ServerThread, ServerThread]) -> None:
+    cached_server, _ = servers
+    messages = [{"role": "user", "content": "Name three rivers of France."}]
+    _turn(cached_server, messages)
+    r = requests.post(f"{cached_server.url}/v1/chat/completions", timeout=120, json={
+        "messages": messages, "max_tokens": 8, "temperature": 0, "top_k": 5, "repetition_penalty": 1.3})
+    assert r.status_code == 200, r.text
+    assert _cached(r.json()) == 0  # search options are fixed in a generator: a penalty is not shared
+    seeded = requests.post(f"{cached_server.url}/v1/chat/completions", timeout=120, json={
+        "messages": messages, "max_tokens": 8, "temperature": 0.7, "seed": 3})
+    assert seeded.status_code == 200 and _cached(seeded.json()) == 0  # a seed's sampler starts afresh
