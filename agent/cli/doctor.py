@@ -10,12 +10,13 @@ from typing import Literal
 from pydantic import ValidationError
 
 from agent.config import DEFAULT_STATE_DIR, ENV_PREFIX
+from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from agent.system.hardware import probe
 from agent.update.compat import HardwareReport, Shortfall, check_manifest, format_shortfalls, human_bytes
 from agent.update.statemachine import ModelRef
 from agent.wire.base import FrozenModel
 from agent.wire.cli import HelpFormatter, print_json
-from agent.wire.errors import ExitCode, IncompatibleModelError, ManifestError
+from agent.wire.errors import ExitCode, IncompatibleModelError, ManifestError, UsageError
 from agent.wire.manifest import Manifest
 
 EXAMPLE = """example:
@@ -28,6 +29,7 @@ class DoctorReport(FrozenModel):
 
     schema_version: Literal[1] = 1
     hardware: HardwareReport
+    prefix_cache_bytes: int = 0  # KV the model worker may keep beyond the model, counted with its RAM
     model: ModelRef | None = None
     is_compatible: bool | None = None
     shortfalls: list[Shortfall] = []
@@ -45,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"the device store whose filesystem's free disk counts (env: {ENV_PREFIX}STATE_DIR)")
     p.add_argument("--disk-cap-bytes", type=int, metavar="BYTES", default=None,
                    help=f"also check the model fits the store's disk cap (env: {ENV_PREFIX}DISK_CAP_BYTES)")
+    p.add_argument("--prefix-cache-mb", type=int, metavar="MB",
+                   default=int(os.environ.get(f"{ENV_PREFIX}PREFIX_CACHE_MB", DEFAULT_BUDGET_BYTES >> 20)),
+                   help="the agent's prefix cache (agent.toml prefix_cache_mb), counted with the model's RAM "
+                        f"(env: {ENV_PREFIX}PREFIX_CACHE_MB)")
     p.add_argument("--json", action="store_true", help="print one JSON object (DoctorReport) to stdout")
     p.set_defaults(handler=run)
 
@@ -74,6 +80,8 @@ def _print_text(report: DoctorReport) -> None:
         print(f"  {provider + ' refused':<19}{why}")
     if hw.accelerator_memory_bytes is not None:
         print(f"gpu memory           {human_bytes(hw.accelerator_memory_bytes)}")
+    print(f"prefix cache         {human_bytes(report.prefix_cache_bytes)} (counted with a model's RAM)"
+          if report.prefix_cache_bytes else "prefix cache         off")
     if report.model is not None:
         print(f"model {report.model}:  {'can run here' if report.is_compatible else 'CANNOT run here'}")
         for s in report.shortfalls:
@@ -84,13 +92,17 @@ def run(args: argparse.Namespace) -> int:
     disk_cap = args.disk_cap_bytes
     if disk_cap is None and os.environ.get(f"{ENV_PREFIX}DISK_CAP_BYTES"):
         disk_cap = int(os.environ[f"{ENV_PREFIX}DISK_CAP_BYTES"])
+    if args.prefix_cache_mb < 0:
+        raise UsageError(f"--prefix-cache-mb must be >= 0 (got {args.prefix_cache_mb})")
+    cache_bytes = args.prefix_cache_mb << 20
     hardware = probe(args.state_dir)
-    report = DoctorReport(hardware=hardware)
+    report = DoctorReport(hardware=hardware, prefix_cache_bytes=cache_bytes)
     if args.manifest is not None:
         manifest = _load_manifest(args.manifest)
-        shortfalls = check_manifest(manifest, hardware, disk_cap)
+        shortfalls = check_manifest(manifest, hardware, disk_cap, prefix_cache_bytes=cache_bytes)
         report = DoctorReport(
-            hardware=hardware, model=ModelRef(name=manifest.name, version=manifest.version),
+            hardware=hardware, prefix_cache_bytes=cache_bytes,
+            model=ModelRef(name=manifest.name, version=manifest.version),
             is_compatible=not shortfalls, shortfalls=shortfalls,
             verdict=format_shortfalls(manifest.name, manifest.version, shortfalls) if shortfalls else "compatible")
     if args.json:

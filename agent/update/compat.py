@@ -91,17 +91,21 @@ def version_key(version: str) -> tuple[tuple[int, ...], int, str]:
     return release, 0 if suffix else 1, suffix
 
 
-def check_requirements(requirements: Requirements, report: HardwareReport) -> list[Shortfall]:
-    """Every requirement of a manifest this device does not meet; empty when it can run the model."""
+def check_requirements(requirements: Requirements, report: HardwareReport,
+                       prefix_cache_bytes: int = 0) -> list[Shortfall]:
+    """Every requirement of a manifest this device does not meet; empty when it can run the model.
+    `prefix_cache_bytes`: the KV this device's worker may keep beyond the model (`prefix_cache_mb`)."""
     out: list[Shortfall] = []
     other_channel = "move the device to another channel"
-    if report.total_ram_bytes < requirements.min_ram_bytes:
+    needed_ram = requirements.min_ram_bytes + prefix_cache_bytes
+    if report.total_ram_bytes < needed_ram:
+        cache = f" ({human_bytes(prefix_cache_bytes)} of the need is the prefix cache)" if prefix_cache_bytes else ""
         out.append(Shortfall(
-            kind="ram", required=str(requirements.min_ram_bytes), available=str(report.total_ram_bytes),
-            short_by_bytes=requirements.min_ram_bytes - report.total_ram_bytes,
-            detail=(f"needs {human_bytes(requirements.min_ram_bytes)} RAM, this device has"
-                    f" {human_bytes(report.total_ram_bytes)}"),
-            remedy=f"publish a smaller build or {other_channel}"))
+            kind="ram", required=str(needed_ram), available=str(report.total_ram_bytes),
+            short_by_bytes=needed_ram - report.total_ram_bytes,
+            detail=f"needs {human_bytes(needed_ram)} RAM, this device has {human_bytes(report.total_ram_bytes)}{cache}",
+            remedy=(f"{'lower prefix_cache_mb, ' if prefix_cache_bytes else ''}publish a smaller build or "
+                    f"{other_channel}")))
     if report.free_disk_bytes < requirements.min_free_disk_bytes:
         out.append(Shortfall(
             kind="disk", required=str(requirements.min_free_disk_bytes), available=str(report.free_disk_bytes),
@@ -190,13 +194,14 @@ def check_store_room(disk_cap_bytes: int, protected_bytes: int, missing_bytes: i
 
 
 def check_manifest(manifest: Manifest, report: HardwareReport, disk_cap_bytes: int | None = None,
-                   *, protected_bytes: int = 0, missing_bytes: int | None = None) -> list[Shortfall]:
+                   *, protected_bytes: int = 0, missing_bytes: int | None = None,
+                   prefix_cache_bytes: int = 0) -> list[Shortfall]:
     """All shortfalls: the requirements, and with a cap, whether the model fits the store.
 
     `protected_bytes` is what GC may not remove, `missing_bytes` what the update adds
     (files whose blob is not in the store yet); without them only the model's own size is checked.
     """
-    out = check_requirements(manifest.requirements, report)
+    out = check_requirements(manifest.requirements, report, prefix_cache_bytes)
     if disk_cap_bytes is not None:
         too_big = check_disk_cap(manifest, disk_cap_bytes)
         out += too_big

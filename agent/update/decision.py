@@ -68,7 +68,7 @@ def decide_offer(channel: ChannelFile, active: ModelRef | None, device_id: str) 
 
 
 def decide_fit(channel: ChannelFile, manifest: Manifest, report: HardwareReport, disk_cap_bytes: int | None = None,
-               room: StoreRoom | None = None) -> CheckResult:
+               room: StoreRoom | None = None, prefix_cache_bytes: int = 0) -> CheckResult:
     """Whether the wanted version (its TUF-verified manifest) fits this device and its store.
 
     With `room`, the new files must also fit under the cap next to what GC may not remove
@@ -82,7 +82,7 @@ def decide_fit(channel: ChannelFile, manifest: Manifest, report: HardwareReport,
         raise VerificationError(f"channel {channel.channel} names {offer} but its manifest says {manifest.name}"
                                 f" v{manifest.version}: republish the channel")
     extra = room.model_dump() if room is not None and disk_cap_bytes is not None else {}
-    shortfalls = check_manifest(manifest, report, disk_cap_bytes, **extra)
+    shortfalls = check_manifest(manifest, report, disk_cap_bytes, **extra, prefix_cache_bytes=prefix_cache_bytes)
     if shortfalls:
         return CheckResult(outcome="incompatible", target=offer,
                            reason=format_shortfalls(manifest.name, manifest.version, shortfalls))

@@ -86,7 +86,8 @@ class TufUpdateSource:
         channel = trust.read_channel(self.config.channel)
         self.last_channel = channel
         result = check_channel(channel, active, self.config.device_id, lambda ref: self._release(ref).manifest,
-                               self._hardware(self.store.root), self.config.disk_cap_bytes, self.store)
+                               self._hardware(self.store.root), self.config.disk_cap_bytes, self.store,
+                               prefix_cache_bytes=self.config.prefix_cache_mb << 20)
         self.last_check = result
         log.info("event=channel_read channel=%s offered=%s:%d active=%s outcome=%s%s", channel.channel,
                  channel.model, channel.version, active, result.outcome,
@@ -178,7 +179,7 @@ class TufUpdateSource:
 
 def check_channel(channel: ChannelFile, active: ModelRef | None, device_id: str,
                   load_manifest: Callable[[ModelRef], Manifest], report: HardwareReport,
-                  disk_cap_bytes: int | None, store: Store) -> CheckResult:
+                  disk_cap_bytes: int | None, store: Store, prefix_cache_bytes: int = 0) -> CheckResult:
     """The update decision over a verified channel file: the offer first, then (only when the
     offer is wanted) the signed manifest from `load_manifest` against this device and its store.
 
@@ -193,4 +194,4 @@ def check_channel(channel: ChannelFile, active: ModelRef | None, device_id: str,
     room = None
     if disk_cap_bytes is not None:
         room = StoreRoom(protected_bytes=store.protected_usage_bytes(), missing_bytes=store.missing_bytes(manifest))
-    return decide_fit(channel, manifest, report, disk_cap_bytes, room)
+    return decide_fit(channel, manifest, report, disk_cap_bytes, room, prefix_cache_bytes)

@@ -24,7 +24,7 @@ def test_doctor_cli_refuses_a_manifest_needing_too_much_ram(tmp_path: Path) -> N
     need = psutil.virtual_memory().total * 4
     path = tmp_path / "manifest.json"
     path.write_text(manifest_for("phi3", 7, model_files(7), min_ram_bytes=need).model_dump_json())
-    proc = _doctor("--manifest", str(path), "--state-dir", str(tmp_path), "--json")
+    proc = _doctor("--manifest", str(path), "--state-dir", str(tmp_path), "--json", "--prefix-cache-mb", "0")
     assert proc.returncode == ExitCode.INCOMPATIBLE, proc.stderr
     doctor = DoctorReport.model_validate_json(proc.stdout)  # exactly one JSON object
     assert doctor.is_compatible is False and [s.kind for s in doctor.shortfalls] == ["ram"]
@@ -34,6 +34,21 @@ def test_doctor_cli_refuses_a_manifest_needing_too_much_ram(tmp_path: Path) -> N
     text = _doctor("--manifest", str(path), "--state-dir", str(tmp_path))
     assert text.returncode == ExitCode.INCOMPATIBLE and "CANNOT run here" in text.stdout
     assert "- ram: needs" in text.stdout
+
+
+def test_doctor_counts_the_prefix_cache_with_the_models_ram(tmp_path: Path) -> None:
+    """A model that fits this machine alone does not with a prefix cache as big as the machine."""
+    path = tmp_path / "manifest.json"
+    path.write_text(manifest_for("smollm2", 1, model_files(1)).model_dump_json())
+    whole_ram_mb = psutil.virtual_memory().total >> 20
+    proc = _doctor("--manifest", str(path), "--state-dir", str(tmp_path), "--json", "--prefix-cache-mb",
+                   str(whole_ram_mb))
+    assert proc.returncode == ExitCode.INCOMPATIBLE, proc.stderr
+    doctor = DoctorReport.model_validate_json(proc.stdout)
+    assert doctor.prefix_cache_bytes == whole_ram_mb << 20 and [s.kind for s in doctor.shortfalls] == ["ram"]
+    assert "of the need is the prefix cache" in doctor.shortfalls[0].detail
+    text = _doctor("--state-dir", str(tmp_path))
+    assert "prefix cache         256.0 MiB (counted with a model's RAM)" in text.stdout
 
 
 def test_doctor_cli_accepts_a_fitting_manifest_and_rejects_a_broken_one(tmp_path: Path) -> None:

@@ -221,3 +221,12 @@ def test_pip_cuda_libraries_are_found_in_both_wheel_layouts_and_loaded_in_depend
     assert [p.name for p in pip_cuda_libraries(roots)] == [
         "libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcufft.so.12"]
     assert pip_cuda_libraries([tmp_path / "nowhere"]) == []
+
+
+def test_the_prefix_cache_counts_with_the_models_ram(report: HardwareReport) -> None:
+    fits_alone = report.total_ram_bytes - (64 << 20)
+    assert check_requirements(_req(min_ram_bytes=fits_alone), report) == []
+    [s] = check_requirements(_req(min_ram_bytes=fits_alone), report, prefix_cache_bytes=256 << 20)
+    assert s.kind == "ram" and s.short_by_bytes == 192 << 20
+    assert s.detail.endswith("(256.0 MiB of the need is the prefix cache)")
+    assert s.remedy.startswith("lower prefix_cache_mb")
