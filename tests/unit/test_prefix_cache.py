@@ -14,7 +14,7 @@ GREEDY = ("greedy",)
 
 
 class _Holder:
-    """Records what the cache does to a generator (the real one: tests/integration/test_prefix_cache.py)."""
+    """Records what the cache does to a generator (the real one: tests/integration/test_api_prefix_cache.py)."""
 
     def __init__(self, name: str, fail_on_append: bool = False) -> None:
         self.name = name
