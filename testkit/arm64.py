@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from builder.build.sandbox import Arm64Sandbox
+from testkit.env import subprocess_env
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,28 @@ def arm64(builder_cache_dir: Path) -> Iterator[Arm64Sandbox]:
     sandbox.ensure()
     yield sandbox
     sandbox.unmount()
+
+
+@dataclass(frozen=True)
+class CliBuild:
+    out: Path
+    stderr: str  # the build's progress as a user sees it (empty when reused from EDGEFLEET_TEST_CACHE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_mobile_arm(arm64: Arm64Sandbox, model_cache_dir: Path, builder_cache_dir: Path) -> CliBuild:
+    """`edge-builder build smollm2-135m --profile mobile --check-arch aarch64` as smollm2 v2, through the
+    CLI: the mobile build the builder's tests check and the ARM device's second release."""
+    out = model_cache_dir / "smollm2-mobile-arm-v2"
+    if (out / "manifest.json").is_file():
+        return CliBuild(out, "")
+    done = subprocess.run([sys.executable, "-m", "builder.cli", "build", "smollm2-135m", "-o", str(out), "--name",
+                           "smollm2", "--version", "2", "--profile", "mobile", "--check-arch", "aarch64",
+                           "-c", str(builder_cache_dir)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "", done.stdout  # without --json, all of it goes to stderr
+    return CliBuild(out, done.stderr)
 
 
 @dataclass

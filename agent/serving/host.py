@@ -374,7 +374,8 @@ class ModelHost:
                         self.metrics.observe_ttft(first_token_at - admitted)
                     elif isinstance(event, DoneEvent):
                         decode_s = time.perf_counter() - first_token_at if first_token_at else 0.0
-                        self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, decode_s)
+                        self.metrics.observe_generation(event.prompt_tokens, event.completion_tokens, decode_s,
+                                                        event.cached_tokens)
                     yield worker, event
         finally:
             self._release_slot()

@@ -48,6 +48,7 @@ class ServingMetrics:
         self.errors: Counter[str] = Counter()  # kind -> n
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
+        self.cached_prompt_tokens_total = 0  # /metrics only: telemetry's snapshot keeps its schema
         self.ttft_bucket_counts = [0] * len(_TTFT_BUCKETS_S)
         self.ttft_sum_s = 0.0
         self.ttft_count = 0
@@ -72,9 +73,11 @@ class ServingMetrics:
             if ttft_s <= bound:
                 self.ttft_bucket_counts[i] += 1
 
-    def observe_generation(self, prompt_tokens: int, completion_tokens: int, decode_s: float) -> None:
+    def observe_generation(self, prompt_tokens: int, completion_tokens: int, decode_s: float,
+                           cached_tokens: int = 0) -> None:
         self.prompt_tokens_total += prompt_tokens
         self.completion_tokens_total += completion_tokens
+        self.cached_prompt_tokens_total += cached_tokens
         # tokens after the first over the time after the first: decode speed without prefill
         if completion_tokens > 1 and decode_s > 0:
             self.recent_decode_tps.append((completion_tokens - 1) / decode_s)
@@ -120,6 +123,9 @@ class _Collector(Collector):
         yield errors
         yield CounterMetricFamily("edgefleet_prompt_tokens", "prompt tokens processed", value=m.prompt_tokens_total)
         yield CounterMetricFamily("edgefleet_completion_tokens", "tokens generated", value=m.completion_tokens_total)
+        yield CounterMetricFamily("edgefleet_cached_prompt_tokens",
+                                  "prompt tokens the prefix cache held (not prefilled)",
+                                  value=m.cached_prompt_tokens_total)
         buckets = [(f"{bound:g}", count) for bound, count in zip(_TTFT_BUCKETS_S, m.ttft_bucket_counts, strict=True)]
         yield HistogramMetricFamily("edgefleet_ttft_seconds", "time from request admission to the first token",
                                     buckets=[*buckets, ("+Inf", m.ttft_count)], sum_value=m.ttft_sum_s)

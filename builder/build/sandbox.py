@@ -8,12 +8,13 @@ instructions); the timings are not an ARM board's.
 Layout, under `<cache_dir>/sandbox/` (built once per machine, then reused):
 
 ```
-bookworm-arm64/                Debian bookworm, minbase + python3 + libgomp1 (debootstrap)
+bookworm-arm64/                Debian bookworm, minbase + python3 + libgomp1 (debootstrap's packages,
+                               unpacked on the host: see `_debootstrap`)
 bookworm-arm64/opt/edgefleet/  site/: the agent's dependencies as PyPI's aarch64 wheels (keyed
                                by the requirement list) and the agent package of this host
 ```
 
-It needs root (debootstrap, chroot, mount) and Debian's `debootstrap`, `qemu-user-static`
+It needs root (debootstrap, chroot, mount) and Debian's `debootstrap`, `dpkg`, `qemu-user-static`
 and `binfmt-support`. Only `/proc` is mounted inside: with the host's `/sys`, onnxruntime's
 cpuinfo reads x86 topology as ARM and crashes, and without it the kernels still run.
 """
@@ -44,7 +45,7 @@ _WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylin
 _SITE = "opt/edgefleet/site"
 _BINFMT = Path("/proc/sys/fs/binfmt_misc")
 # Tool -> the Debian package that brings it.
-_HOST_TOOLS = {"debootstrap": "debootstrap", "qemu-aarch64-static": "qemu-user-static",
+_HOST_TOOLS = {"debootstrap": "debootstrap", "dpkg-deb": "dpkg", "qemu-aarch64-static": "qemu-user-static",
                "update-binfmts": "binfmt-support", "chroot": "coreutils"}
 
 
@@ -90,8 +91,17 @@ class Arm64Sandbox:
         shutil.rmtree(partial, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
         log.info("event=sandbox_debootstrap root=%s mirror=%s", self.root, DEBIAN_MIRROR)
-        _run_host(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3,libgomp1",
+        _run_host(["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", "--include=python3,libgomp1",
                    DEBIAN_SUITE, str(partial), DEBIAN_MIRROR], "debootstrap of the arm64 root", timeout_s=1800)
+        # debootstrap's second stage would run every package's maintainer scripts under qemu (about 2
+        # minutes on 2 cores). The agent needs none of them (no services, users or alternatives): the
+        # packages it downloaded are unpacked on the host instead, in seconds.
+        archives = partial / "var" / "cache" / "apt" / "archives"
+        for deb in sorted(archives.glob("*.deb")):
+            _run_host(["dpkg-deb", "--extract", str(deb), str(partial)], f"unpacking {deb.name}", timeout_s=300)
+            deb.unlink()
+        if not (partial / "usr" / "bin" / "python3").is_file():
+            raise BuildError(f"debootstrap unpacked no python3 into {partial}: check the mirror {DEBIAN_MIRROR}")
         os.replace(partial, self.root)
 
     def _install_wheels(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from testkit.serving import ServerThread
+from testkit.serving import ServerThread, metric_value
 
 # A chat whose answers change if the cache reused KV computed token by token (measured: from the
 # second turn on, with the completion's decoded KV reused as is).
@@ -72,6 +72,8 @@ def test_a_chat_reuses_its_history_and_answers_exactly_as_without_the_cache(
         assert new_tokens < paused[turn]["usage"]["prompt_tokens"] - previous["total_tokens"] + 8, paused[turn]["usage"]
     # The first turn of the second chat found the first chat's system prompt.
     assert _cached(paused[0]) > 0
+    assert metric_value(cached_server.url, "edgefleet_cached_prompt_tokens_total") == \
+        sum(_cached(r) for r in back_to_back + paused)
 
 
 def test_other_sampling_options_do_not_share_a_generator(servers: tuple[ServerThread, ServerThread]) -> None:

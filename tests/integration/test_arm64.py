@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,30 +27,25 @@ from agent.wire.errors import ExitCode
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 from builder.build.sandbox import Arm64Sandbox
 from builder.demo.ports import free_port
-from testkit.arm64 import ArmDevice, switch_on_arm
+from testkit.arm64 import ArmDevice, CliBuild, switch_on_arm
 from testkit.artifacts import new_repo, serving
 from testkit.broken_models import damage_weights, swap_past_key_value_inputs, swap_tensors, truncate_tensor_file
-from testkit.env import subprocess_env
 from testkit.waits import wait_until
 
 
 @pytest.fixture(scope="module")
-def arm_builds(arm64: Arm64Sandbox, model_cache_dir: Path, builder_cache_dir: Path) -> tuple[Path, Path]:
+def arm_builds(arm64: Arm64Sandbox, model_cache_dir: Path, builder_cache_dir: Path,
+               smollm2_mobile_arm: CliBuild) -> tuple[Path, Path]:
     """SmolLM2 v1 (cpu, through the Python API) and v2 (mobile, through `edge-builder build`), each
     with its canary replayed on aarch64 at build time."""
     from builder.build.pipeline import BuildRequest, build_artifact
 
-    v1, v2 = model_cache_dir / "smollm2-arm-v1", model_cache_dir / "smollm2-arm-v2"
+    v1 = model_cache_dir / "smollm2-arm-v1"
     if not (v1 / MANIFEST_FILENAME).is_file():
         build_artifact(BuildRequest(source="smollm2-135m", out_dir=v1, name="smollm2", version=1, context_length=2048,
                                     check_arches=["aarch64"], cache_dir=builder_cache_dir))
-    if not (v2 / MANIFEST_FILENAME).is_file():
-        done = subprocess.run([sys.executable, "-m", "builder.cli", "build", "smollm2-135m", "-o", str(v2), "--name",
-                               "smollm2", "--version", "2", "--profile", "mobile", "--check-arch", "aarch64",
-                               "-c", str(builder_cache_dir), "--json"],
-                              env=subprocess_env(), capture_output=True, text=True, timeout=1200)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout)["profile"] == "mobile"
+    v2 = smollm2_mobile_arm.out
+    assert Manifest.model_validate_json((v2 / MANIFEST_FILENAME).read_bytes()).build.profile == "mobile"
     return v1, v2
 
 
