@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from agent.wire.base import StrictModel
 from agent.wire.errors import ConfigError
+from agent.wire.worker import DEFAULT_MAX_NEW_TOKENS
 
 ENV_PREFIX = "EDGE_AGENT_"
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
@@ -63,6 +64,9 @@ class AgentConfig(StrictModel):
                           description="requests the model generates at once; more wait in the queue")
     queue_size: int = Field(default=16, ge=0, le=4096,
                             description="requests that may wait for a slot; one more is a 429 with Retry-After")
+    default_max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1, le=1 << 20, description=(
+        "the most tokens a request without max_tokens gets (within the context); the KV cache is allocated"
+        " for them up front. Applies from the next model load"))
     prefix_cache_mb: int = Field(default=DEFAULT_BUDGET_BYTES >> 20, ge=0, le=1 << 20, description=(
         "KV cache the model worker keeps of finished requests, so that a request repeating their start"
         " (a chat's history, a shared system prompt) prefills only the rest; 0: off. Applies from the"

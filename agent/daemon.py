@@ -96,7 +96,8 @@ class Daemon:
         self.store = Store(config.state_dir)
         self.host = ModelHost(threads=config.intra_op_num_threads, stream_interval_s=config.stream_interval_ms / 1000,
                               allow_custom_ops=config.allow_custom_ops, parallel=config.parallel,
-                              queue_size=config.queue_size, prefix_cache_bytes=config.prefix_cache_mb << 20)
+                              queue_size=config.queue_size, prefix_cache_bytes=config.prefix_cache_mb << 20,
+                              default_max_tokens=config.default_max_tokens)
         self.link: MqttLink | None = None
         self._limits_task: asyncio.Task[None] | None = None
         self.outbox: Outbox | None = None
@@ -341,7 +342,8 @@ class Daemon:
             self._updater.disk_cap_bytes = new.disk_cap_bytes
         if self._activator is not None:
             self._activator.mode = new.switch_mode
-        self.host.prefix_cache_bytes = new.prefix_cache_mb << 20  # the next worker started takes it
+        # The next worker started takes them.
+        self.host.prefix_cache_bytes, self.host.default_max_tokens = new.prefix_cache_mb << 20, new.default_max_tokens
         if (new.parallel, new.queue_size) != (old.parallel, old.queue_size):
             # Kept in an attribute: the loop holds only a weak reference to a task.
             self._limits_task = asyncio.get_running_loop().create_task(

@@ -37,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import psutil  # noqa: E402
 import requests  # noqa: E402
 
 from builder.build.sources import smollm2_gguf_path  # noqa: E402
@@ -112,6 +113,10 @@ class Server:
             time.sleep(0.2)
         self.proc.kill()
         raise SystemExit(f"{self.name} did not become healthy within 180 s")
+
+    def rss_bytes(self) -> int:
+        root = psutil.Process(self.proc.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
     def __exit__(self, *exc: object) -> None:
         os.killpg(self.proc.pid, 9)
@@ -223,6 +228,7 @@ def main() -> int:
         for server in order if r % 2 == 0 else list(reversed(order)):
             with server as url:
                 figures = run_cases(url, tag)
+                figures["RSS after the cases, MiB (server + workers)"] = server.rss_bytes() / 2**20
             for key, value in figures.items():
                 results.setdefault(key, {}).setdefault(server.name, []).append(value)
             print(f"round {r + 1} {server.name}: done", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from agent.wire.cli import HelpFormatter
 from agent.wire.errors import UsageError
+from agent.wire.worker import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="requests generating at once (they share the model token by token)")
     p.add_argument("--queue-size", type=int, default=16, metavar="N",
                    help="requests waiting for a slot before 429 Too Many Requests")
+    p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help="the most tokens a request without max_tokens gets (within the context)")
     p.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_BUDGET_BYTES >> 20, metavar="MB",
                    help="KV cache kept of finished requests: a request that repeats their start (a chat's "
                         "history, a shared system prompt) prefills only the rest; 0: off")
@@ -86,13 +89,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model} is not a model dir (no genai_config.json): pass a dir built by edge-builder")
     if args.parallel < 1 or args.queue_size < 0:
         raise UsageError(f"--parallel must be >= 1 and --queue-size >= 0 (got {args.parallel}, {args.queue_size})")
+    if args.default_max_tokens < 1:
+        raise UsageError(f"--default-max-tokens must be >= 1 (got {args.default_max_tokens})")
     if args.prefix_cache_mb < 0:
         raise UsageError(f"--prefix-cache-mb must be >= 0 (got {args.prefix_cache_mb})")
     bind = args.bind or f"{args.host}:{args.port}"
     if not 0 <= args.stream_interval_ms <= 1000:
         raise UsageError(f"--stream-interval-ms must be between 0 and 1000 (got {args.stream_interval_ms})")
     host = ModelHost(threads=args.threads, parallel=args.parallel, queue_size=args.queue_size,
-                     stream_interval_s=args.stream_interval_ms / 1000, prefix_cache_bytes=args.prefix_cache_mb << 20)
+                     stream_interval_s=args.stream_interval_ms / 1000, prefix_cache_bytes=args.prefix_cache_mb << 20,
+                     default_max_tokens=args.default_max_tokens)
     load_failures: list[ActivationError] = []
 
     def stop_on_load_failure(error: ActivationError) -> None:

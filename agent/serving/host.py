@@ -32,6 +32,7 @@ from agent.wire.contract import CHECK_MAX_TOKENS, answer_problem, example_reques
 from agent.wire.errors import ActivationError, ModelNotReadyError, QueueFullError, RuntimeModelError, require
 from agent.wire.manifest import Canary
 from agent.wire.worker import (
+    DEFAULT_MAX_NEW_TOKENS,
     ChatMessage,
     DoneEvent,
     ErrorEvent,
@@ -54,13 +55,16 @@ class ModelHost:
     def __init__(self, *, threads: int | None = None, parallel: int = 4, queue_size: int = 16,
                  load_timeout_s: float = 300.0, drain_timeout_s: float = 600.0,
                  stream_interval_s: float = 0.05, allow_custom_ops: bool = False,
-                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES,
+                 default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
         """`stream_interval_s`: see `GenerateCommand.stream_interval_s` (the API's streaming granularity);
         `allow_custom_ops`: models may load custom operator libraries (`agent.wire.loadcheck`);
         `prefix_cache_bytes`: the KV each worker may keep of finished generations
-        (`agent.serving.prefix_cache`), applied to workers started after it changes."""
+        (`agent.serving.prefix_cache`), and `default_max_tokens`, the most a request without max_tokens
+        gets: both applied to workers started after they change."""
         self.threads = threads
         self.prefix_cache_bytes = prefix_cache_bytes
+        self.default_max_tokens = default_max_tokens
         self.allow_custom_ops = allow_custom_ops
         self.stream_interval_s = stream_interval_s
         self.parallel = parallel
@@ -146,6 +150,7 @@ class ModelHost:
     async def _start_worker(self, model_dir: Path) -> WorkerClient:
         return await WorkerClient.start(model_dir, threads=self.threads, allow_custom_ops=self.allow_custom_ops,
                                         prefix_cache_bytes=self.prefix_cache_bytes,
+                                        default_max_tokens=self.default_max_tokens,
                                         load_timeout_s=self.load_timeout_s)
 
     async def _drain_then_switch(self, model_dir: Path, canary: Canary | None) -> ModelIdentity:

@@ -27,14 +27,18 @@ from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.loadcheck import check_model_dir
-from agent.wire.worker import PREFILL_CHUNK_TOKENS, ChatMessage, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
+from agent.wire.worker import (
+    DEFAULT_MAX_NEW_TOKENS,
+    PREFILL_CHUNK_TOKENS,
+    ChatMessage,
+    FinishReason,
+    SamplingOptions,
+    TokenLogprob,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
 
-# A request without max_tokens gets at most this many: with past_present_share_buffer the
-# KV cache is allocated for the whole max_length up front, and a full 8k context of
-# SmolLM2 would take ~0.4 GB per request on a small box.
-DEFAULT_MAX_NEW_TOKENS = 1024
 
 # A generator kept by the prefix cache serves a later turn only if that turn's prompt and
 # completion fit the KV allocated for it: new cacheable generators get this much room beyond
@@ -321,14 +325,17 @@ class ModelRuntime:
     """
 
     def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None,
-                 allow_custom_ops: bool = False, providers: Sequence[str] | None = None) -> None:
-        """`providers`: instead of the model's own (`[]`: the CPU; a GPU build's graph runs there too).
+                 allow_custom_ops: bool = False, providers: Sequence[str] | None = None,
+                 default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        """`providers`: instead of the model's own (`[]`: the CPU; a GPU build's graph runs there too);
+        `default_max_tokens`: the most a request without max_tokens gets.
 
         Raises:
             ActivationError: the dir is not a loadable model, or it would make onnxruntime open a file
                 outside itself, a custom operator library (unless allowed) or a profile (`loadcheck`).
         """
         self.model_dir = Path(model_dir)
+        self.default_max_tokens = default_max_tokens
         self.context_length = read_context_length(self.model_dir)
         self.vocab_size = _read_vocab_size(self.model_dir)
         self.kv_bytes_per_token = read_kv_bytes_per_token(self.model_dir)
@@ -388,7 +395,7 @@ class ModelRuntime:
                 "max_tokens): reduce the prompt or max_tokens")
         if max_tokens is not None:
             return max_tokens
-        return min(DEFAULT_MAX_NEW_TOKENS, self.context_length - prompt_tokens)
+        return min(self.default_max_tokens, self.context_length - prompt_tokens)
 
     def search_options(self, prompt_tokens: int, options: SamplingOptions) -> dict[str, Any]:
         """Map OpenAI-style options onto ORT-GenAI search options (greedy when temperature is 0)."""

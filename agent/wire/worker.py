@@ -26,6 +26,10 @@ MAX_STOP_CHARS = 1024
 # The most prompt tokens the worker prefills at once: the attention scratch of one batch grows with
 # it, so the builder measures `min_ram_bytes` prefilling the whole context in batches of this size.
 PREFILL_CHUNK_TOKENS = 1024
+# A request without max_tokens gets at most this many: with past_present_share_buffer the
+# KV cache is allocated for the whole max_length up front, and a full 8k context of
+# SmolLM2 would take ~0.4 GB per request on a small box.
+DEFAULT_MAX_NEW_TOKENS = 1024  # agent.toml's default_max_tokens
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 _ROLES: frozenset[str] = frozenset(get_args(Role))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 
 from agent.serving.runtime import ModelRuntime
 from agent.wire.worker import ChatMessage, SamplingOptions
@@ -180,3 +181,20 @@ def test_serve_refuses_an_onnxruntime_genai_release_it_was_not_tested_with(
     assert "onnxruntime-genai 0.19.0 is installed" in out.stderr, out.stderr
     assert "pip install onnxruntime-genai==0.18.0" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_caps_a_request_without_max_tokens_at_default_max_tokens(smollm2_int4_raw: Path) -> None:
+    port = free_port()
+    proc = _start(["serve", "--model", str(smollm2_int4_raw), "--port", str(port), "--threads", "2",
+                   "--default-max-tokens", "6", "--prefix-cache-mb", "0"])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}], "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["completion_tokens"] == 6 and body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    finally:
+        proc.kill()
+        proc.wait()

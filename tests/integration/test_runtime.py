@@ -129,7 +129,7 @@ def test_unloadable_dir_raises_activation_error(tmp_path: Path, smollm2_int4_raw
 
 
 def test_default_completion_budget_is_capped(runtime: ModelRuntime) -> None:
-    from agent.serving.runtime import DEFAULT_MAX_NEW_TOKENS
+    from agent.wire.worker import DEFAULT_MAX_NEW_TOKENS
 
     assert runtime.check_context(10, None) == DEFAULT_MAX_NEW_TOKENS
     assert runtime.check_context(8000, None) == 192  # what is left of the context

@@ -88,7 +88,8 @@ class WorkerClient:
 
     @classmethod
     async def start(cls, model_dir: Path, *, threads: int | None = None, allow_custom_ops: bool = False,
-                    prefix_cache_bytes: int = 0, load_timeout_s: float = 300.0,
+                    prefix_cache_bytes: int = 0, default_max_tokens: int | None = None,
+                    load_timeout_s: float = 300.0,
                     env: dict[str, str] | None = None) -> WorkerClient:
         """Spawn a worker for `model_dir` and wait until it has loaded the model.
 
@@ -106,6 +107,8 @@ class WorkerClient:
             cmd.append("--allow-custom-ops")
         if prefix_cache_bytes:
             cmd += ["--prefix-cache-bytes", str(prefix_cache_bytes)]
+        if default_max_tokens is not None:
+            cmd += ["--default-max-tokens", str(default_max_tokens)]
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             limit=64 * 1024 * 1024, env=env)

@@ -39,6 +39,7 @@ from agent.serving.prefix_cache import PrefixCache
 from agent.serving.runtime import Generation, ModelRuntime, StepResult
 from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import (
+    DEFAULT_MAX_NEW_TOKENS,
     PREFILL_CHUNK_TOKENS,
     CanaryCommand,
     CanaryEvent,
@@ -241,6 +242,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--allow-custom-ops", action="store_true")
     parser.add_argument("--prefix-cache-bytes", type=int, default=0)
+    parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s %(message)s")
@@ -251,7 +253,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         runtime = ModelRuntime(args.model_dir, intra_op_num_threads=args.threads,
-                               allow_custom_ops=args.allow_custom_ops)
+                               allow_custom_ops=args.allow_custom_ops, default_max_tokens=args.default_max_tokens)
     except EdgefleetError as e:
         out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).to_line())
         return 1
