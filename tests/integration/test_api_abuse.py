@@ -33,8 +33,10 @@ GOOD = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2, "t
 @pytest.fixture(scope="module")
 def server(smollm2_int4_raw: Path) -> Iterator[tuple[str, psutil.Process]]:
     port = free_port()
+    # A mutated body that drops `model` and `max_tokens` is a valid request for the default budget:
+    # capped, so that the test's time does not hang on how long SmolLM2 samples.
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--model", str(smollm2_int4_raw),
-                             "--port", str(port), "--threads", "1"], env=subprocess_env(),
+                             "--port", str(port), "--threads", "1", "--default-max-tokens", "16"], env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}")
