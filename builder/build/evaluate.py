@@ -8,6 +8,8 @@ the numbers describe what ships rather than what the source framework does.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -73,12 +75,22 @@ def load_model(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
 
 
 def cpu_config(model_dir: Path | str):  # -> og.Config
-    """`model_dir`'s config with its execution providers cleared: it runs on the CPU."""
+    """`model_dir`'s config with its execution providers cleared: it runs on the CPU, on every core
+    this process may use (as the agent runs it; onnxruntime-genai alone takes one thread)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
     config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": _usable_cpus()}}}}))
     return config
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _context_length(model) -> int:  # og.Model

@@ -422,6 +422,17 @@ def _reuse(existing: Manifest, source: _Source, request: BuildRequest, opts: Bui
     return package.verify_artifact(out_dir)
 
 
+def source_hf_dir(source: str, cache_dir: Path) -> Path:
+    """The Hugging Face folder a build of `source` reads: a GGUF converted once into the cache
+    (where every later build of it finds it), a folder as it is.
+
+    Raises:
+        SourceError: the source cannot be resolved or converted.
+    """
+    resolved = sources.resolve_source(source, cache_dir)
+    return _hf_dir_for(resolved, sources.source_sha256(resolved.path), cache_dir)
+
+
 def _convert_source(source: _Source, cache_dir: Path) -> Path:
     hf_dir = _hf_dir_for(source.resolved, source.sha256, cache_dir)
     sources.check_architecture(hf_dir)  # before minutes in the ORT builder

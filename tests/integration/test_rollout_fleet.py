@@ -98,7 +98,9 @@ def _env(tmp_path: Path, broker: Mosquitto, builds: tuple[Path, Path], *, v2_bro
     repo.set_channel(ChannelFile(channel="stable", model="tiny", version=1))
     recorder = Recorder(broker.port, [all_devices_topic(FLEET, "status"), all_devices_topic(FLEET, "events")])
     with serving(repo.www_dir) as (url, faults):
-        fleet = make_fleet(tmp_path / "devices", repo, url, broker.url, FLEET, N_AGENTS)
+        # A switch's probation defers the next check (60 s by default): v1's would hold the rollout
+        # back that long. Probation is tests/integration/test_probation.py's subject, not this one's.
+        fleet = make_fleet(tmp_path / "devices", repo, url, broker.url, FLEET, N_AGENTS, probation_s=5.0)
         fleet.start()
         try:
             salt = _pick_salt([a.device_id for a in fleet.agents])
