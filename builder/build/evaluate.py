@@ -74,15 +74,17 @@ def load_model(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
         raise BuildError(f"onnxruntime-genai cannot load the built model {model_dir}: {first}") from e
 
 
-def cpu_config(model_dir: Path | str):  # -> og.Config
-    """`model_dir`'s config with its execution providers cleared: it runs on the CPU, on every core
-    this process may use (as the agent runs it; onnxruntime-genai alone takes one thread)."""
+def cpu_config(model_dir: Path | str, *, all_cpus: bool = False):  # -> og.Config
+    """`model_dir`'s config with its execution providers cleared: it runs on the CPU, on one
+    intra-op thread (onnxruntime-genai's default) or, with `all_cpus`, on every core this process
+    may use (as the agent runs it: faster for long prefills, slower for a tiny model's small ones)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
     config.clear_providers()
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-        "intra_op_num_threads": _usable_cpus()}}}}))
+    if all_cpus:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": _usable_cpus()}}}}))
     return config
 
 

@@ -98,7 +98,7 @@ def _probe(model_dir: str, context_length: int) -> int:
 
     from builder.build.evaluate import cpu_config
 
-    model = og.Model(cpu_config(model_dir))
+    model = og.Model(cpu_config(model_dir, all_cpus=True))
     vocab = int(json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"])
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=context_length, do_sample=False)
