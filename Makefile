@@ -55,8 +55,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# Two workers by default (the CI machine has two cores); a module's tests stay together on one.
+TEST_WORKERS ?= 2
+
 test: venv system-deps js-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # make demo DEMO_ARGS="--keep-running" (see python -m builder.demo --help)
 DEMO_ARGS ?=

@@ -35,6 +35,7 @@ from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 from builder.demo.ports import free_port
 from builder.release.repository import TufRepo
 from testkit.artifacts import manifest_dict, new_repo
+from testkit.cache import made_once
 from testkit.env import subprocess_env
 from testkit.waits import wait_until
 
@@ -292,10 +293,8 @@ def tiny_hf(model_cache_dir: Path, smollm2_hf_dir: Path) -> Path:
     another class name), so builder tests that must tell sources apart by their perplexity use this."""
     from testkit.models import make_tiny_model
 
-    hf = model_cache_dir / "daemon-tiny-llama-hf"
-    if not (hf / "config.json").is_file():
-        make_tiny_model("llama", hf, tokenizer_dir=smollm2_hf_dir, seed=7)
-    return hf
+    return made_once(model_cache_dir / "daemon-tiny-llama-hf", "config.json",
+                     lambda tmp: make_tiny_model("llama", tmp, tokenizer_dir=smollm2_hf_dir, seed=7))
 
 
 @pytest.fixture(scope="session")
@@ -304,15 +303,9 @@ def tiny_raw(model_cache_dir: Path, tiny_hf: Path) -> Path:
     loads in well under a second, so most daemon tests run real models cheaply."""
     from builder.build.ortbuild import run_ort_builder
 
-    hf = tiny_hf
-    out = model_cache_dir / "daemon-tiny-llama-int4"
-    if not (out / "genai_config.json").is_file():
-        tmp = model_cache_dir / "daemon-tiny-llama-int4.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        run_ort_builder(hf, tmp, precision="int4", execution_provider="cpu", cache_dir=model_cache_dir / "ort-cache",
-                        extra_options={"block_size": "32", "accuracy_level": "4"})
-        tmp.rename(out)
-    return out
+    return made_once(model_cache_dir / "daemon-tiny-llama-int4", "genai_config.json", lambda tmp: run_ort_builder(
+        tiny_hf, tmp, precision="int4", execution_provider="cpu", cache_dir=model_cache_dir / "ort-cache",
+        extra_options={"block_size": "32", "accuracy_level": "4"}))
 
 
 class Poller:

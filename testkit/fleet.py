@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 from builder.demo.ports import free_port
 from builder.release.repository import TufRepo
 from testkit.artifacts import manifest_dict
+from testkit.cache import made_once
 from testkit.env import subprocess_env
 from testkit.models import make_tiny_model
 
@@ -55,15 +55,11 @@ def tiny_int4_build(cache: Path, tokenizer_dir: Path, seed: int) -> Path:
     """A raw ORT-GenAI INT4 build of a tiny random Llama (cached under `cache`)."""
     from builder.build.ortbuild import run_ort_builder
 
-    out = cache / f"fleet-tiny-llama-s{seed}-int4"
-    if not (out / "genai_config.json").is_file():
-        hf = make_tiny_model("llama", cache / f"fleet-tiny-llama-s{seed}-hf", tokenizer_dir=tokenizer_dir, seed=seed)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        run_ort_builder(hf, tmp, precision="int4", execution_provider="cpu", cache_dir=cache / "ort-cache",
-                        extra_options={"block_size": "32"})
-        os.replace(tmp, out)
-    return out
+    hf = made_once(cache / f"fleet-tiny-llama-s{seed}-hf", "config.json",
+                   lambda tmp: make_tiny_model("llama", tmp, tokenizer_dir=tokenizer_dir, seed=seed))
+    return made_once(cache / f"fleet-tiny-llama-s{seed}-int4", "genai_config.json", lambda tmp: run_ort_builder(
+        hf, tmp, precision="int4", execution_provider="cpu", cache_dir=cache / "ort-cache",
+        extra_options={"block_size": "32"}))
 
 
 def make_fleet_artifact(raw: Path, out: Path, name: str, version: int, *, is_broken: bool = False) -> Path:

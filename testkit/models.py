@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from testkit.cache import made_once, shared_dir
+
 VOCAB_SIZE = 49152  # SmolLM2's tokenizer
 CONTEXT_LENGTH = 512
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -85,7 +87,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path = Path(cache)
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return tmp_path_factory.mktemp("models")
+    return shared_dir(tmp_path_factory, "models")
 
 
 @pytest.fixture(scope="session")
@@ -101,10 +103,8 @@ def smollm2_hf_dir(builder_cache_dir: Path) -> Path:
 def tiny_model_dir(model_cache_dir: Path, smollm2_hf_dir: Path) -> Callable[[str], Path]:
     """`get(arch)`: a tiny random-weight model of that architecture with SmolLM2's tokenizer (cached)."""
     def get(arch: str) -> Path:
-        out = model_cache_dir / f"tiny-{arch}-hf"
-        if not (out / "config.json").is_file():
-            make_tiny_model(arch, out, tokenizer_dir=smollm2_hf_dir)
-        return out
+        return made_once(model_cache_dir / f"tiny-{arch}-hf", "config.json",
+                         lambda tmp: make_tiny_model(arch, tmp, tokenizer_dir=smollm2_hf_dir))
     return get
 
 
@@ -113,14 +113,9 @@ def smollm2_int4_raw(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
     """A plain ORT-GenAI INT4 CPU build of SmolLM2 (no manifest): for runtime tests."""
     from builder.build.ortbuild import run_ort_builder
 
-    out = model_cache_dir / "smollm2-int4-raw"
-    if not (out / "genai_config.json").is_file():
-        run_ort_builder(
-            smollm2_hf_dir, out, precision="int4", execution_provider="cpu",
-            cache_dir=model_cache_dir / "ort-cache",
-            extra_options={"block_size": "32", "accuracy_level": "4"},
-        )
-    return out
+    return made_once(model_cache_dir / "smollm2-int4-raw", "genai_config.json", lambda tmp: run_ort_builder(
+        smollm2_hf_dir, tmp, precision="int4", execution_provider="cpu", cache_dir=model_cache_dir / "ort-cache",
+        extra_options={"block_size": "32", "accuracy_level": "4"}))
 
 
 @pytest.fixture(scope="session")

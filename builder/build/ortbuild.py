@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,13 +36,18 @@ def run_ort_builder(
 ) -> None:
     """Build `hf_dir` into `out_dir` with `python -m onnxruntime_genai.models.builder`.
 
+    Each run gets a scratch dir of its own under `cache_dir`: the ORT builder removes its cache
+    dir when it finds it empty at the end, under a concurrent build's feet.
+
     Raises:
         BuildError: the builder exited non-zero; the message ends with its last output lines.
     """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir))
     cmd = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(hf_dir), "-o", str(out_dir),
-        "-p", precision, "-e", execution_provider, "-c", str(cache_dir),
+        "-p", precision, "-e", execution_provider, "-c", str(scratch),
     ]
     if extra_options:
         cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
@@ -61,6 +67,7 @@ def run_ort_builder(
                 f"for {precision}/{execution_provider}:\n{_tail(log.read_text(errors='replace'))}"
             )
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         if log_path is None:
             log.unlink(missing_ok=True)
 

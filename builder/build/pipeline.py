@@ -11,6 +11,7 @@ manifest.json lists every file; a failed or killed build leaves at most a
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import platform
@@ -46,6 +47,7 @@ from agent.wire.manifest import (
     SourceInfo,
 )
 from builder.build import contracts, evaluate, footprint, modelinfo, package, ready, sources
+from builder.build.locks import exclusive
 from builder.build.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, resolve_build_options
 from builder.build.ortbuild import run_ort_builder, set_context_length
 from builder.build.progress import NullProgress, Progress
@@ -191,17 +193,15 @@ def _atomic_dir(final: Path, make) -> Path:  # make: Callable[[Path], None]
     """Build a cache entry in a sibling temp dir and rename it into place."""
     if final.exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        make(tmp)
+    with exclusive(final):  # another build may be making the same entry: wait for it
+        if final.exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
+            make(tmp)
             os.rename(tmp, final)
-        except OSError:
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -223,8 +223,13 @@ def _reference_perplexity(hf_dir: Path, source_sha256: str, cache_dir: Path, win
         lambda tmp: run_ort_builder(hf_dir, tmp, precision=precision, execution_provider="cpu",
                                     cache_dir=cache_dir / "ort", log_path=log_path),
     )
-    ppl, _ = evaluate.measure_perplexity(ref_dir, window=window)
-    ppl_file.write_text(repr(ppl))
+    with exclusive(ppl_file):  # one measurement, and no reader of a half-written file
+        if ppl_file.is_file():
+            return float(ppl_file.read_text())
+        ppl, _ = evaluate.measure_perplexity(ref_dir, window=window)
+        tmp = ppl_file.with_name(f".{ppl_file.name}.tmp")
+        tmp.write_text(repr(ppl))
+        os.replace(tmp, ppl_file)
     return ppl
 
 
@@ -269,6 +274,29 @@ def build_artifact(request: BuildRequest, progress: Progress | None = None) -> B
         QualityGateError: perplexity ratio over `max_ppl_ratio`; nothing is packaged.
     """
     run = _Run(request, progress or NullProgress())
+    with _output_lock(run.out_dir):
+        return _build_artifact(request, run)
+
+
+@contextmanager
+def _output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold OUT's build lock: a second build of the same OUT waits, then reuses what the first made.
+
+    Raises:
+        UsageError: OUT's parent cannot be created or written.
+    """
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as e:
+        raise UsageError(f"cannot write the output next to {out_dir}: {e.strerror or e}: "
+                         "choose a writable -o") from e
+    with exclusive(out_dir, on_wait=lambda: log.warning("waiting for another build of %s to finish", out_dir)):
+        yield
+
+
+def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
     with run.stage("check options and output"):
         contract_files = contracts.read_contract_files(request.contracts)
         opts, existing, work = _check_request(request, run.out_dir)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.wire.errors import BuildError, UsageError
+from builder.build.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,12 @@ class Arm64Sandbox:
         if missing:
             raise UsageError(f"the aarch64 sandbox needs {', '.join(missing)}: apt-get install {' '.join(missing)}")
         _enable_binfmt()
-        if not (self.root / "usr/bin/python3").is_file():
-            self._debootstrap()
-        self._install_wheels()
-        self._install_agent()
-        self._mount_proc()
+        with exclusive(self.root):  # two builds or test workers setting it up at once
+            if not (self.root / "usr/bin/python3").is_file():
+                self._debootstrap()
+            self._install_wheels()
+            self._install_agent()
+            self._mount_proc()
 
     def _debootstrap(self) -> None:
         partial = self.root.with_name(self.root.name + ".partial")

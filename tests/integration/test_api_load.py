@@ -20,6 +20,7 @@ import requests
 
 from agent.serving.runtime import ModelRuntime
 from agent.wire.errors import ActivationError
+from testkit.cache import made_once
 from testkit.serving import ServerThread, metric_value
 from testkit.waits import wait_until
 
@@ -29,12 +30,9 @@ def smollm2_int4_b128(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
     """A second, different model: the same weights quantized with block size 128."""
     from builder.build.ortbuild import run_ort_builder
 
-    out = model_cache_dir / "smollm2-int4-b128"
-    if not (out / "genai_config.json").is_file():
-        run_ort_builder(smollm2_hf_dir, out, precision="int4", execution_provider="cpu",
-                        cache_dir=model_cache_dir / "ort-cache",
-                        extra_options={"block_size": "128", "accuracy_level": "4"})
-    return out
+    return made_once(model_cache_dir / "smollm2-int4-b128", "genai_config.json", lambda tmp: run_ort_builder(
+        smollm2_hf_dir, tmp, precision="int4", execution_provider="cpu", cache_dir=model_cache_dir / "ort-cache",
+        extra_options={"block_size": "128", "accuracy_level": "4"}))
 
 
 @pytest.fixture

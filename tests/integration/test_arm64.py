@@ -62,6 +62,22 @@ def _canary_change(stderr: str) -> float:
     return float(found[-1])
 
 
+def test_mobile_profile_build_caps_context_and_needs_less_ram(smollm2_artifact: Path,
+                                                              smollm2_mobile_arm: CliBuild) -> None:
+    """The mobile build (`edge-builder build --profile mobile`) is the one the ARM device installs."""
+    out = smollm2_mobile_arm.out
+    if smollm2_mobile_arm.stderr:  # built in this run: stage-by-stage progress, then a one-line summary
+        assert "[1/11] check options and output: done" in smollm2_mobile_arm.stderr
+        assert "built smollm2 v2" in smollm2_mobile_arm.stderr
+    mobile = Manifest.model_validate_json((out / MANIFEST_FILENAME).read_bytes())
+    cpu = Manifest.model_validate_json((smollm2_artifact / MANIFEST_FILENAME).read_bytes())
+    assert (mobile.build.profile, mobile.build.builder_options) == ("mobile", {"block_size": "32",
+                                                                              "accuracy_level": "4"})
+    assert mobile.model_info.context_length == 2048
+    assert json.loads((out / "genai_config.json").read_text())["search"]["max_length"] == 2048
+    assert mobile.requirements.min_ram_bytes < cpu.requirements.min_ram_bytes
+
+
 def test_builds_checked_on_aarch64_say_so_and_an_x86_only_build_is_refused(
         arm64: Arm64Sandbox, arm_builds: tuple[Path, Path], smollm2_artifact: Path, tmp_path: Path) -> None:
     for build in arm_builds:

@@ -11,7 +11,6 @@ from pathlib import Path
 from agent.wire.errors import ExitCode
 from agent.wire.manifest import Manifest
 from builder.build.evaluate import eval_text_sha256
-from testkit.arm64 import CliBuild
 from testkit.env import subprocess_env
 
 _REPLAY = """
@@ -101,18 +100,3 @@ def test_out_holding_a_different_build_is_refused_and_kept(smollm2_artifact: Pat
     assert len(lines) == 1 and "already holds a different build (smollm2-135m v1" in lines[0], proc.stderr
     assert (smollm2_artifact / "manifest.json").read_bytes() == manifest_before
     assert not list(smollm2_artifact.parent.glob(f".{smollm2_artifact.name}.partial-*"))
-
-
-def test_mobile_profile_build_caps_context_and_needs_less_ram(smollm2_artifact: Path,
-                                                              smollm2_mobile_arm: CliBuild) -> None:
-    """The mobile build is the one the ARM device installs (tests/integration/test_arm64.py)."""
-    out = smollm2_mobile_arm.out
-    if smollm2_mobile_arm.stderr:  # built in this run: stage-by-stage progress, then a one-line summary
-        assert "[1/11] check options and output: done" in smollm2_mobile_arm.stderr
-        assert "built smollm2 v2" in smollm2_mobile_arm.stderr
-    mobile, cpu = _manifest(out), _manifest(smollm2_artifact)
-    assert (mobile.build.profile, mobile.build.builder_options) == ("mobile", {"block_size": "32",
-                                                                              "accuracy_level": "4"})
-    assert mobile.model_info.context_length == 2048
-    assert json.loads((out / "genai_config.json").read_text())["search"]["max_length"] == 2048
-    assert mobile.requirements.min_ram_bytes < cpu.requirements.min_ram_bytes

@@ -136,3 +136,22 @@ def test_hf_id_builds_offline_from_the_cache_through_the_cli(tiny_model_dir, tmp
     assert manifest.label == "from the hub cache"
     assert manifest.model_info.architecture == "LlamaForCausalLM"
     assert set(os.listdir(tmp_path)) == {"artifact", "cache"}  # no .partial-* left next to OUT
+
+
+def test_two_builds_of_one_output_take_turns_and_the_second_reuses_the_first(tiny_hf: Path, tmp_path: Path,
+                                                                               builder_cache_dir: Path) -> None:
+    """Two operators (or CI workers) building into the same OUT at once: neither removes the other's
+    work in progress; the second waits, then finds the finished artifact."""
+    out = tmp_path / "artifact"
+    argv = [sys.executable, "-m", "builder.cli", "build", str(tiny_hf), "-o", str(out), "-c", str(builder_cache_dir),
+            "--json"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for _ in range(2)]
+    outcomes = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [ExitCode.OK, ExitCode.OK], [err[-2000:] for _, err in outcomes]
+    reused = sorted(json.loads(stdout)["is_reused"] for stdout, _ in outcomes)
+    assert reused == [False, True]
+    waiter_stderr = next(err for stdout, err in outcomes if json.loads(stdout)["is_reused"])
+    assert f"waiting for another build of {out} to finish" in waiter_stderr
+    verify_artifact(out)
+    assert set(os.listdir(tmp_path)) == {"artifact"}  # no .partial-* and no lock file left next to OUT
