@@ -80,6 +80,25 @@ def make_tiny_model(arch: str, out_dir: Path, *, tokenizer_dir: Path | None = No
     return out_dir
 
 
+def longrope_phi3_model(out_dir: Path, *, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A tiny random Phi-3 with long/short rope scaling (as Phi-3.5-mini has): onnxruntime-genai's
+    builder writes an `If` choosing between two rope caches into its graph."""
+    import torch
+    import transformers as tf
+
+    half_head = _COMMON["hidden_size"] // _COMMON["num_attention_heads"] // 2
+    config = tf.Phi3Config(**{**_COMMON, "max_position_embeddings": 2 * CONTEXT_LENGTH},
+                           original_max_position_embeddings=CONTEXT_LENGTH,
+                           rope_scaling={"type": "longrope", "short_factor": [1.0] * half_head,
+                                         "long_factor": [2.0] * half_head})
+    torch.manual_seed(seed)
+    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = os.environ.get("EDGEFLEET_TEST_CACHE")

@@ -34,7 +34,8 @@ def run_ort_builder(
     extra_options: dict[str, str] | None = None,
     log_path: Path | None = None,
 ) -> None:
-    """Build `hf_dir` into `out_dir` with `python -m onnxruntime_genai.models.builder`.
+    """Build `hf_dir` into `out_dir` with onnxruntime-genai's model builder, run through
+    `builder.build.streamquant` (the same files, quantized weight by weight).
 
     Each run gets a scratch dir of its own under `cache_dir`: the ORT builder removes its cache
     dir when it finds it empty at the end, under a concurrent build's feet.
@@ -45,7 +46,7 @@ def run_ort_builder(
     cache_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir))
     cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "builder.build.streamquant",
         "-i", str(hf_dir), "-o", str(out_dir),
         "-p", precision, "-e", execution_provider, "-c", str(scratch),
     ]
