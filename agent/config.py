@@ -39,6 +39,8 @@ class AgentConfig(StrictModel):
     api_token: str | None = Field(default=None, min_length=1, pattern=r"\S",
                                   description="bearer token the local API requires, if set")
     api_max_body_bytes: int = Field(default=8 << 20, ge=1024, description="request bodies over this are a 413")
+    api_image_dir: Path | None = Field(default=None, description=(
+        "chat image parts may name files in this folder; unset: data: URLs only, never a remote fetch"))
     broker_url: str | None = Field(default=None, description="mqtt://host:port or mqtts://host:port")
     broker_username: str | None = None
     broker_password: str | None = None

@@ -370,7 +370,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
 
         check_exposure(self.config.api_bind, self.config.api_token)
-        app = create_app(self.host, api_token=self.config.api_token, max_body_bytes=self.config.api_max_body_bytes)
+        app = create_app(self.host, api_token=self.config.api_token, max_body_bytes=self.config.api_max_body_bytes,
+                         image_dir=self.config.api_image_dir)
         self._api_state = app.state
         self._server = _Server(uvicorn_config(app, self.config.api_bind))
         server_task = loop.create_task(self._server.serve())

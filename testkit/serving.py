@@ -48,12 +48,12 @@ def wait_listening(port: int, timeout_s: float = 30.0) -> None:
 class ServerThread:
     def __init__(self, model_dir: Path | None, *, threads: int = 2, parallel: int = 4, queue_size: int = 16,
                  api_token: str | None = None, stream_interval_s: float = 0.05,
-                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+                 prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES, image_dir: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.host = ModelHost(threads=threads, parallel=parallel, queue_size=queue_size,
                               stream_interval_s=stream_interval_s, prefix_cache_bytes=prefix_cache_bytes)
-        app = create_app(self.host, api_token=api_token, model_dir=model_dir)
+        app = create_app(self.host, api_token=api_token, model_dir=model_dir, image_dir=image_dir)
         self.owns_host = model_dir is not None
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                                     lifespan="on"))

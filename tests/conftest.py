@@ -13,4 +13,4 @@ import pytest
 pytest.register_assert_rewrite("testkit")
 
 pytest_plugins = ["testkit.models", "testkit.agents", "testkit.brokers", "testkit.link", "testkit.arm64",
-                  "testkit.serving"]
+                  "testkit.serving", "testkit.vision"]

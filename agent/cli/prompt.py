@@ -4,16 +4,17 @@ through the running agent's API (`--url`) or straight from a model dir (`--model
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.wire.cli import HelpFormatter
-from agent.wire.errors import RuntimeModelError, UsageError
-from agent.wire.worker import ChatMessage, SamplingOptions
+from agent.wire.errors import ImageError, RuntimeModelError, UsageError
+from agent.wire.worker import MAX_PROMPT_IMAGES, ChatMessage, SamplingOptions
 
 _DEFAULT_URL = "http://127.0.0.1:8080"
 # Outside the EDGE_AGENT_ prefix on purpose: every EDGE_AGENT_<KEY> is a config key of the
@@ -23,7 +24,10 @@ _TIMEOUT_S = (5.0, 300.0)  # connect, read: a long answer on a slow box takes mi
 
 
 class _Backend(Protocol):
-    def stream(self, messages: list[ChatMessage], options: SamplingOptions) -> Iterator[str]: ...
+    def stream(self, messages: list[ChatMessage], options: SamplingOptions,
+               images: Sequence[bytes] = ()) -> Iterator[str]:
+        """`images`: encoded pictures for the last message, shown before its text."""
+        ...
 
 
 class _LocalBackend:
@@ -34,11 +38,34 @@ class _LocalBackend:
 
         self.runtime = ModelRuntime(model_dir, intra_op_num_threads=threads)
 
-    def stream(self, messages: list[ChatMessage], options: SamplingOptions) -> Iterator[str]:
-        prompt_ids = self.runtime.encode(self.runtime.apply_chat_template(messages))
-        for step in self.runtime.generate(prompt_ids, options):
-            if step.text:
-                yield step.text
+    def stream(self, messages: list[ChatMessage], options: SamplingOptions,
+               images: Sequence[bytes] = ()) -> Iterator[str]:
+        if not images:
+            generation = self.runtime.start(self.runtime.encode(self.runtime.apply_chat_template(messages)), options)
+        else:
+            from agent.serving.images import to_png
+
+            tag = self.runtime.image_tag
+            if tag is None:
+                raise UsageError(f"the model in {self.runtime.model_dir} reads text only: leave out --image")
+            try:
+                pngs = [to_png(image) for image in images]  # what the API does: whole images only
+            except ImageError as e:
+                raise UsageError(f"--image: {e}") from e
+            last = messages[-1]
+            tags = "".join(tag.format(n=n) for n in range(1, len(images) + 1))
+            tagged = [*messages[:-1], ChatMessage(role=last.role, content=tags + last.content)]
+            try:
+                generation = self.runtime.start_with_images(self.runtime.apply_chat_template(tagged), pngs, options)
+            except ValueError as e:
+                raise UsageError(f"--image: {e}") from e
+        try:
+            while not generation.is_done:
+                step = generation.step()
+                if step.text:
+                    yield step.text
+        finally:
+            generation.release()
 
 
 _HTTP_OPTIONS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty", "num_beams")
@@ -51,13 +78,18 @@ class _HttpBackend:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def stream(self, messages: list[ChatMessage], options: SamplingOptions) -> Iterator[str]:
+    def stream(self, messages: list[ChatMessage], options: SamplingOptions,
+               images: Sequence[bytes] = ()) -> Iterator[str]:
         import requests
 
         # The options this command sets, in OpenAI's names (the worker's wire has more, in its own shape).
         sampling = {name: getattr(options, name) for name in _HTTP_OPTIONS if getattr(options, name) is not None}
-        body = {"model": "default", "messages": [{"role": m.role, "content": m.content} for m in messages],
-                "stream": True, **sampling}
+        wire: list[dict[str, Any]] = [{"role": m.role, "content": m.content} for m in messages]
+        if images:  # OpenAI's shape: the pictures as data: URLs, then the text (the server checks them)
+            wire[-1]["content"] = [*({"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(image).decode("ascii")}} for image in images),
+                {"type": "text", "text": messages[-1].content}]
+        body = {"model": "default", "messages": wire, "stream": True, **sampling}
         try:
             response = requests.post(f"{self.url}/v1/chat/completions", json=body, headers=self.headers,
                                      stream=True, timeout=_TIMEOUT_S)
@@ -109,6 +141,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Send one prompt and stream the answer to stdout.",
         epilog='example:\n  edge-agent prompt "Name three rivers in France." --model ./smollm2-int4\n')
     p.add_argument("text", help="the user message")
+    p.add_argument("--image", type=Path, action="append", default=[], metavar="FILE",
+                   help="a picture for the message (PNG, JPEG, GIF, WebP, BMP); repeatable, at most "
+                        f"{MAX_PROMPT_IMAGES}; the model must take images (GET /v1/models: input_modalities)")
     _add_common(p)
     p.set_defaults(handler=_prompt)
     c = subparsers.add_parser(
@@ -136,9 +171,31 @@ def _options(args: argparse.Namespace) -> SamplingOptions:
         raise UsageError(f"bad sampling option: {e}") from e
 
 
-def _answer(backend: _Backend, messages: list[ChatMessage], options: SamplingOptions) -> str:
+def _read_images(paths: list[Path]) -> list[bytes]:
+    """The files of --image, read whole (each at most MAX_IMAGE_BYTES).
+
+    Raises:
+        UsageError: too many, unreadable, or too large.
+    """
+    from agent.serving.images import MAX_IMAGE_BYTES
+
+    if len(paths) > MAX_PROMPT_IMAGES:
+        raise UsageError(f"--image takes at most {MAX_PROMPT_IMAGES} pictures, not {len(paths)}")
+    images = []
+    for path in paths:
+        try:
+            if path.stat().st_size > MAX_IMAGE_BYTES:
+                raise UsageError(f"--image {path} is over {MAX_IMAGE_BYTES} bytes: send a smaller picture")
+            images.append(path.read_bytes())
+        except OSError as e:
+            raise UsageError(f"cannot read --image {path}: {e.strerror or e}") from e
+    return images
+
+
+def _answer(backend: _Backend, messages: list[ChatMessage], options: SamplingOptions,
+            images: Sequence[bytes] = ()) -> str:
     parts: list[str] = []
-    for text in backend.stream(messages, options):
+    for text in backend.stream(messages, options, images):
         parts.append(text)
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -151,7 +208,8 @@ def _prompt(args: argparse.Namespace) -> int:
     options = _options(args)
     messages = [ChatMessage(role="system", content=args.system)] if args.system else []
     messages.append(ChatMessage(role="user", content=args.text))
-    _answer(_backend(args), messages, options)
+    images = _read_images(args.image)
+    _answer(_backend(args), messages, options, images)
     return 0
 
 

@@ -56,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     # The env value is read in the handler, never shown as a default in --help: it is a secret.
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, metavar="BYTES",
                    help="request bodies over this are refused with 413 before they are read")
+    p.add_argument("--image-dir", type=Path, default=None, metavar="DIR",
+                   help="chat image parts may name files in DIR (file:// URLs or paths); None: data: URLs only, "
+                        "never a remote fetch")
     p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
                    help="file holding the bearer token required on /v1/*; None: EDGE_AGENT_API_TOKEN, else no "
                         "auth (needed when --host or --bind is not loopback)")
@@ -110,8 +113,10 @@ def _serve(args: argparse.Namespace) -> int:
     check_exposure(bind, token)
     if args.max_body_bytes < 1024:
         raise UsageError(f"--max-body-bytes must be at least 1024 (got {args.max_body_bytes})")
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        raise UsageError(f"--image-dir {args.image_dir} is not a folder")
     app = create_app(host, api_token=token, model_dir=args.model, on_load_failure=stop_on_load_failure,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, image_dir=args.image_dir)
     server = uvicorn.Server(uvicorn_config(app, bind, log_level="info" if args.verbose else "warning"))
     print(f"edge-agent: serving {args.model} on {bind}", file=sys.stderr)
     server.run()

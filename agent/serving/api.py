@@ -12,9 +12,11 @@ every `/v1/*` request needs `Authorization: Bearer <token>`; `/healthz` and
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -34,11 +36,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from agent.serving import responses
+from agent.serving import images, responses
 from agent.serving.host import ModelHost
+from agent.serving.images import MAX_IMAGES
 from agent.serving.worker.client import WorkerClient
 from agent.wire.contract import split_model_id, under_contract
-from agent.wire.errors import ActivationError, ApiError, ConfigError, ModelNotReadyError, QueueFullError
+from agent.wire.errors import ActivationError, ApiError, ConfigError, ImageError, ModelNotReadyError, QueueFullError
 from agent.wire.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -93,10 +96,12 @@ def _refuse_constant(name: str) -> None:
 
 
 class _Api:
-    def __init__(self, host: ModelHost, api_token: str | None, max_body_bytes: int) -> None:
+    def __init__(self, host: ModelHost, api_token: str | None, max_body_bytes: int,
+                 image_dir: Path | None = None) -> None:
         self.host = host
         self.api_token = api_token  # replaced in place when the daemon reloads its config
         self.max_body_bytes = max_body_bytes
+        self.image_dir = image_dir  # image parts may name files in it; None: data: URLs only
 
     def _check_auth(self, request: Request) -> None:
         if self.api_token is None:
@@ -215,10 +220,44 @@ class _Api:
                 req = under_contract(req, self.host.identity.contracts[contract])
             except ValueError as e:
                 raise _invalid(str(e), param=str(e).partition(":")[0]) from e
-        messages = [m.to_chat_message() for m in req.messages]
+        pngs, tag = await self._images(req)
+        tags = (tag.format(n=n) for n in itertools.count(1)) if tag is not None else None
+        messages = [m.to_chat_message(tags) for m in req.messages]
         tool_names = {t.function.name for t in req.tools or []} if req.calls_tools else None
         return await self._generate(request, req, messages=messages, prompt=None, is_chat=True,
-                                    tools=req.tools_json, tool_names=tool_names)
+                                    tools=req.tools_json, tool_names=tool_names, images=pngs or None)
+
+    async def _images(self, req: ChatCompletionRequest) -> tuple[list[str], str | None]:
+        """The request's images as base64 PNGs (decoded and re-encoded off the event loop), and the
+        model's tag for them; ([], None) without images.
+
+        Raises:
+            ApiError: 400, the model reads text only, too many images, or one is unusable (the
+                message names the part).
+        """
+        urls = req.image_urls()
+        if not urls:
+            return [], None
+        identity = self.host.identity
+        tag = identity.image_tag if identity is not None else None
+        if tag is None:
+            where = urls[0][0]
+            name = identity.name if identity is not None else None
+            raise _invalid(f"{where}: the model {name!r} reads text only (GET /v1/models lists what each model "
+                           "takes in input_modalities): send the message without images", param=where,
+                           code="unsupported_content")
+        if len(urls) > MAX_IMAGES:
+            where = urls[MAX_IMAGES][0]
+            raise _invalid(f"{where}: a request takes at most {MAX_IMAGES} images, this one has {len(urls)}",
+                           param=where, code="too_many_images")
+        encoded: list[str] = []
+        for where, url in urls:
+            try:
+                png = await anyio.to_thread.run_sync(_png_from_url, url, self.image_dir)
+            except ImageError as e:
+                raise _invalid(f"{where}.image_url.url: {e}", param=f"{where}.image_url.url") from e
+            encoded.append(base64.b64encode(png).decode("ascii"))
+        return encoded, tag
 
     async def _complete(self, request: Request) -> Response:
         req: CompletionRequest = await self._parse(request, CompletionRequest)
@@ -228,7 +267,7 @@ class _Api:
 
     async def _generate(self, request: Request, req: GenerationRequest, *, messages: list[ChatMessage] | None,
                         prompt: str | None, is_chat: bool, tools: str | None = None,
-                        tool_names: set[str] | None = None) -> Response:
+                        tool_names: set[str] | None = None, images: list[str] | None = None) -> Response:
         """`tools`: the tools for the prompt; `tool_names`: set when the answer may be calls to them."""
         refused = req.unsupported_parameter()
         if refused is not None:
@@ -243,7 +282,8 @@ class _Api:
         # n choices are n generations; with a seed, choice i samples with seed + i (reproducible, distinct).
         choice_options = [options if options.seed is None else dataclasses.replace(options, seed=options.seed + i)
                           for i in range(req.n)]
-        streams = [self.host.generate(prompt=prompt, messages=messages, tools=tools, options=o) for o in choice_options]
+        streams = [self.host.generate(prompt=prompt, messages=messages, tools=tools, options=o, images=images)
+                   for o in choice_options]
         # A client may give up while its request waits in the queue: watch for that from here on.
         disconnected = asyncio.ensure_future(_wait_disconnect(request))
         opened = await self._open(streams, disconnected)
@@ -325,7 +365,8 @@ class _Api:
             identity = self.host.identity
             cards = [] if identity is None else [
                 ModelCard(id=model_id, version=identity.version, context_length=identity.context_length,
-                          created=int(_dir_mtime(identity.model_dir)))
+                          created=int(_dir_mtime(identity.model_dir)),
+                          input_modalities=["text", "image"] if identity.image_tag is not None else ["text"])
                 for model_id in [identity.name, *(f"{identity.name}/{c}" for c in sorted(identity.contracts))]]
             return JSONResponse(ModelList(data=cards).model_dump())
         return await self._guarded(request, "/v1/models", handler)
@@ -347,6 +388,10 @@ class _Api:
         text = self.host.metrics.render_prometheus(identity.name if identity else None,
                                                    identity.version if identity else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _png_from_url(url: str, image_dir: Path | None) -> bytes:
+    return images.to_png(images.image_url_bytes(url, image_dir))
 
 
 def _dir_mtime(path: str) -> float:
@@ -373,7 +418,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path | None = None,
                on_load_failure: Callable[[ActivationError], None] | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, image_dir: Path | None = None) -> Starlette:
     """The API over `host`.
 
     With `model_dir`, the app owns the host: its startup begins loading that
@@ -381,14 +426,15 @@ def create_app(host: ModelHost, *, api_token: str | None = None, model_dir: Path
     shutdown stops the workers; `on_load_failure` hears when that model does
     not load. Without, the caller (the agent daemon) loads models with
     `host.switch()` and closes the host itself. `app.state.api.api_token` may be
-    replaced while the app runs (a config reload).
+    replaced while the app runs (a config reload). `image_dir`: image parts may name files in it
+    (`file://` URLs or paths); without it only `data:` URLs are read.
 
     Raises:
         ConfigError: `api_token` is empty (it would let `Authorization: Bearer ` in).
     """
     if api_token is not None and not api_token.strip():
         raise ConfigError("api_token is empty: set a real token or remove the key")
-    api = _Api(host, api_token, max_body_bytes)
+    api = _Api(host, api_token, max_body_bytes, image_dir)
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

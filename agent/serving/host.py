@@ -357,9 +357,10 @@ class ModelHost:
             self._slot_freed.notify_all()
 
     async def generate(self, *, prompt: str | None = None, messages: list[ChatMessage] | None = None,
-                       tools: str | None = None,
-                       options: SamplingOptions) -> AsyncGenerator[tuple[WorkerClient, RequestEvent], None]:
+                       tools: str | None = None, options: SamplingOptions,
+                       images: list[str] | None = None) -> AsyncGenerator[tuple[WorkerClient, RequestEvent], None]:
         """Wait for a slot, then yield the request's events (with the worker that runs it).
+        `images`: base64 PNGs written by `agent.serving.images`, one per image tag of the prompt.
 
         Raises (before the first event):
             ModelNotReadyError: no model is loaded.
@@ -367,7 +368,7 @@ class ModelHost:
         """
         worker = await self._acquire_slot()
         command = GenerateCommand(id=uuid.uuid4().hex, prompt=prompt, messages=messages, tools=tools,
-                                  options=options, stream_interval_s=self.stream_interval_s)
+                                  options=options, stream_interval_s=self.stream_interval_s, images=images)
         admitted = time.perf_counter()
         first_token_at: float | None = None
         try:

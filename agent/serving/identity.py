@@ -12,6 +12,7 @@ from agent.serving.runtime import read_context_length
 from agent.wire.base import StrictModel
 from agent.wire.contract import Contract, read_contracts
 from agent.wire.errors import ActivationError
+from agent.wire.genai_config import image_tag
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class ModelIdentity(StrictModel):
     model_dir: str
     context_length: int
     contracts: dict[str, Contract] = {}  # served as `<name>/<contract>`
+    image_tag: str | None = None  # the prompt's marker for image n, when the model takes images
 
 
 def read_identity(model_dir: Path) -> ModelIdentity:
@@ -49,4 +51,4 @@ def read_identity(model_dir: Path) -> ModelIdentity:
     except ValueError as e:
         raise ActivationError(f"{e}: fix the contract and publish again") from e
     return ModelIdentity(name=name, version=version, model_dir=str(model_dir), context_length=context_length,
-                         contracts=contracts)
+                         contracts=contracts, image_tag=image_tag(model_dir))

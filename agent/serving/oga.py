@@ -43,6 +43,8 @@ _SIZE = ctypes.c_size_t
 _STR = ctypes.c_char_p
 # OgaElementType values (ONNX's TensorProto numbering).
 _FLOAT32 = 1
+_INT32 = 6
+_INT64 = 7
 _FLOAT16 = 10
 
 # name: (argtypes, restype); every OgaResult* return is checked by `_check`.
@@ -92,6 +94,15 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaTensorGetShape": ([_P, ctypes.POINTER(ctypes.c_int64), _SIZE], _P),
     "OgaTensorGetData": ([_P, _PP], _P),
     "OgaDestroyTensor": ([_P], None),
+    # Images in a prompt (multimodal models: genai_config.json with a vision section).
+    "OgaCreateMultiModalProcessor": ([_P, _PP], _P),
+    "OgaDestroyMultiModalProcessor": ([_P], None),
+    "OgaLoadImagesFromBuffers": ([_PP, ctypes.POINTER(_SIZE), _SIZE, _PP], _P),
+    "OgaDestroyImages": ([_P], None),
+    "OgaProcessorProcessImages": ([_P, _STR, _P, _PP], _P),
+    "OgaNamedTensorsGet": ([_P, _STR, _PP], _P),
+    "OgaDestroyNamedTensors": ([_P], None),
+    "OgaGenerator_SetInputs": ([_P, _P], _P),
     "OgaShutdown": ([], None),
 }
 
@@ -220,6 +231,25 @@ def _int32_array(ids: Sequence[int]) -> ctypes.Array[ctypes.c_int32]:
     return (ctypes.c_int32 * len(ids))(*ids)
 
 
+def _tensor_data(tensor: int) -> tuple[int, list[int], int]:
+    """An OgaTensor's element type, shape and data address (valid while the tensor lives).
+
+    Raises:
+        OgaError: the library failed, or the tensor has no data.
+    """
+    lib = library()
+    kind, rank = ctypes.c_int(), _SIZE()
+    _check(lib.OgaTensorGetType(tensor, ctypes.byref(kind)))
+    _check(lib.OgaTensorGetShapeRank(tensor, ctypes.byref(rank)))
+    shape = (ctypes.c_int64 * rank.value)()
+    _check(lib.OgaTensorGetShape(tensor, shape, rank.value))
+    data = _P()
+    _check(lib.OgaTensorGetData(tensor, ctypes.byref(data)))
+    if data.value is None:
+        raise OgaError("onnxruntime-genai returned a tensor without data")
+    return kind.value, list(shape), data.value
+
+
 class _Handle:
     """Owns one C object; `close()` frees it once, children hold their parent."""
 
@@ -345,6 +375,11 @@ class Generator(_Handle):
         finally:
             lib.OgaDestroyGeneratorParams(params)
 
+    def set_inputs(self, inputs: NamedTensors) -> None:
+        """The prompt as a multimodal processor made it (ids with image placeholders, pixels): the
+        next step runs all of it."""
+        _check(library().OgaGenerator_SetInputs(self.handle, inputs.handle))
+
     def append_tokens(self, token_ids: Sequence[int]) -> None:
         _check(library().OgaGenerator_AppendTokens(self.handle, _int32_array(token_ids), len(token_ids)))
 
@@ -378,34 +413,28 @@ class Generator(_Handle):
         lib = library()
         tensor = _create(lib.OgaGenerator_GetLogits, self.handle)  # a copy the caller owns
         try:
-            kind, rank = ctypes.c_int(), _SIZE()
-            _check(lib.OgaTensorGetType(tensor, ctypes.byref(kind)))
-            _check(lib.OgaTensorGetShapeRank(tensor, ctypes.byref(rank)))
-            shape = (ctypes.c_int64 * rank.value)()
-            _check(lib.OgaTensorGetShape(tensor, shape, rank.value))
-            vocab = int(shape[rank.value - 1]) if rank.value else 0
-            data = _P()
-            _check(lib.OgaTensorGetData(tensor, ctypes.byref(data)))
-            if data.value is None or vocab <= 0:
+            kind, shape, address = _tensor_data(tensor)
+            vocab = shape[-1] if shape else 0
+            if vocab <= 0:
                 raise OgaError("onnxruntime-genai returned empty logits")
             values: Sequence[float]
-            if kind.value == _FLOAT32:
+            if kind == _FLOAT32:
                 floats = array.array("f")  # one copy of the bytes: a list of 49k floats costs 4 ms a token
-                floats.frombytes(ctypes.string_at(data.value, 4 * vocab))
+                floats.frombytes(ctypes.string_at(address, 4 * vocab))
                 values = floats
                 if add:
-                    buffer = (ctypes.c_float * vocab).from_address(data.value)
+                    buffer = (ctypes.c_float * vocab).from_address(address)
                     for token, delta in add.items():
                         if 0 <= token < vocab:
                             buffer[token] += delta
-            elif kind.value == _FLOAT16:
-                values = struct.unpack(f"<{vocab}e", ctypes.string_at(data.value, 2 * vocab))
+            elif kind == _FLOAT16:
+                values = struct.unpack(f"<{vocab}e", ctypes.string_at(address, 2 * vocab))
                 for token, delta in (add or {}).items():
                     if 0 <= token < vocab:
-                        struct.pack_into("<e", (ctypes.c_char * (2 * vocab)).from_address(data.value), 2 * token,
+                        struct.pack_into("<e", (ctypes.c_char * (2 * vocab)).from_address(address), 2 * token,
                                          values[token] + delta)
             else:
-                raise OgaError(f"logits of element type {kind.value} are not supported (float32 or float16)")
+                raise OgaError(f"logits of element type {kind} are not supported (float32 or float16)")
             if add:
                 _check(lib.OgaGenerator_SetLogits(self.handle, tensor))
             return values
@@ -416,3 +445,57 @@ class Generator(_Handle):
         lib = library()
         count = lib.OgaGenerator_GetSequenceCount(self.handle, index)
         return lib.OgaGenerator_GetSequenceData(self.handle, index)[:count] if count else []
+
+
+class NamedTensors(_Handle):
+    """A model's inputs by name, as a multimodal processor makes them."""
+
+    _destroy_name = "OgaDestroyNamedTensors"
+
+    def int_values(self, name: str) -> list[int]:
+        """The values of the integer tensor `name`, flattened (the prompt's `input_ids`: an image's
+        placeholder tokens are its negated number).
+
+        Raises:
+            OgaError: there is no such tensor, or it is not int32/int64.
+        """
+        lib = library()
+        tensor = _create(lib.OgaNamedTensorsGet, self.handle, name.encode())
+        try:
+            kind, shape, address = _tensor_data(tensor)
+            count = 1
+            for dim in shape:
+                count *= dim
+            if kind == _INT32:
+                return list((ctypes.c_int32 * count).from_address(address))
+            if kind == _INT64:
+                return list((ctypes.c_int64 * count).from_address(address))
+            raise OgaError(f"input {name!r} has element type {kind}, not int32 or int64")
+        finally:
+            lib.OgaDestroyTensor(tensor)
+
+
+class MultiModalProcessor(_Handle):
+    """Turns a prompt with image tags (`<|image_1|>` ...) and the images' encoded bytes (PNG, JPEG)
+    into a model's inputs, by the model's `processor_config.json`."""
+
+    _destroy_name = "OgaDestroyMultiModalProcessor"
+
+    def __init__(self, model: Model) -> None:
+        super().__init__(_create(library().OgaCreateMultiModalProcessor, model.handle), parent=model)
+
+    def process(self, prompt: str, images: Sequence[bytes]) -> NamedTensors:
+        """Raises:
+            OgaError: an image does not decode, or the tags do not match the images."""
+        lib = library()
+        loaded = None
+        if images:
+            buffers = (_P * len(images))(*[ctypes.cast(ctypes.c_char_p(b), _P) for b in images])
+            sizes = (_SIZE * len(images))(*[len(b) for b in images])
+            loaded = _create(lib.OgaLoadImagesFromBuffers, buffers, sizes, len(images))
+        try:
+            return NamedTensors(_create(lib.OgaProcessorProcessImages, self.handle, prompt.encode(), loaded),
+                                parent=self)
+        finally:
+            if loaded is not None:
+                lib.OgaDestroyImages(loaded)

@@ -26,6 +26,7 @@ from agent.serving.prefix_cache import PrefixCache, batch_end
 from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
+from agent.wire.genai_config import image_tag
 from agent.wire.loadcheck import check_model_dir
 from agent.wire.worker import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -175,6 +176,9 @@ class Generation:
     options: SamplingOptions
     # Finished generators kept for their KV: this one may start from one and goes back there.
     cache: PrefixCache[oga.Generator] | None = None
+    # A multimodal prompt as the model's processor made it (`prompt_ids` are its input ids): the
+    # generator takes it whole at creation, and is never kept (its KV holds the images).
+    inputs: oga.NamedTensors | None = None
     _generator: oga.Generator | None = None
     _stream: oga.TokenizerStream | None = None
     completion_ids: list[int] = field(default_factory=list)
@@ -192,7 +196,7 @@ class Generation:
         needed = int(search.pop("max_length"))
         self._budget = needed - len(self.prompt_ids)
         guidance = self.options.guidance
-        if self.cache is not None and self.cache.enabled:
+        if self.cache is not None and self.cache.enabled and self.inputs is None:
             self._cache_key = prefix_cache_key(self.options, search)
         try:
             reuse = None
@@ -207,6 +211,9 @@ class Generation:
                 self._max_length = min(self.runtime.context_length, needed + headroom)
                 self._generator = oga.Generator(self.runtime.model, {**search, "max_length": self._max_length},
                                                 None if guidance is None else (guidance.kind, guidance.data))
+                if self.inputs is not None:
+                    self._generator.set_inputs(self.inputs)  # the first step runs the whole prompt
+                    self._prefilled = len(self.prompt_ids)
             self._stream = self.runtime.tokenizer.create_stream()
         except OgaError as e:
             # The C API reports every failure as text; llguidance's compile errors start so (0.18).
@@ -352,11 +359,15 @@ class ModelRuntime:
         except OgaError as e:
             raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
         self.template_renders_tools = toolcalls.template_renders_tools(self.model_dir)
+        self.image_tag = image_tag(self.model_dir)
+        self._processor: oga.MultiModalProcessor | None = None
         log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
                  self.context_length)
 
     def close(self) -> None:
         """Free the tokenizer and the model now; close every `Generation` of this runtime first."""
+        if self._processor is not None:
+            self._processor.close()
         self.tokenizer.close()
         self.model.close()
 
@@ -425,11 +436,39 @@ class ModelRuntime:
             ValueError: logit_bias names a token outside the vocabulary.
         """
         self.check_context(len(prompt_ids), options.max_tokens)
+        self._check_logit_bias(options)
+        return Generation(self, prompt_ids, options, cache)
+
+    def _check_logit_bias(self, options: SamplingOptions) -> None:
         outside = sorted({b.token_id for b in options.logit_bias if b.token_id >= self.vocab_size})
         if outside and self.vocab_size:
             raise ValueError(f"logit_bias names token {outside[0]}, outside this model's vocabulary of "
                              f"{self.vocab_size} tokens")
-        return Generation(self, prompt_ids, options, cache)
+
+    def start_with_images(self, prompt_text: str, images: Sequence[bytes], options: SamplingOptions) -> Generation:
+        """A new generation of `prompt_text`, whose image tags (`self.image_tag`) stand for `images`
+        (encoded PNG or JPEG, whole: see `agent.serving.images`), in order.
+
+        Raises:
+            ValueError: the model takes no images, or the tags do not match the images.
+            ContextLengthError: the prompt with its image tokens and max_tokens do not fit.
+            RuntimeModelError: onnxruntime-genai failed.
+        """
+        if self.image_tag is None:
+            raise ValueError(f"the model in {self.model_dir} reads text only: send the prompt without images")
+        self._check_logit_bias(options)
+        try:
+            if self._processor is None:
+                self._processor = oga.MultiModalProcessor(self.model)
+            inputs = self._processor.process(prompt_text, images)
+        except OgaError as e:
+            raise ValueError(f"the images do not fit the prompt: {e}") from e
+        try:
+            prompt_ids = inputs.int_values("input_ids")
+            self.check_context(len(prompt_ids), options.max_tokens)
+            return Generation(self, prompt_ids, options, inputs=inputs)
+        finally:
+            inputs.close()  # the generator holds what it needs
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[StepResult]:
         """Run one generation to its end in this process."""

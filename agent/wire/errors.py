@@ -30,6 +30,7 @@
     x QueueFullError           every slot is busy and the queue is full (HTTP 429)
     x ModelNotReadyError       no model is loaded yet, or loading failed (HTTP 503)
   x ApiError                   a request answered with an HTTP error in OpenAI's shape
+  x ImageError                 an image in a prompt cannot be used (not fetched, not an image, too large)
   x PayloadError               an MQTT payload was oversized, not JSON, of unknown schema or invalid
   x BrokerError                the MQTT broker cannot be reached or refused us
   x InvalidTransition          the update state machine got an event its state does not handle
@@ -205,6 +206,10 @@ class ApiError(EdgefleetError):
         self.code = code
         self.param = param
         self.headers = headers or {}
+
+
+class ImageError(EdgefleetError):
+    """An image in a prompt cannot be used; the message says why and what to send instead (HTTP 400)."""
 
 
 class InvalidTransition(EdgefleetError):

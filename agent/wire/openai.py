@@ -11,6 +11,7 @@ documentation.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -35,10 +36,17 @@ from agent.wire.worker import (
 MAX_CHOICES = 8
 
 
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str
+    detail: str | None = None  # OpenAI's low/high/auto: the model's processor decides here
+
+
 class _ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class CalledFunction(BaseModel):
@@ -61,9 +69,17 @@ class ApiMessage(BaseModel):
     tool_calls: list[ApiToolCall] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
-    def to_chat_message(self) -> ChatMessage:
+    def to_chat_message(self, image_tags: Iterator[str] | None = None) -> ChatMessage:
+        """The turn for the worker; each image part becomes the next of `image_tags` (the model's
+        marker for that image, in the order the images are sent), in its place among the text."""
         if isinstance(self.content, list):
-            text = "".join(p.text or "" for p in self.content if p.type == "text")
+            pieces: list[str] = []
+            for part in self.content:
+                if part.type == "text":
+                    pieces.append(part.text or "")
+                elif part.type == "image_url" and image_tags is not None:
+                    pieces.append(next(image_tags))
+            text = "".join(pieces)
         else:
             text = self.content or ""
         calls = None if not self.tool_calls else [
@@ -329,10 +345,18 @@ class ChatCompletionRequest(GenerationRequest):
         for i, message in enumerate(self.messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
-                    if part.type != "text":
+                    if part.type not in ("text", "image_url"):
                         return (f"messages.{i}.content.{j}.type",
-                                f"{part.type} content parts are not supported: this server reads text only")
+                                f"{part.type} content parts are not supported: send text and image_url parts")
+                    if part.type == "image_url" and part.image_url is None:
+                        return (f"messages.{i}.content.{j}.image_url", "an image_url part needs image_url.url")
         return super().unsupported_parameter()
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(where, url) of every image part, in order: `where` names the part (messages.i.content.j)."""
+        return [(f"messages.{i}.content.{j}", part.image_url.url)
+                for i, message in enumerate(self.messages) if isinstance(message.content, list)
+                for j, part in enumerate(message.content) if part.type == "image_url" and part.image_url is not None]
 
 
 class CompletionRequest(GenerationRequest):
@@ -498,6 +522,13 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+Modality = Literal["text", "image"]
+
+
+def _text_only() -> list[Modality]:
+    return ["text"]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -505,6 +536,8 @@ class ModelCard(BaseModel):
     owned_by: str = "edgefleet"
     version: int | None = Field(description="extension: the manifest version")
     context_length: int = Field(description="extension")
+    input_modalities: list[Modality] = Field(default_factory=_text_only,
+                                              description="extension: what a chat message may carry")
 
 
 class ModelList(BaseModel):

@@ -170,6 +170,9 @@ class SamplingOptions:
         return self.temperature == 0.0 or self.num_beams > 1
 
 
+# Images in one prompt (each some 2,000 prompt tokens for Phi-3.5-vision).
+MAX_PROMPT_IMAGES = 4
+
 # A canary longer than this is not a health check any more.
 MAX_CANARY_TOKENS = 256
 
@@ -202,10 +205,14 @@ class GenerateCommand(_Line):
     # Tokens made within this many seconds of the last token event ride in the next one
     # (the first token and the last are never held): 0 sends every token on its own.
     stream_interval_s: float = 0.0
+    # PNGs (base64) for the prompt's image tags, in order: only ones the API process wrote itself
+    # (`agent.serving.images`), since the runtime's decoder ends the process on a damaged file.
+    images: list[str] | None = None
 
     def __post_init__(self) -> None:
         wirecheck.expect(self, "id", str)
         wirecheck.expect(self, "prompt", str, optional=True)
+        wirecheck.expect_items(self, "images", str, optional=True, max_items=MAX_PROMPT_IMAGES)
         wirecheck.expect_items(self, "messages", ChatMessage, optional=True)
         wirecheck.expect(self, "tools", str, optional=True)
         wirecheck.expect(self, "options", SamplingOptions)

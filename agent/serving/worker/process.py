@@ -24,6 +24,7 @@ with a `worker_died` error and reports itself dead (`agent.serving.worker.client
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import queue
@@ -167,10 +168,15 @@ class _Worker:
                 text = command.prompt
             else:
                 raise ValueError("a generate command needs prompt or messages")
-            prompt_ids = self.runtime.encode(text)
-            if not prompt_ids:
-                raise ValueError("the prompt is empty: send at least one token of text")
-            generation = self.runtime.start(prompt_ids, command.options, self.cache)
+            if command.images:
+                generation = self.runtime.start_with_images(
+                    text, [base64.b64decode(image) for image in command.images], command.options)
+                prompt_ids = generation.prompt_ids
+            else:
+                prompt_ids = self.runtime.encode(text)
+                if not prompt_ids:
+                    raise ValueError("the prompt is empty: send at least one token of text")
+                generation = self.runtime.start(prompt_ids, command.options, self.cache)
         except ContextLengthError as e:
             self.send(ErrorEvent(id=command.id, kind="context_length", message=str(e)))
             return
