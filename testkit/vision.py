@@ -35,6 +35,7 @@ HIDDEN = _COMMON["hidden_size"]
 CONTEXT_LENGTH = 8192  # the 0.18 runtime's processor scales every image to 16 crops: 1,921 tokens each
 NUM_CROPS = 4
 TOKENS_PER_CROP = 144
+LOGIT_SCALE = 20.0
 CROP = 336
 
 
@@ -148,7 +149,12 @@ def make_text_model(out_dir: Path, *, tokenizer_dir: Path, seed: int = 0) -> Pat
     config = tf.Phi3Config(**{**_COMMON, "max_position_embeddings": CONTEXT_LENGTH},
                            original_max_position_embeddings=CONTEXT_LENGTH, rope_scaling=None)
     torch.manual_seed(seed)
-    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Random weights give near-uniform logits, where any token leads by a hair and a canary
+        # could not tell right tokens from wrong ones: a larger output layer makes the model decided.
+        model.lm_head.weight.mul_(LOGIT_SCALE)
+    model.save_pretrained(out_dir)
     for name in _TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copyfile(tokenizer_dir / name, out_dir / name)

@@ -13,6 +13,7 @@ is stopped.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import os
@@ -23,13 +24,23 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
+
 from agent.serving.identity import ModelIdentity
+from agent.serving.images import read_file_inside, to_png
 from agent.serving.metrics import ServingMetrics
 from agent.serving.prefix_cache import DEFAULT_BUDGET_BYTES
 from agent.serving.worker.client import WorkerClient
 from agent.wire.canary import judge_leads, judge_without_leads
 from agent.wire.contract import CHECK_MAX_TOKENS, answer_problem, example_request
-from agent.wire.errors import ActivationError, ModelNotReadyError, QueueFullError, RuntimeModelError, require
+from agent.wire.errors import (
+    ActivationError,
+    ImageError,
+    ModelNotReadyError,
+    QueueFullError,
+    RuntimeModelError,
+    require,
+)
 from agent.wire.manifest import Canary
 from agent.wire.worker import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -47,6 +58,8 @@ log = logging.getLogger(__name__)
 HostState = Literal["empty", "loading", "ready", "failed"]
 # A restarted worker that serves this long without dying ends a crash loop's backoff.
 STABLE_WORKER_S = 60.0
+# The image canary's picture is a small file the builder ships (builder/data/canary.png).
+MAX_CANARY_IMAGE_BYTES = 4 << 20
 
 
 class ModelHost:
@@ -254,6 +267,7 @@ class ModelHost:
         raise ActivationError(message)
 
     async def _canary_failure(self, worker: WorkerClient, canary: Canary) -> str | None:
+        """Why the text canary, then the image canary (a model that takes images), failed; None: passed."""
         try:
             leads = await worker.canary_leads(canary.prompt, canary.expected_token_ids)
         except RuntimeModelError as e:
@@ -263,6 +277,22 @@ class ModelHost:
         if not verdict.passed:
             return f"{verdict.reason}: the weights, tokenizer or config are not the ones that were built"
         log.info("event=canary_passed model=%s tokens=%d worst_position=%d worst_change=%.3f",
+                 worker.identity.name, len(leads), verdict.worst_position, verdict.worst_change)
+        if canary.image is None:
+            return None
+        image = canary.image
+        try:
+            picture = await anyio.to_thread.run_sync(_canary_picture, Path(worker.identity.model_dir), image.image_file)
+            leads = await worker.canary_leads(image.prompt, image.expected_token_ids, [picture])
+        except ImageError as e:
+            return f"the image canary's picture cannot be used: {e}"
+        except RuntimeModelError as e:
+            return f"the image canary: {e}"
+        verdict = judge_leads(image.expected_leads, leads)
+        if not verdict.passed:
+            return (f"the image canary: {verdict.reason}: the vision model, processor or weights are not the ones "
+                    "that were built")
+        log.info("event=image_canary_passed model=%s tokens=%d worst_position=%d worst_change=%.3f",
                  worker.identity.name, len(leads), verdict.worst_position, verdict.worst_change)
         return None
 
@@ -391,6 +421,13 @@ class ModelHost:
         async with asyncio.timeout(timeout_s):
             async with self._slot_freed:
                 await self._slot_freed.wait_for(lambda: self._active == 0 and self._waiting == 0)
+
+
+def _canary_picture(model_dir: Path, image_file: str) -> str:
+    """The image canary's picture from the model dir, re-encoded as PNG (what the worker may be
+    given: `agent.serving.images`), base64."""
+    data = read_file_inside(model_dir, image_file, MAX_CANARY_IMAGE_BYTES, "the image canary's picture")
+    return base64.b64encode(to_png(data)).decode("ascii")
 
 
 __all__ = ["ModelHost"]

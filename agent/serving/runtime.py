@@ -454,21 +454,29 @@ class ModelRuntime:
             ContextLengthError: the prompt with its image tokens and max_tokens do not fit.
             RuntimeModelError: onnxruntime-genai failed.
         """
-        if self.image_tag is None:
-            raise ValueError(f"the model in {self.model_dir} reads text only: send the prompt without images")
         self._check_logit_bias(options)
-        try:
-            if self._processor is None:
-                self._processor = oga.MultiModalProcessor(self.model)
-            inputs = self._processor.process(prompt_text, images)
-        except OgaError as e:
-            raise ValueError(f"the images do not fit the prompt: {e}") from e
+        inputs = self._process_images(prompt_text, images)
         try:
             prompt_ids = inputs.int_values("input_ids")
             self.check_context(len(prompt_ids), options.max_tokens)
             return Generation(self, prompt_ids, options, inputs=inputs)
         finally:
             inputs.close()  # the generator holds what it needs
+
+    def _process_images(self, prompt_text: str, images: Sequence[bytes]) -> oga.NamedTensors:
+        """The model's inputs for a prompt whose image tags stand for `images`.
+
+        Raises:
+            ValueError: the model takes no images, or the tags do not match the images.
+        """
+        if self.image_tag is None:
+            raise ValueError(f"the model in {self.model_dir} reads text only: send the prompt without images")
+        try:
+            if self._processor is None:
+                self._processor = oga.MultiModalProcessor(self.model)
+            return self._processor.process(prompt_text, images)
+        except OgaError as e:
+            raise ValueError(f"the images do not fit the prompt: {e}") from e
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[StepResult]:
         """Run one generation to its end in this process."""
@@ -489,29 +497,40 @@ class ModelRuntime:
             ids.extend(step.token_ids)
         return ids
 
-    def teacher_forced_leads(self, prompt_text: str, token_ids: Sequence[int]) -> list[float]:
+    def teacher_forced_leads(self, prompt_text: str, token_ids: Sequence[int],
+                             images: Sequence[bytes] = ()) -> list[float]:
         """For each of `token_ids` after `prompt_text` (as is, no chat template): how far its logit
         leads the best other token's, with every earlier token of `token_ids` forced as context.
+        With `images` (PNGs), the prompt's image tags stand for them (the image canary).
 
         The canary health check judges these against the build host's (`agent.wire.canary`).
 
         Raises:
             RuntimeModelError: onnxruntime-genai failed.
             ContextLengthError: prompt and tokens do not fit the context.
+            ValueError: images for a model that takes none, or that do not fit the prompt's tags.
         """
-        prompt_ids = self.encode(prompt_text)
-        self.check_context(len(prompt_ids), len(token_ids) + 1)
-        generator = oga.Generator(self.model, {"max_length": len(prompt_ids) + len(token_ids) + 1,
-                                               "do_sample": False})
+        inputs = self._process_images(prompt_text, images) if images else None
         leads: list[float] = []
         try:
-            generator.append_tokens(prompt_ids)
-            for i, token in enumerate(token_ids):
-                leads.append(token_lead(generator.logits(), token))
-                if i + 1 < len(token_ids):
-                    generator.append_tokens([token])
-        except OgaError as e:
-            raise RuntimeModelError(f"onnxruntime-genai failed while teacher forcing the canary: {e}") from e
+            prompt_ids = inputs.int_values("input_ids") if inputs is not None else self.encode(prompt_text)
+            self.check_context(len(prompt_ids), len(token_ids) + 1)
+            generator = oga.Generator(self.model, {"max_length": len(prompt_ids) + len(token_ids) + 1,
+                                                   "do_sample": False})
+            try:
+                if inputs is not None:
+                    generator.set_inputs(inputs)
+                else:
+                    generator.append_tokens(prompt_ids)
+                for i, token in enumerate(token_ids):
+                    leads.append(token_lead(generator.logits(), token))
+                    if i + 1 < len(token_ids):
+                        generator.append_tokens([token])
+            except OgaError as e:
+                raise RuntimeModelError(f"onnxruntime-genai failed while teacher forcing the canary: {e}") from e
+            finally:
+                generator.close()
         finally:
-            generator.close()
+            if inputs is not None:
+                inputs.close()
         return leads

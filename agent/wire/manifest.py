@@ -87,6 +87,23 @@ class Requirements(FrozenModel):
         " context length, plus a margin); 0 for the CPU. The device's canary proves it at activation")
 
 
+class ImageCanary(FrozenModel):
+    """The canary of a model that takes images: a picture shipped in the artifact (a file of
+    `files`, so verified with the rest) and a raw prompt whose image tag stands for it."""
+
+    image_file: RelativePath
+    prompt: str
+    expected_token_ids: list[int] = Field(min_length=1)
+    expected_leads: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_lead_per_token(self) -> ImageCanary:
+        if len(self.expected_leads) != len(self.expected_token_ids):
+            raise ValueError(f"image canary: expected_leads has {len(self.expected_leads)} values for "
+                             f"{len(self.expected_token_ids)} expected tokens")
+        return self
+
+
 class Canary(FrozenModel):
     """The canary a device replays before it switches (the rule: `agent.wire.canary`)."""
 
@@ -97,6 +114,8 @@ class Canary(FrozenModel):
     # forced. Absent in manifests built before leads were recorded (and then not written out, so
     # such a manifest's bytes stay what they were).
     expected_leads: list[float] | None = Field(default=None, exclude_if=lambda leads: leads is None)
+    # A model that takes images replays this one too (left out of a text model's manifest).
+    image: ImageCanary | None = Field(default=None, exclude_if=lambda image: image is None)
 
     @model_validator(mode="after")
     def _one_lead_per_token(self) -> Canary:
@@ -164,6 +183,9 @@ class Manifest(FrozenModel):
                 if parent in files or parent == MANIFEST_FILENAME:
                     raise ValueError(f"file path {files.get(parent, MANIFEST_FILENAME)!r} is also a directory "
                                      f"of {path!r} in manifest")
+        image = self.evaluation.canary.image
+        if image is not None and image.image_file not in {f.path for f in self.files}:
+            raise ValueError(f"the image canary's picture {image.image_file!r} is not one of the manifest's files")
         return self
 
     @property

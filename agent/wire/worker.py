@@ -236,11 +236,13 @@ class CanaryCommand(_Line):
     id: str
     prompt: str
     token_ids: list[int]
+    images: list[str] | None = None  # the image canary: PNGs (base64) for the prompt's image tags
 
     def __post_init__(self) -> None:
         wirecheck.expect(self, "id", str)
         wirecheck.expect(self, "prompt", str)
         wirecheck.expect_items(self, "token_ids", int, max_items=MAX_CANARY_TOKENS)
+        wirecheck.expect_items(self, "images", str, optional=True, max_items=MAX_PROMPT_IMAGES)
 
 
 @dataclass(kw_only=True)

@@ -27,6 +27,11 @@ EVAL_TEXT_RESOURCE = "eval_text.txt"
 # tokenize can replay it exactly.
 CANARY_PROMPT = "The lighthouse keeper opened her ledger and wrote"
 CANARY_MAX_NEW_TOKENS = 16
+# A model that takes images also gets a canary about a picture shipped with the builder (a red
+# circle, a blue square, a green line), put into its artifact under CANARY_IMAGE_FILE.
+CANARY_IMAGE_RESOURCE = "canary.png"
+CANARY_IMAGE_FILE = "edgefleet-canary.png"
+IMAGE_CANARY_QUESTION = "Describe the shapes and colours in this picture."
 # Perplexity windows: non-overlapping, each window's first token is context
 # only. 1024 bounds the logits buffer (window x vocab x 4 bytes) to ~200 MB
 # for a 49k vocabulary.
@@ -162,6 +167,59 @@ def canary_leads(model, tokenizer, prompt: str, token_ids: list[int]) -> list[fl
         if i + 1 < len(token_ids):
             gen.append_tokens([token])
     return leads
+
+
+def canary_picture() -> bytes:
+    """The picture of the image canary (builder/data/canary.png)."""
+    return resources.files("builder").joinpath("data", CANARY_IMAGE_RESOURCE).read_bytes()
+
+
+class ImageCanaryMeasurement(FrozenModel):
+    prompt: str
+    token_ids: list[int]
+    leads: list[float]
+
+
+def measure_image_canary(model_dir: Path, image_tag: str) -> ImageCanaryMeasurement:
+    """Greedy tokens and their teacher-forced leads for IMAGE_CANARY_QUESTION about the canary
+    picture, the prompt as is (the model's tag for image 1, then the question; no chat template):
+    what a device replays at activation (`agent.serving.host`).
+
+    Raises:
+        BuildError: onnxruntime-genai cannot run the model's processor or model on the picture.
+    """
+    import onnxruntime_genai as og
+
+    model, _ = load_model(model_dir)
+    prompt = image_tag.format(n=1) + IMAGE_CANARY_QUESTION
+    picture = canary_picture()
+
+    def generator(new_tokens: int):  # -> og.Generator holding the prompt and the picture
+        processor = model.create_multimodal_processor()
+        inputs = processor(prompt, images=og.Images.open_bytes(picture))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=inputs["input_ids"].as_numpy().size + new_tokens, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.set_inputs(inputs)
+        return gen
+
+    try:
+        gen = generator(CANARY_MAX_NEW_TOKENS)
+        ids: list[int] = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            ids.append(int(gen.get_next_tokens()[0]))
+        gen = generator(len(ids) + 1)
+        leads: list[float] = []
+        for i, token in enumerate(ids):
+            leads.append(token_lead(gen.get_logits()[0].ravel().tolist(), token))
+            if i + 1 < len(ids):
+                gen.append_tokens([token])
+    except Exception as e:
+        raise BuildError(f"the image canary failed on {model_dir}: {type(e).__name__}: {str(e)[:300]}") from e
+    if not ids:
+        raise BuildError(f"the image canary of {model_dir} produced no tokens for prompt {prompt!r}")
+    return ImageCanaryMeasurement(prompt=prompt, token_ids=ids, leads=leads)
 
 
 def measure_speed(model, token_ids: list[int], context_length: int) -> tuple[float, float]:

@@ -31,6 +31,7 @@ from agent.wire.canary import judge_leads
 from agent.wire.contract import CONTRACTS_DIR
 from agent.wire.durable import fsync_dir
 from agent.wire.errors import BuildError, QualityGateError, UsageError
+from agent.wire.genai_config import image_tag
 from agent.wire.hashing import sha256_file
 from agent.wire.manifest import (
     MANIFEST_FILENAME,
@@ -38,6 +39,7 @@ from agent.wire.manifest import (
     Canary,
     Evaluation,
     ExecutionProvider,
+    ImageCanary,
     Manifest,
     ModelInfo,
     ModelName,
@@ -331,6 +333,7 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
                                             request.reference_precision)
         with run.stage("evaluate built model"):
             measured = evaluate.measure_model(artifact, progress=run.progress.update)
+            image_canary = _image_canary(artifact)
         for arch in request.check_arches:
             with run.stage(f"check canary on {arch}"):
                 _check_canary_on(arch, artifact, measured, run.cache_dir)
@@ -343,7 +346,7 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
             with run.stage(f"check {len(contract_files)} contract(s)"):
                 contracts.check_contracts(artifact, contracts.add_to_artifact(artifact, contract_files))
         with run.stage("package"):
-            manifest = _package(artifact, request, source, opts, info, measured, ref_ppl, ratio, fp)
+            manifest = _package(artifact, request, source, opts, info, measured, ref_ppl, ratio, fp, image_canary)
         with run.stage("publish to output"):
             _publish(artifact, run.out_dir)
         log.info("event=build_done name=%s version=%s out=%s ratio=%.3f", source.name, request.version,
@@ -505,8 +508,21 @@ def _quality_gate(name: str, opts: BuildOptions, measured: evaluate.Measurement,
     return ratio
 
 
+def _image_canary(artifact: Path) -> ImageCanary | None:
+    """For a model that takes images: the canary picture copied into the artifact, and the canary
+    measured on it; None for a text model."""
+    tag = image_tag(artifact)
+    if tag is None:
+        return None
+    (artifact / evaluate.CANARY_IMAGE_FILE).write_bytes(evaluate.canary_picture())
+    measured = evaluate.measure_image_canary(artifact, tag)
+    return ImageCanary(image_file=evaluate.CANARY_IMAGE_FILE, prompt=measured.prompt,
+                       expected_token_ids=measured.token_ids, expected_leads=measured.leads)
+
+
 def _package(artifact: Path, request: BuildRequest, source: _Source, opts: BuildOptions, info: ModelInfo,
-             measured: evaluate.Measurement, ref_ppl: float, ratio: float, fp: footprint.Footprint) -> Manifest:
+             measured: evaluate.Measurement, ref_ppl: float, ratio: float, fp: footprint.Footprint,
+             image_canary: ImageCanary | None = None) -> Manifest:
     """The manifest of `artifact`, validated and written into it."""
     files = package.list_files(artifact)
     total = sum(f.size for f in files)
@@ -537,7 +553,8 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
             prefill_tokens_per_s=measured.prefill_tokens_per_s, peak_rss_bytes=fp.peak_rss_bytes,
             measured_on="cpu",  # every provider's graph is evaluated on this host's CPU (`evaluate.load_model`)
             canary=Canary(prompt=measured.canary_prompt, max_new_tokens=measured.canary_max_new_tokens,
-                          expected_token_ids=measured.canary_token_ids, expected_leads=measured.canary_leads),
+                          expected_token_ids=measured.canary_token_ids, expected_leads=measured.canary_leads,
+                          image=image_canary),
         ),
         model_info=info,
     )

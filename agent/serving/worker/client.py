@@ -213,13 +213,16 @@ class WorkerClient:
                 raise RuntimeModelError(f"greedy generation failed ({event.kind}): {event.message}")
         return ids
 
-    async def canary_leads(self, prompt_text: str, token_ids: list[int]) -> list[float]:
-        """`ModelRuntime.teacher_forced_leads` run in this worker (the canary before a switch).
+    async def canary_leads(self, prompt_text: str, token_ids: list[int],
+                           images: list[str] | None = None) -> list[float]:
+        """`ModelRuntime.teacher_forced_leads` run in this worker (the canary before a switch);
+        `images`: base64 PNGs written by `agent.serving.images` (the image canary).
 
         Raises:
             RuntimeModelError: the worker could not run the canary, or it died.
         """
-        command = CanaryCommand(id=f"canary-{os.urandom(6).hex()}", prompt=prompt_text, token_ids=token_ids)
+        command = CanaryCommand(id=f"canary-{os.urandom(6).hex()}", prompt=prompt_text, token_ids=token_ids,
+                                images=images)
         box = _EventBox()
         self._queues[command.id] = box
         try:

@@ -150,7 +150,8 @@ class _Worker:
     def run_canary(self, command: CanaryCommand) -> None:
         """Teacher-force the canary now, between rounds: it runs before the model serves anyone."""
         try:
-            leads = self.runtime.teacher_forced_leads(command.prompt, command.token_ids)
+            images = [base64.b64decode(image) for image in command.images or []]
+            leads = self.runtime.teacher_forced_leads(command.prompt, command.token_ids, images)
         except ContextLengthError as e:
             self.send(ErrorEvent(id=command.id, kind="context_length", message=str(e)))
         except ValueError as e:  # a token id outside this model's vocabulary
