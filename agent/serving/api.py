@@ -116,7 +116,8 @@ class _Api:
         """The body, read only up to `max_body_bytes`: a huge POST costs a 413, not the memory."""
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
-        too_large = ApiError(413, f"the request body is over {limit} bytes: send a shorter prompt",
+        too_large = ApiError(413, f"the request body is over {limit} bytes: send a shorter prompt or smaller "
+                             "images (the server's limit is --max-body-bytes / api_max_body_bytes)",
                              "invalid_request_error", code="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large

@@ -39,6 +39,10 @@ PPL_WINDOW_TOKENS = 1024
 SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_TOKENS = 32
 SPEED_REPEATS = 3
+# Evaluation runs on one intra-op thread (onnxruntime-genai's default), fastest for a tiny model's
+# small batches; a model this large prefills its windows on every core instead (a 3.8B model's
+# 1,024-token window takes minutes on one).
+ALL_CPUS_FROM_WEIGHT_BYTES = 512 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -66,13 +70,19 @@ def eval_text_sha256() -> str:
     return hashlib.sha256(eval_text().encode("utf-8")).hexdigest()
 
 
+def onnx_weight_bytes(model_dir: Path) -> int:
+    """The bytes of the ONNX graphs and their external data in `model_dir`."""
+    return sum(f.stat().st_size for f in model_dir.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
+
+
 def load_model(model_dir: Path):  # -> tuple[og.Model, og.Tokenizer]
     """The model on this host's CPU, whichever provider it was built for: the gate evaluates the
-    very graph that ships (a CUDA, DirectML or WebGPU build's graph runs on the CPU too)."""
+    very graph that ships (a CUDA, DirectML or WebGPU build's graph runs on the CPU too). A model
+    of ALL_CPUS_FROM_WEIGHT_BYTES or more runs on every core (`cpu_config`)."""
     import onnxruntime_genai as og
 
     try:
-        model = og.Model(cpu_config(model_dir))
+        model = og.Model(cpu_config(model_dir, all_cpus=onnx_weight_bytes(model_dir) >= ALL_CPUS_FROM_WEIGHT_BYTES))
         return model, og.Tokenizer(model)
     except Exception as e:  # ORT-GenAI raises plain RuntimeError/OSError with long text
         first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__

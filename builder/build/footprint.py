@@ -5,7 +5,8 @@ A separate process, because the builder's own RSS (torch, the reference model,
 logits of the perplexity run) says nothing about what a device needs. The
 child fills the KV cache to the declared context length, prompt fed in chunks
 of PREFILL_CHUNK_TOKENS (what bounds the attention scratch), then decodes a
-few tokens, and reports `ru_maxrss` of itself.
+few tokens; a model that takes images then prefills the largest image prompt a
+request may send. It reports its own high-water mark (VmHWM).
 
 Run as `python -m builder.build.footprint MODEL_DIR CONTEXT_LENGTH` it is that child.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from agent.wire.base import FrozenModel
 from agent.wire.errors import BuildError
-from agent.wire.worker import PREFILL_CHUNK_TOKENS
+from agent.wire.genai_config import image_tag
+from agent.wire.worker import MAX_PROMPT_IMAGES, PREFILL_CHUNK_TOKENS
 from builder import IMPORT_ROOT
 
 DECODE_TOKENS = 8
@@ -61,7 +63,9 @@ ACCELERATOR_MARGIN_MIN_BYTES = 768 * 1024 * 1024
 def accelerator_memory_bytes(artifact: Path, context_length: int) -> int:
     """Accelerator memory a GPU build of `artifact` needs: its ONNX weights, an fp16 KV cache at
     `context_length` (what GPU builds keep), and a margin."""
-    weights = sum(f.stat().st_size for f in artifact.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
+    from builder.build.evaluate import onnx_weight_bytes
+
+    weights = onnx_weight_bytes(artifact)
     decoder = json.loads((artifact / "genai_config.json").read_text())["model"]["decoder"]
     kv = 2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * context_length * 2
     needed = weights + kv
@@ -93,7 +97,9 @@ def measure_footprint(model_dir: Path, context_length: int, env: dict[str, str] 
                      ram_margin_bytes=margin)
 
 
-def _probe(model_dir: str, context_length: int) -> int:
+def _probe(model_dir: str, context_length: int) -> dict[str, int]:
+    """The peak RSS of a full context of text and, for a model that takes images, of the largest
+    image prompt a request may send (with the text-only peak and that prompt's tokens beside it)."""
     import onnxruntime_genai as og
 
     from builder.build.evaluate import cpu_config
@@ -110,7 +116,36 @@ def _probe(model_dir: str, context_length: int) -> int:
         gen.append_tokens(ids[start:start + PREFILL_CHUNK_TOKENS])
     while not gen.is_done():
         gen.generate_next_token()
-    return _peak_rss_bytes()
+    del gen
+    figures = {"text_peak_rss_bytes": _peak_rss_bytes()}
+    tag = image_tag(Path(model_dir))
+    if tag is not None:
+        figures["image_prompt_tokens"] = _image_prefill(model, tag, context_length)
+    return {"peak_rss_bytes": _peak_rss_bytes(), **figures}
+
+
+def _image_prefill(model, tag: str, context_length: int) -> int:  # model: og.Model
+    """Prefill the largest image prompt a request may send (MAX_PROMPT_IMAGES canary pictures; fewer
+    when the context cannot hold them) and decode a token: a vision model's encoder and the pixel
+    tensors are part of what a device needs. Returns the prompt's tokens (0: not even one fits)."""
+    import onnxruntime_genai as og
+
+    from builder.build.evaluate import canary_picture
+
+    processor = model.create_multimodal_processor()
+    picture = canary_picture()
+    for count in range(MAX_PROMPT_IMAGES, 0, -1):
+        prompt = "".join(tag.format(n=n) for n in range(1, count + 1)) + "Describe these pictures."
+        inputs = processor(prompt, images=og.Images.open_bytes(*[picture] * count))
+        tokens = int(inputs["input_ids"].as_numpy().size)
+        if tokens < context_length:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=tokens + 1, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.set_inputs(inputs)
+            gen.generate_next_token()
+            return tokens
+    return 0
 
 
 def _peak_rss_bytes() -> int:
@@ -127,4 +162,4 @@ def _peak_rss_bytes() -> int:
 
 
 if __name__ == "__main__":
-    print(json.dumps({"peak_rss_bytes": _probe(sys.argv[1], int(sys.argv[2]))}))
+    print(json.dumps(_probe(sys.argv[1], int(sys.argv[2]))))

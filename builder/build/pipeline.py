@@ -119,6 +119,7 @@ class BuildResult(FrozenModel):
     reference_perplexity: float
     perplexity_ratio: float
     max_perplexity_ratio: float
+    reference_precision: str = Field(default="fp32", description="the precision of the reference build")
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     peak_rss_bytes: int
@@ -138,7 +139,8 @@ def _result(out_dir: Path, m: Manifest, reused: bool, duration_s: float, stages:
         execution_provider=m.build.execution_provider, profile=m.build.profile, is_reused=reused,
         file_count=len(m.files), total_file_bytes=m.total_file_bytes, perplexity=ev.perplexity,
         reference_perplexity=ev.reference_perplexity, perplexity_ratio=ev.perplexity_ratio,
-        max_perplexity_ratio=ev.max_perplexity_ratio, decode_tokens_per_s=ev.decode_tokens_per_s,
+        max_perplexity_ratio=ev.max_perplexity_ratio, reference_precision=ev.reference_precision,
+        decode_tokens_per_s=ev.decode_tokens_per_s,
         prefill_tokens_per_s=ev.prefill_tokens_per_s, peak_rss_bytes=ev.peak_rss_bytes,
         min_ram_bytes=m.requirements.min_ram_bytes,
         min_accelerator_memory_bytes=m.requirements.min_accelerator_memory_bytes,
@@ -328,7 +330,7 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
             with run.stage(f"build {opts.precision} onnx"):
                 artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
         window = min(evaluate.PPL_WINDOW_TOKENS, info.context_length)
-        with run.stage("evaluate fp32 reference"):
+        with run.stage(f"evaluate {request.reference_precision} reference"):
             ref_ppl = _reference_perplexity(hf_dir, reference.sha256, run.cache_dir, window, work / "reference.log",
                                             request.reference_precision)
         with run.stage("evaluate built model"):

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         verb = "already built" if result.is_reused else "built"
         print(f"{verb} {result.name} v{result.version} ({result.precision}/{result.profile}) in {result.out_dir}: "
               f"{result.file_count} files, {result.total_file_bytes / 2**20:.1f} MiB, "
-              f"ppl {result.perplexity:.2f} ({result.perplexity_ratio:.3f}x fp32), "
+              f"ppl {result.perplexity:.2f} ({result.perplexity_ratio:.3f}x {result.reference_precision}), "
               f"{result.decode_tokens_per_s:.0f} tok/s decode, min RAM {result.min_ram_bytes / 2**20:.0f} MiB"
               + ("" if result.execution_provider == "cpu" else
                  f" (all measured on this host's CPU; the device needs {result.execution_provider} and about"

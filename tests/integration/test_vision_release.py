@@ -87,3 +87,20 @@ def test_a_device_activates_it_with_both_canaries_and_answers_about_pictures(vis
                 red.json()["choices"][0]["message"]["content"]
         finally:
             agent.stop()
+
+
+def test_the_footprint_of_a_vision_model_includes_its_largest_image_prompt(tiny_phi3v: Path) -> None:
+    import subprocess
+    import sys
+
+    from agent.wire.worker import MAX_PROMPT_IMAGES
+    from testkit.env import subprocess_env
+
+    done = subprocess.run([sys.executable, "-m", "builder.build.footprint", str(tiny_phi3v), "8192"],
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    # Four pictures (1,921 placeholder tokens each, as the runtime's processor crops them) fit 8,192.
+    assert figures["image_prompt_tokens"] > MAX_PROMPT_IMAGES * 1900
+    # Their pixels alone are 4 x 17 crops x 3 x 336 x 336 float32 (92 MB): the peak is the image prompt's.
+    assert figures["peak_rss_bytes"] > figures["text_peak_rss_bytes"] + (64 << 20)
