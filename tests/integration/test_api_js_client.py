@@ -49,5 +49,5 @@ def test_logprobs_one_per_token(seen: dict[str, Any]) -> None:
     assert seen["logprobs"] == {"entries": 12, "completionTokens": 12, "joined": True, "allNegative": True}
 
 
-def test_an_unimplemented_parameter_is_a_bad_request_naming_it(seen: dict[str, Any]) -> None:
-    assert seen["refused"] == {"status": 400, "param": "messages.0.content.0.type"}
+def test_an_image_to_a_text_only_model_is_a_bad_request_naming_the_part(seen: dict[str, Any]) -> None:
+    assert seen["refused"] == {"status": 400, "param": "messages.0.content.0"}

@@ -122,8 +122,12 @@ def test_a_constraint_that_does_not_compile_is_a_400_and_the_server_keeps_servin
     ("chat/completions", {"functions": [{"name": "now"}]}, "functions"),
     ("chat/completions", {"n": 9}, "n"),
     ("chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]},
      "messages.0.content.0.type"),
+    # An image to a model that reads text only: never an answer that ignored it.
+    ("chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]},
+     "messages.0.content.0"),
     ("completions", {"echo": True}, "echo"),
     ("completions", {"best_of": 2}, "best_of"),
     ("completions", {"suffix": " the end."}, "suffix"),
@@ -139,7 +143,7 @@ def test_each_unimplemented_or_invalid_parameter_is_a_400_naming_it(smollm2_api:
 
 
 def test_the_openai_client_sees_the_refusal_as_a_bad_request(smollm2_openai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="image_url content parts are not supported") as caught:
+    with pytest.raises(openai.BadRequestError, match="reads text only") as caught:
         smollm2_openai.chat.completions.create(model="default", max_tokens=2, messages=[{  # type: ignore[list-item]
             "role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
-    assert caught.value.status_code == 400
+    assert caught.value.status_code == 400 and caught.value.body["code"] == "unsupported_content"

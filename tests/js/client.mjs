@@ -1,5 +1,5 @@
 // The official OpenAI JavaScript client against an edge-agent API: structured output,
-// a tool-call round trip (streamed and not), logprobs and a refused parameter (an image part).
+// a tool-call round trip (streamed and not), logprobs and a refused part (an image sent to a text-only model).
 // Prints one JSON object of what it saw; tests/integration/test_api_js_client.py judges it.
 //
 //   node tests/js/client.mjs http://127.0.0.1:PORT/v1
