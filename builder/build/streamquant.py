@@ -91,8 +91,10 @@ def _has_float_weights(model: Any) -> bool:
 
 
 class _QuantizedWeight:
-    """One weight's MLAS blockwise quantization, made when the first of its two tensors is written
-    and dropped when the second is."""
+    """One weight's MLAS blockwise quantization, made when the first of its tensors is written.
+    Once all of them are, the quantized arrays and the full-precision weight are both let go: the
+    builder keeps no other reference to a MatMul's weight by then, so each is freed as the model is
+    written, and the peak holds one weight at a time beyond what the graph still needs."""
 
     def __init__(self, source: Any, bits: int, block_size: int, is_symmetric: bool, parts: set[str]) -> None:
         self._source, self._bits, self._block_size, self._is_symmetric = source, bits, block_size, is_symmetric
@@ -101,12 +103,15 @@ class _QuantizedWeight:
         self._taken: set[str] = set()
 
     def take(self, part: str) -> np.ndarray:
-        if self._parts is None:  # first read (or a second round of reads: quantized again)
-            self._parts, self._taken = self._quantize(), set()
+        if self._parts is None:
+            if self._source is None:
+                raise RuntimeError("a quantized weight was read again after it was written: the streaming pass "
+                                   "assumes ir.save reads each tensor once (builder.build.streamquant)")
+            self._parts = self._quantize()
         value = self._parts[part]
         self._taken.add(part)
         if self._taken >= self._wanted:
-            self._parts = None
+            self._parts, self._source = None, None
         return value
 
     def _quantize(self) -> dict[str, np.ndarray]:
