@@ -16,7 +16,10 @@ writes the same five with tiny random weights, following the runtime's phi3v con
   RGB, its HD transform; 144 tokens per crop; the runtime's transform makes 16 crops of any image);
 - `genai_config.json`: type `phi3v`, with the three models' inputs and outputs.
 
-The weights are random: the model's answers mean nothing, only that each piece runs.
+The weights are random (its output layer scaled so that it is decided: a canary can then tell a
+right token from a wrong one); the answers mean nothing, only that each piece runs. The session
+fixtures `tiny_phi3v_text_hf` (the Phi-3, also the gate's reference) and `tiny_phi3v` make each
+once per run.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent.update.statemachine import Phase
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 from builder.build.evaluate import CANARY_IMAGE_FILE, canary_picture
 from builder.build.package import verify_artifact
@@ -80,9 +79,7 @@ def test_a_device_activates_it_with_both_canaries_and_answers_about_pictures(vis
             agent.stop()
             agent.start()  # checks at start
             agent.wait(lambda: "failed its canary: the image canary" in agent.log(), 180, "v2's image canary to fail")
-            agent.wait_serving(NAME, 1)  # the previous model keeps serving
-            assert agent.phase() is not Phase.ACTIVE or agent.health() == {"status": "ok", "model": NAME,
-                                                                          "version": 1}
+            agent.wait_serving(NAME, 1)  # the previous model keeps serving, and answers as before
             assert _ask(agent, solid_png((220, 20, 20))).json()["choices"][0]["message"]["content"] == \
                 red.json()["choices"][0]["message"]["content"]
         finally:
