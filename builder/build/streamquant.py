@@ -3,7 +3,7 @@
 The stock builder quantizes INT4/INT8 in one pass over a copy of the whole graph
 (`Model.to_nbits`): it serializes every full-precision weight into one ModelProto, runs
 onnxruntime's MatMulNBitsQuantizer on it, and parses the result back, so its peak holds the
-model three times over (README "Builder": 2.45x the fp32 weight bytes). This entry point runs
+model several times over (figures: README "Builder"). This entry point runs
 the same builder with `to_nbits` replaced, for the recipe the builder's own default takes
 (MLAS's blockwise quantizer, QOperator format, MatMul weights only): each MatMul becomes a
 MatMulNBits node whose weights are lazy tensors, quantized by the same MLAS kernel when
@@ -15,7 +15,11 @@ Usage: `python -m builder.build.streamquant ARGS`, with the ORT builder's own AR
 
 from __future__ import annotations
 
+import ctypes
+import os
+import re
 import runpy
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +116,7 @@ class _QuantizedWeight:
         self._taken.add(part)
         if self._taken >= self._wanted:
             self._parts, self._source = None, None
+            release_source_pages()
         return value
 
     def _quantize(self) -> dict[str, np.ndarray]:
@@ -137,6 +142,41 @@ class _QuantizedWeight:
         if is_bfloat16:
             scales = scales.astype(ml_dtypes.bfloat16)
         return {"packed": packed, "scales": scales, "zero_points": zero_points}
+
+
+# The source model's folder (the builder's -i): its safetensors are mapped into this process.
+_source_dir: str | None = None
+_MADV_DONTNEED = 4  # Linux
+_MAPPING_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")  # a /proc/self/smaps line that starts a mapping
+
+
+def release_source_pages() -> None:
+    """Give back the resident pages of the source's safetensors mappings that hold no written
+    (copy-on-write) page: transformers maps the files and the weights are read from there, so every
+    weight read so far stays resident (half the Phi-3.5-mini peak). Unwritten pages of a file
+    mapping are the file's own bytes: dropped, they are read again from the page cache if touched.
+    A mapping with any written page is left alone (dropping it would undo the write)."""
+    if _source_dir is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    mapping: tuple[int, int] | None = None
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                fields = line.split()
+                if _MAPPING_HEADER.match(line):
+                    path = fields[5] if len(fields) > 5 else ""
+                    is_source = path.startswith(_source_dir) and path.endswith(".safetensors")
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    mapping = (start, end) if is_source else None
+                elif mapping is not None and fields[0] == "Anonymous:":
+                    if fields[1] == "0":
+                        libc.madvise(ctypes.c_void_p(mapping[0]), ctypes.c_size_t(mapping[1] - mapping[0]),
+                                     _MADV_DONTNEED)
+                    mapping = None
+    except OSError:
+        return
+
 
 
 def _lazy(name: str, quantized: _QuantizedWeight, part: str, dtype: Any, shape: tuple[int, ...]) -> Any:
@@ -211,6 +251,11 @@ def _patched(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def main() -> None:
     import importlib
+
+    global _source_dir
+    for flag in ("-i", "--input"):
+        if flag in sys.argv[:-1]:
+            _source_dir = os.path.realpath(sys.argv[sys.argv.index(flag) + 1])
 
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
 
