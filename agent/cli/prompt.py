@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from agent.wire.cli import HelpFormatter
 from agent.wire.errors import ImageError, RuntimeModelError, UsageError
+from agent.wire.genai_config import image_tags
 from agent.wire.worker import MAX_PROMPT_IMAGES, ChatMessage, SamplingOptions
 
 _DEFAULT_URL = "http://127.0.0.1:8080"
@@ -53,8 +54,7 @@ class _LocalBackend:
             except ImageError as e:
                 raise UsageError(f"--image: {e}") from e
             last = messages[-1]
-            tags = "".join(tag.format(n=n) for n in range(1, len(images) + 1))
-            tagged = [*messages[:-1], ChatMessage(role=last.role, content=tags + last.content)]
+            tagged = [*messages[:-1], ChatMessage(role=last.role, content=image_tags(tag, len(images)) + last.content)]
             try:
                 generation = self.runtime.start_with_images(self.runtime.apply_chat_template(tagged), pngs, options)
             except ValueError as e:
@@ -177,19 +177,14 @@ def _read_images(paths: list[Path]) -> list[bytes]:
     Raises:
         UsageError: too many, unreadable, or too large.
     """
-    from agent.serving.images import MAX_IMAGE_BYTES
+    from agent.serving.images import MAX_IMAGE_BYTES, read_bounded
 
     if len(paths) > MAX_PROMPT_IMAGES:
         raise UsageError(f"--image takes at most {MAX_PROMPT_IMAGES} pictures, not {len(paths)}")
-    images = []
-    for path in paths:
-        try:
-            if path.stat().st_size > MAX_IMAGE_BYTES:
-                raise UsageError(f"--image {path} is over {MAX_IMAGE_BYTES} bytes: send a smaller picture")
-            images.append(path.read_bytes())
-        except OSError as e:
-            raise UsageError(f"cannot read --image {path}: {e.strerror or e}") from e
-    return images
+    try:
+        return [read_bounded(path, MAX_IMAGE_BYTES, "--image") for path in paths]
+    except ImageError as e:
+        raise UsageError(str(e)) from e
 
 
 def _answer(backend: _Backend, messages: list[ChatMessage], options: SamplingOptions,

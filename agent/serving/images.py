@@ -42,15 +42,24 @@ def read_file_inside(root: Path, path: str, max_bytes: int, what: str) -> bytes:
         raise ImageError(f"{what} {path!r} is outside the image folder {base}")
     if not target.is_file():
         raise ImageError(f"{what} {path!r} is not a regular file in {base}")
+    return read_bounded(target, max_bytes, what, shown=path)
+
+
+def read_bounded(path: Path, max_bytes: int, what: str, shown: str | None = None) -> bytes:
+    """The bytes of the file `path`, at most `max_bytes` (`shown`: how messages name it).
+
+    Raises:
+        ImageError: unreadable or too large.
+    """
+    name = repr(shown if shown is not None else str(path))
     try:
-        size = target.stat().st_size
-        if size > max_bytes:
-            raise ImageError(f"{what} {path!r} is over {max_bytes} bytes")
-        data = target.read_bytes()
+        if path.stat().st_size > max_bytes:
+            raise ImageError(f"{what} {name} is over {max_bytes} bytes: send a smaller one")
+        data = path.read_bytes()
     except OSError as e:
-        raise ImageError(f"cannot read {what} {path!r}: {e.strerror or e}") from e
+        raise ImageError(f"cannot read {what} {name}: {e.strerror or e}") from e
     if len(data) > max_bytes:  # it grew since stat()
-        raise ImageError(f"{what} {path!r} is over {max_bytes} bytes")
+        raise ImageError(f"{what} {name} is over {max_bytes} bytes: send a smaller one")
     return data
 
 

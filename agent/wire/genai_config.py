@@ -30,6 +30,11 @@ def image_tag(model_dir: Path) -> str | None:
     return _IMAGE_TAGS.get(model_type)
 
 
+def image_tags(template: str, count: int) -> str:
+    """The tags of images 1..`count` by the model's template (`image_tag`), one after another."""
+    return "".join(template.format(n=n) for n in range(1, count + 1))
+
+
 def has_vision_model(model_dir: Path) -> bool:
     """Whether the config names a vision model at all (known prompt format or not)."""
     return isinstance(_model_section(model_dir).get("vision"), dict)

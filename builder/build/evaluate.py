@@ -21,6 +21,7 @@ import numpy as np
 from agent.wire.base import FrozenModel
 from agent.wire.canary import token_lead
 from agent.wire.errors import BuildError
+from agent.wire.genai_config import image_tags
 
 EVAL_TEXT_RESOURCE = "eval_text.txt"
 # The canary prompt: plain text, no chat template, so any device that can
@@ -171,12 +172,37 @@ def canary_leads(model, tokenizer, prompt: str, token_ids: list[int]) -> list[fl
     params.set_search_options(max_length=len(prompt_ids) + len(token_ids) + 1, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(prompt_ids)
+    return _forced_leads(gen, token_ids)
+
+
+def _forced_leads(gen, token_ids: list[int]) -> list[float]:  # gen: og.Generator holding the prompt
+    """Each token's lead over the best other token, every earlier one appended as context."""
     leads: list[float] = []
     for i, token in enumerate(token_ids):
         leads.append(token_lead(gen.get_logits()[0].ravel().tolist(), token))
         if i + 1 < len(token_ids):
             gen.append_tokens([token])
     return leads
+
+
+def image_inputs(model, prompt: str, pictures: list[bytes]):  # -> (og.NamedTensors, int)
+    """The model's inputs for `prompt` whose image tags stand for `pictures` (encoded images), and
+    the prompt's token count (image placeholders included)."""
+    import onnxruntime_genai as og
+
+    inputs = model.create_multimodal_processor()(prompt, images=og.Images.open_bytes(*pictures))
+    return inputs, int(inputs["input_ids"].as_numpy().size)
+
+
+def image_generator(model, inputs, tokens: int, new_tokens: int):  # -> og.Generator
+    """A greedy generator holding `inputs` (`image_inputs`) with room for `new_tokens` more."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=tokens + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.set_inputs(inputs)
+    return gen
 
 
 def canary_picture() -> bytes:
@@ -198,33 +224,18 @@ def measure_image_canary(model_dir: Path, image_tag: str) -> ImageCanaryMeasurem
     Raises:
         BuildError: onnxruntime-genai cannot run the model's processor or model on the picture.
     """
-    import onnxruntime_genai as og
-
     model, _ = load_model(model_dir)
-    prompt = image_tag.format(n=1) + IMAGE_CANARY_QUESTION
-    picture = canary_picture()
-
-    def generator(new_tokens: int):  # -> og.Generator holding the prompt and the picture
-        processor = model.create_multimodal_processor()
-        inputs = processor(prompt, images=og.Images.open_bytes(picture))
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=inputs["input_ids"].as_numpy().size + new_tokens, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.set_inputs(inputs)
-        return gen
-
+    prompt = image_tags(image_tag, 1) + IMAGE_CANARY_QUESTION
+    pictures = [canary_picture()]
     try:
-        gen = generator(CANARY_MAX_NEW_TOKENS)
+        inputs, tokens = image_inputs(model, prompt, pictures)
+        gen = image_generator(model, inputs, tokens, CANARY_MAX_NEW_TOKENS)
         ids: list[int] = []
         while not gen.is_done():
             gen.generate_next_token()
             ids.append(int(gen.get_next_tokens()[0]))
-        gen = generator(len(ids) + 1)
-        leads: list[float] = []
-        for i, token in enumerate(ids):
-            leads.append(token_lead(gen.get_logits()[0].ravel().tolist(), token))
-            if i + 1 < len(ids):
-                gen.append_tokens([token])
+        inputs, tokens = image_inputs(model, prompt, pictures)  # a generator takes its inputs once
+        leads = _forced_leads(image_generator(model, inputs, tokens, len(ids) + 1), ids)
     except Exception as e:
         raise BuildError(f"the image canary failed on {model_dir}: {type(e).__name__}: {str(e)[:300]}") from e
     if not ids:

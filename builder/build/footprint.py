@@ -22,7 +22,7 @@ from pathlib import Path
 
 from agent.wire.base import FrozenModel
 from agent.wire.errors import BuildError
-from agent.wire.genai_config import image_tag
+from agent.wire.genai_config import image_tag, image_tags
 from agent.wire.worker import MAX_PROMPT_IMAGES, PREFILL_CHUNK_TOKENS
 from builder import IMPORT_ROOT
 
@@ -128,22 +128,13 @@ def _image_prefill(model, tag: str, context_length: int) -> int:  # model: og.Mo
     """Prefill the largest image prompt a request may send (MAX_PROMPT_IMAGES canary pictures; fewer
     when the context cannot hold them) and decode a token: a vision model's encoder and the pixel
     tensors are part of what a device needs. Returns the prompt's tokens (0: not even one fits)."""
-    import onnxruntime_genai as og
+    from builder.build.evaluate import canary_picture, image_generator, image_inputs
 
-    from builder.build.evaluate import canary_picture
-
-    processor = model.create_multimodal_processor()
     picture = canary_picture()
     for count in range(MAX_PROMPT_IMAGES, 0, -1):
-        prompt = "".join(tag.format(n=n) for n in range(1, count + 1)) + "Describe these pictures."
-        inputs = processor(prompt, images=og.Images.open_bytes(*[picture] * count))
-        tokens = int(inputs["input_ids"].as_numpy().size)
+        inputs, tokens = image_inputs(model, image_tags(tag, count) + "Describe these pictures.", [picture] * count)
         if tokens < context_length:
-            params = og.GeneratorParams(model)
-            params.set_search_options(max_length=tokens + 1, do_sample=False)
-            gen = og.Generator(model, params)
-            gen.set_inputs(inputs)
-            gen.generate_next_token()
+            image_generator(model, inputs, tokens, 1).generate_next_token()
             return tokens
     return 0
 

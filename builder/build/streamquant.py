@@ -96,9 +96,8 @@ def _has_float_weights(model: Any) -> bool:
 
 class _QuantizedWeight:
     """One weight's MLAS blockwise quantization, made when the first of its tensors is written.
-    Once all of them are, the quantized arrays and the full-precision weight are both let go: the
-    builder keeps no other reference to a MatMul's weight by then, so each is freed as the model is
-    written, and the peak holds one weight at a time beyond what the graph still needs."""
+    Once all of them are, the quantized arrays are let go and the source's mapped pages given back
+    (`release_source_pages`; the source tensor itself stays referenced by the loaded HF model)."""
 
     def __init__(self, source: Any, bits: int, block_size: int, is_symmetric: bool, parts: set[str]) -> None:
         self._source, self._bits, self._block_size, self._is_symmetric = source, bits, block_size, is_symmetric
