@@ -2,13 +2,15 @@
 
 Two builds of the same OUT (two operators, two CI workers) or of the same cache entry
 would otherwise remove each other's work in progress. The second waits for the first,
-then finds its result and reuses it.
+then finds its result and reuses it. A cache entry is made in a temp dir and renamed into place.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,3 +54,19 @@ def exclusive(guarded: Path, on_wait: Callable[[], None] | None = None) -> Itera
                 return
         finally:
             os.close(fd)
+
+
+def atomic_dir(final: Path, make: Callable[[Path], object]) -> Path:
+    """Build a cache entry in a sibling temp dir and rename it into place."""
+    if final.exists():
+        return final
+    with exclusive(final):  # another build may be making the same entry: wait for it
+        if final.exists():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            make(tmp)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

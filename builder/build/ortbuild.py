@@ -13,11 +13,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import IO
 
 from agent.wire.errors import BuildError
 
 LOG_TAIL_LINES = 8
+_CANCEL_POLL_S = 0.5
 
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -33,6 +36,7 @@ def run_ort_builder(
     cache_dir: Path,
     extra_options: dict[str, str] | None = None,
     log_path: Path | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Build `hf_dir` into `out_dir` with onnxruntime-genai's model builder, run through
     `builder.build.streamquant` (the same files, quantized weight by weight).
@@ -40,8 +44,10 @@ def run_ort_builder(
     Each run gets a scratch dir of its own under `cache_dir`: the ORT builder removes its cache
     dir when it finds it empty at the end, under a concurrent build's feet.
 
+    Setting `cancel` (from another thread) stops the builder.
+
     Raises:
-        BuildError: the builder exited non-zero; the message ends with its last output lines.
+        BuildError: the builder exited non-zero or was cancelled; the message ends with its last output lines.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir))
@@ -61,16 +67,34 @@ def run_ort_builder(
         log = log_path
     try:
         with log.open("w") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
-        if proc.returncode != 0:
+            returncode = _run(cmd, out, env, cancel)
+        if returncode is None:
+            raise BuildError(f"onnxruntime-genai model builder on {hf_dir} for {precision} was cancelled")
+        if returncode != 0:
             raise BuildError(
-                f"onnxruntime-genai model builder failed (exit {proc.returncode}) on {hf_dir} "
+                f"onnxruntime-genai model builder failed (exit {returncode}) on {hf_dir} "
                 f"for {precision}/{execution_provider}:\n{_tail(log.read_text(errors='replace'))}"
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if log_path is None:
             log.unlink(missing_ok=True)
+
+
+def _run(cmd: list[str], out: IO[str], env: dict[str, str], cancel: threading.Event | None) -> int | None:
+    """The builder's exit code, or None when `cancel` was set first (the builder is then killed)."""
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=_CANCEL_POLL_S)
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def set_context_length(model_dir: Path, context_length: int) -> int:

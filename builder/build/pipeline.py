@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field
 
@@ -49,7 +49,8 @@ from agent.wire.manifest import (
     SourceInfo,
 )
 from builder.build import contracts, evaluate, footprint, modelinfo, package, ready, sources
-from builder.build.locks import exclusive
+from builder.build import reference as gate_reference
+from builder.build.locks import atomic_dir, exclusive
 from builder.build.options import MOBILE_MAX_CONTEXT_LENGTH, BuildOptions, resolve_build_options
 from builder.build.ortbuild import run_ort_builder, set_context_length
 from builder.build.progress import NullProgress, Progress
@@ -97,9 +98,9 @@ class BuildRequest(FrozenModel):
     # For a ready onnxruntime-genai folder: the model it was made from (an HF folder or id, a GGUF);
     # its FP32 build is the quality gate's reference.
     reference: str | None = None
-    # int8: the gate's reference is an INT8 build, about half FP32's size, for a model whose FP32
-    # copy would not fit the build host (its distance from FP32: README "Builder").
-    reference_precision: ReferencePrecision = "fp32"
+    # The gate's reference: an FP32 build, or an INT8 one (about half FP32's size; its distance from
+    # FP32: README "Builder"); auto: builder.build.reference.precision_for.
+    reference_precision: ReferencePrecision | Literal["auto"] = "auto"
 
 
 class BuildResult(FrozenModel):
@@ -156,7 +157,7 @@ def _is_same_build(m: Manifest, name: str, version: int, source_sha256: str, opt
             and m.build.precision == opts.precision and m.build.execution_provider == opts.execution_provider
             and m.build.profile == opts.profile and m.build.builder_options == opts.ort_extra_options
             and (context_length is None or m.model_info.context_length == context_length)
-            and m.source.made_from == made_from and m.evaluation.reference_precision == reference_precision)
+            and m.source.made_from == made_from and reference_precision in ("auto", m.evaluation.reference_precision))
 
 
 def _check_out_dir(out_dir: Path) -> Manifest | None:
@@ -193,68 +194,14 @@ def _make_temp_dir(out_dir: Path) -> Path:
                          "choose a writable -o") from e
 
 
-def _atomic_dir(final: Path, make) -> Path:  # make: Callable[[Path], None]
-    """Build a cache entry in a sibling temp dir and rename it into place."""
-    if final.exists():
-        return final
-    with exclusive(final):  # another build may be making the same entry: wait for it
-        if final.exists():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            make(tmp)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _reference_perplexity(hf_dir: Path, source_sha256: str, cache_dir: Path, window: int,
-                          log_path: Path, precision: ReferencePrecision = "fp32") -> float:
-    """Perplexity of the FP32 (or INT8) CPU ONNX build of the same source, cached per source,
-    precision and text.
-
-    The reference goes through the same ORT builder and runtime as the
-    candidate, so the ratio isolates what quantization costs.
-    """
-    tag = "" if precision == "fp32" else f"{precision}-"  # fp32 keeps the key older caches hold
-    key = f"{source_sha256[:16]}-{tag}w{window}-{evaluate.eval_text_sha256()[:12]}"
-    ppl_file = cache_dir / "reference" / f"{key}.ppl"
-    if ppl_file.is_file():
-        return float(ppl_file.read_text())
-    ref_dir = _atomic_dir(
-        cache_dir / "reference" / f"{source_sha256[:16]}-{precision}",
-        lambda tmp: run_ort_builder(hf_dir, tmp, precision=precision, execution_provider="cpu",
-                                    cache_dir=cache_dir / "ort", log_path=log_path),
-    )
-    with exclusive(ppl_file):  # one measurement, and no reader of a half-written file
-        if ppl_file.is_file():
-            return float(ppl_file.read_text())
-        ppl, _ = evaluate.measure_perplexity(ref_dir, window=window)
-        tmp = ppl_file.with_name(f".{ppl_file.name}.tmp")
-        tmp.write_text(repr(ppl))
-        os.replace(tmp, ppl_file)
-    return ppl
-
-
-def _hf_dir_for(resolved: sources.ResolvedSource, source_sha256: str, cache_dir: Path) -> Path:
+def _hf_dir_for(resolved: sources.ResolvedSource, source_sha256: str, cache_dir: Path,
+                progress: evaluate.Progress | None = None) -> Path:
     if resolved.kind != "gguf":
         return resolved.path
     from builder.build.convert import gguf_to_hf_dir
 
-    def convert(tmp: Path) -> None:
-        # transformers draws tqdm bars while dequantizing; our progress owns stderr.
-        previous = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"
-        try:
-            gguf_to_hf_dir(resolved.path, tmp)
-        finally:
-            if previous is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = previous
-
-    return _atomic_dir(cache_dir / "converted" / source_sha256[:16], convert)
+    return atomic_dir(cache_dir / "converted" / source_sha256[:16],
+                       lambda tmp: gguf_to_hf_dir(resolved.path, tmp, progress))
 
 
 def _versions() -> tuple[str, str, str]:
@@ -304,6 +251,7 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
     with run.stage("check options and output"):
         contract_files = contracts.read_contract_files(request.contracts)
         opts, existing, work = _check_request(request, run.out_dir)
+    ref: gate_reference.Reference | None = None
     try:
         with run.stage("resolve source"):
             source = _resolve_source(request, run.cache_dir)
@@ -319,7 +267,12 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
                 return run.result(_reuse(existing, source, request, opts, run.out_dir, contract_files),
                                   is_reused=True)
         with run.stage("convert source"):
-            hf_dir = _convert_source(reference, run.cache_dir)
+            hf_dir = _convert_source(reference, run.cache_dir, run.progress.update)
+        reference_precision: ReferencePrecision = (gate_reference.precision_for(hf_dir)
+                                                   if request.reference_precision == "auto"
+                                                   else request.reference_precision)
+        ref = gate_reference.Reference(hf_dir, reference.sha256, run.cache_dir, reference_precision,
+                                       work / "reference.log")
         if source.resolved.kind == "ort_genai":
             with run.stage("copy the ready folder"):
                 artifact = ready.copy_to_artifact(source.resolved.path, hf_dir, work / "artifact")
@@ -327,12 +280,13 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
                     set_context_length(artifact, request.context_length)
                 info = modelinfo.model_info(hf_dir, artifact)
         else:
-            with run.stage(f"build {opts.precision} onnx"):
+            beside = ref.start_beside(gate_reference.build_peak_bytes(hf_dir, opts.precision))
+            with run.stage(f"build {opts.precision} onnx" + (f" ({reference_precision} reference beside)"
+                                                             if beside else "")):
                 artifact, info = _build_onnx(hf_dir, work, opts, request.context_length, run.cache_dir)
         window = min(evaluate.PPL_WINDOW_TOKENS, info.context_length)
-        with run.stage(f"evaluate {request.reference_precision} reference"):
-            ref_ppl = _reference_perplexity(hf_dir, reference.sha256, run.cache_dir, window, work / "reference.log",
-                                            request.reference_precision)
+        with run.stage(f"evaluate {reference_precision} reference"):
+            ref_ppl = ref.perplexity(window)
         with run.stage("evaluate built model"):
             measured = evaluate.measure_model(artifact, progress=run.progress.update)
             image_canary = _image_canary(artifact)
@@ -340,21 +294,23 @@ def _build_artifact(request: BuildRequest, run: _Run) -> BuildResult:
             with run.stage(f"check canary on {arch}"):
                 _check_canary_on(arch, artifact, measured, run.cache_dir)
         with run.stage("quality gate"):
-            ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio,
-                                  request.reference_precision)
+            ratio = _quality_gate(source.name, opts, measured, ref_ppl, request.max_ppl_ratio, reference_precision)
         with run.stage("measure footprint"):
             fp = footprint.measure_footprint(artifact, info.context_length)
         if contract_files:
             with run.stage(f"check {len(contract_files)} contract(s)"):
                 contracts.check_contracts(artifact, contracts.add_to_artifact(artifact, contract_files))
         with run.stage("package"):
-            manifest = _package(artifact, request, source, opts, info, measured, ref_ppl, ratio, fp, image_canary)
+            manifest = _package(artifact, request, source, opts, info, measured,
+                                _Gate(ref_ppl, reference_precision, ratio), fp, image_canary)
         with run.stage("publish to output"):
             _publish(artifact, run.out_dir)
         log.info("event=build_done name=%s version=%s out=%s ratio=%.3f", source.name, request.version,
                  run.out_dir, ratio)
         return run.result(manifest, is_reused=False)
     finally:
+        if ref is not None:
+            ref.cancel()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -413,7 +369,7 @@ def _resolve_source(request: BuildRequest, cache_dir: Path) -> _Source:
 
 
 def _resolve_reference(request: BuildRequest, source: _Source, cache_dir: Path) -> _Source:
-    """What the FP32 reference is built from: the source itself, or a ready folder's `--reference`.
+    """What the reference is built from: the source itself, or a ready folder's `--reference`.
 
     Raises:
         UsageError: a ready folder without `--reference`, or `--reference` for a source that has weights.
@@ -466,8 +422,8 @@ def source_hf_dir(source: str, cache_dir: Path) -> Path:
     return _hf_dir_for(resolved, sources.source_sha256(resolved.path), cache_dir)
 
 
-def _convert_source(source: _Source, cache_dir: Path) -> Path:
-    hf_dir = _hf_dir_for(source.resolved, source.sha256, cache_dir)
+def _convert_source(source: _Source, cache_dir: Path, progress: evaluate.Progress | None = None) -> Path:
+    hf_dir = _hf_dir_for(source.resolved, source.sha256, cache_dir, progress)
     sources.check_architecture(hf_dir)  # before minutes in the ORT builder
     return hf_dir
 
@@ -495,7 +451,7 @@ def _build_onnx(hf_dir: Path, work: Path, opts: BuildOptions, context_length: in
 
 def _quality_gate(name: str, opts: BuildOptions, measured: evaluate.Measurement, ref_ppl: float,
                   max_ppl_ratio: float, reference_precision: str = "fp32") -> float:
-    """The perplexity ratio to the fp32 reference.
+    """The perplexity ratio to the reference.
 
     Raises:
         QualityGateError: the ratio is over `max_ppl_ratio`.
@@ -522,8 +478,14 @@ def _image_canary(artifact: Path) -> ImageCanary | None:
                        expected_token_ids=measured.token_ids, expected_leads=measured.leads)
 
 
+class _Gate(NamedTuple):
+    reference_perplexity: float
+    reference_precision: ReferencePrecision
+    ratio: float
+
+
 def _package(artifact: Path, request: BuildRequest, source: _Source, opts: BuildOptions, info: ModelInfo,
-             measured: evaluate.Measurement, ref_ppl: float, ratio: float, fp: footprint.Footprint,
+             measured: evaluate.Measurement, gate: _Gate, fp: footprint.Footprint,
              image_canary: ImageCanary | None = None) -> Manifest:
     """The manifest of `artifact`, validated and written into it."""
     files = package.list_files(artifact)
@@ -548,8 +510,9 @@ def _package(artifact: Path, request: BuildRequest, source: _Source, opts: Build
                                           footprint.accelerator_memory_bytes(artifact, fp.context_length)),
         ),
         evaluation=Evaluation(
-            perplexity=measured.perplexity, reference_perplexity=ref_ppl, perplexity_ratio=ratio,
-            max_perplexity_ratio=request.max_ppl_ratio, reference_precision=request.reference_precision,
+            perplexity=measured.perplexity, reference_perplexity=gate.reference_perplexity,
+            perplexity_ratio=gate.ratio, max_perplexity_ratio=request.max_ppl_ratio,
+            reference_precision=gate.reference_precision,
             eval_text_sha256=measured.eval_text_sha256,
             eval_tokens=measured.eval_tokens, decode_tokens_per_s=measured.decode_tokens_per_s,
             prefill_tokens_per_s=measured.prefill_tokens_per_s, peak_rss_bytes=fp.peak_rss_bytes,

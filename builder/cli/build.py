@@ -34,7 +34,7 @@ example:
     the same, with the canary also replayed on aarch64, so ARM devices accept it.
   edge-builder build ./phi3-int4-onnx --reference microsoft/Phi-3-mini-4k-instruct -o out/phi3
     packages a ready onnxruntime-genai folder as it is (no rebuild), gated against
-    an FP32 build of the model it was made from.
+    an INT8 build of the model it was made from (FP32 for models up to 1B parameters).
 
 SOURCE is one of: a Hugging Face id (HuggingFaceTB/SmolLM2-135M, fetched into
 the HF cache under --cache-dir/hf; set HF_HUB_OFFLINE=1 to use only the cache),
@@ -47,8 +47,8 @@ model's own export script's output or a vendor's ONNX folder; needs --reference)
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build", help="build SOURCE into an evaluated, packaged ONNX artifact",
-        description="Build a model into an onnxruntime-genai artifact: convert, build, evaluate against an "
-                    "FP32 reference (quality gate), measure footprint and speed, write manifest.json. "
+        description="Build a model into an onnxruntime-genai artifact: convert, build, evaluate against a "
+                    "full-precision reference (quality gate), measure footprint and speed, write manifest.json. "
                     "The artifact is built next to OUT and renamed into place at the end.",
         epilog=_EXAMPLE + "\n" + ExitCode.help_text(), formatter_class=_HelpFormatter,
     )
@@ -82,13 +82,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: the model's; 2048 at most with --profile mobile)")
     p.add_argument("--reference", metavar="SOURCE", default=None,
                    help="for a ready onnxruntime-genai folder: the model it was made from (HF id or folder, GGUF); "
-                        "its FP32 build is the quality gate's reference")
-    p.add_argument("--reference-precision", choices=["fp32", "int8"], default="fp32",
-                   help="the build of the source the quality gate compares with: int8 is about half the size of "
-                        "fp32, for a model whose fp32 copy does not fit this host; its perplexity sits a little "
-                        "above fp32's, so ratios read a little lower (README \"Builder\" says by how much)")
+                        "its build (--reference-precision) is the quality gate's reference")
+    p.add_argument("--reference-precision", choices=["auto", "fp32", "int8"], default="auto",
+                   help="the build of the source the quality gate compares with. auto (default): fp32 up to 1B "
+                        "parameters, int8 above (about half fp32's size, built with a fraction of its memory: "
+                        "an fp32 copy of a 3.8B model does not fit a 16 GB host); int8's perplexity sits a "
+                        "little above fp32's, so ratios read a little lower (README \"Builder\" says by how much)")
     p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
-                   help="quality gate: fail when perplexity / fp32 reference perplexity exceeds this")
+                   help="quality gate: fail when perplexity / reference perplexity exceeds this")
     p.add_argument("--check-arch", action="append", choices=["aarch64"], default=[], metavar="ARCH",
                    help="also replay the canary on ARCH (aarch64: a Debian arm64 root under qemu-user, built "
                         "once into --cache-dir; needs root, debootstrap, qemu-user-static, binfmt-support) and "
@@ -99,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "build fails at the quality gate unless the built model answers every example "
                         "validly. Repeatable")
     p.add_argument("-c", "--cache-dir", type=Path, default=None,
-                   help=f"HF cache, converted GGUFs and fp32 references (default: $EDGEFLEET_CACHE_DIR or "
+                   help=f"HF cache, converted GGUFs and reference builds (default: $EDGEFLEET_CACHE_DIR or "
                         f"{default_cache_dir()})")
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout, no progress")
     p.set_defaults(handler=run)

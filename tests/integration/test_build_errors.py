@@ -154,3 +154,6 @@ def test_ort_builder_failure_shows_its_log_tail_and_keeps_the_log(tmp_path: Path
     assert "Traceback" not in first and len(tail) <= 8
     assert len(list((cache / "logs").glob("ortbuild-*.log"))) == 1  # the full log outlives the temp dir
     _assert_nothing_written(out)
+    # The reference built beside was stopped: no builder left running, no half-made cache entry.
+    assert subprocess.run(["pgrep", "-f", str(cache)], capture_output=True).returncode == 1
+    assert not list((cache / "reference").glob(".*"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.wire.errors import ExitCode, QualityGateError
+from builder.build import reference
 from builder.build.package import verify_artifact
 from builder.build.pipeline import DEFAULT_MAX_PPL_RATIO, BuildRequest, build_artifact
 from builder.build.sources import source_sha256
@@ -92,6 +93,20 @@ def test_an_int8_reference_gates_without_an_fp32_copy_of_the_model(tiny_hf: Path
     built = sorted(p.name for p in (cache / "reference").iterdir() if p.is_dir())
     assert built == [f"{manifest.source.sha256[:16]}-int8"]  # the only reference built: no fp32 copy
     assert 0 < result.perplexity_ratio < DEFAULT_MAX_PPL_RATIO
+    # Memory held both builds, so the reference was built beside the candidate.
+    assert "build int4 onnx (int8 reference beside)" in result.stage_durations_s
+
+
+def test_a_reference_built_after_the_candidate_measures_the_same(tiny_hf: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    beside = build_artifact(BuildRequest(source=str(tiny_hf), out_dir=tmp_path / "a", cache_dir=tmp_path / "c1"))
+    # A fake reading of this host's memory: too little to hold two builds at once.
+    monkeypatch.setattr(reference, "available_memory_bytes", lambda: 0)
+    after = build_artifact(BuildRequest(source=str(tiny_hf), out_dir=tmp_path / "b", cache_dir=tmp_path / "c2"))
+    assert "build int4 onnx (fp32 reference beside)" in beside.stage_durations_s
+    assert "build int4 onnx" in after.stage_durations_s and beside.reference_precision == "fp32"
+    assert after.reference_perplexity == beside.reference_perplexity
+    assert after.perplexity == beside.perplexity
 
 
 def test_quality_gate_failure_packages_nothing(tiny_model_dir, tmp_path: Path, builder_cache_dir: Path) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from pathlib import Path
+
 import pytest
 
 from agent.wire.errors import UsageError
 from builder.build.options import VALID_COMBINATIONS, parse_extra_options, resolve_build_options
+from builder.build.reference import precision_for
 from builder.build.sources import derive_name
 
 
@@ -67,3 +73,26 @@ def test_extra_options_parse_and_refuse_malformed_repeated_or_flag_owned_keys() 
 ])
 def test_derived_names_are_valid_manifest_names(source: str, name: str) -> None:
     assert derive_name(source) == name
+
+
+def _safetensors_header_only(path: Path, shapes: dict[str, list[int]]) -> None:
+    """A safetensors file's header (what the parameter count reads); the data section is left out."""
+    offset, header = 0, {}
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+
+
+@pytest.mark.parametrize(("layers", "precision"), [(1, "fp32"), (30, "fp32"), (31, "int8"), (32, "int8")])
+def test_auto_reference_is_fp32_up_to_a_billion_parameters_and_int8_above(tmp_path: Path, layers: int,
+                                                                          precision: str) -> None:
+    # 2^25 parameters a layer over two shards: 30 layers and the embedding are under 2^30, 31 are over.
+    shards = [{f"model.layers.{i}.mlp.weight": [4096, 8192] for i in range(layers) if i % 2 == part}
+              for part in (0, 1)]
+    shards[0]["model.embed_tokens.weight"] = [16384, 4096]
+    for n, shapes in enumerate(shards):
+        _safetensors_header_only(tmp_path / f"model-{n}.safetensors", shapes)
+    assert precision_for(tmp_path) == precision
