@@ -1,8 +1,9 @@
 """Benchmark: onnxruntime-genai's builder against ours (builder.build.streamquant) on models of the
 sizes people ship, side by side in one run: wall time and peak RSS of each, and whether their files
 are the same bytes. With --whole, also the whole `edge-builder build` (gate, footprint) and its
-stages; with --gguf, a GGUF of the shape (llama architecture, Q4_0) turned into a Hugging Face
-folder by transformers' own loading and by ours (builder.build.convert), side by side.
+stages, from the bf16 model or from a GGUF of it; with --gguf, a GGUF of the shape (llama
+architecture, Q4_0) turned into a Hugging Face folder by transformers' own loading and by ours
+(builder.build.convert), side by side.
 
 The models are random weights in real shapes, made from configs in bf16 (no download) and kept in
 --models-dir: Llama 1.1B (TinyLlama's shape), Phi-3.5-mini (3.8B, long/short rope), Llama 8B.
@@ -11,7 +12,7 @@ count. A run killed for memory is reported as such; --memory-limit runs each mea
 memory cgroup of that size (cgroup v1 or v2; needs root), the way a smaller build host would.
 
     python bench/build_at_size.py --shape llama-1b [--shape phi3.5-mini] [-p int4] [--models-dir DIR]
-        [--whole] [--gguf] [--memory-limit 12G] [--skip-builders]
+        [--whole bf16] [--whole gguf] [--gguf] [--memory-limit 12G] [--skip-builders]
 """
 
 from __future__ import annotations
@@ -331,10 +332,11 @@ def main() -> int:
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "edgefleet" / "bench-models")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "edgefleet",
                         help="builder cache holding (or receiving) the SmolLM2 conversion whose tokenizer is used")
-    parser.add_argument("--whole", action="store_true", help="also run the whole edge-builder build of each shape")
+    parser.add_argument("--whole", action="append", choices=["bf16", "gguf"], default=[],
+                        help="also run the whole edge-builder build of each shape from this source (repeatable; "
+                             "gguf implies --gguf)")
     parser.add_argument("--gguf", action="store_true",
-                        help="also turn a Q4_0 GGUF of each shape into a Hugging Face folder both ways "
-                             "(and, with --whole, build from it)")
+                        help="also turn a Q4_0 GGUF of each shape into a Hugging Face folder both ways")
     parser.add_argument("--skip-builders", action="store_true", help="leave out the two ORT builders' comparison")
     parser.add_argument("--memory-limit", type=_bytes, default=None, metavar="BYTES",
                         help="run each measured process in a memory cgroup of this size (e.g. 12G; needs root)")
@@ -354,20 +356,21 @@ def main() -> int:
                 hf = make_model(shape, args.models_dir / f"{shape}-bf16", tokenizer_dir)
                 if not args.skip_builders:
                     _row(builders, bench_builders(shape, hf, args.precision, work, cgroup))
-                if args.whole:
+                if "bf16" in args.whole:
                     _row(wholes, bench_whole(f"{shape} bf16", hf, work, cgroup))
-                if args.gguf:
+                if args.gguf or "gguf" in args.whole:
                     gguf = make_gguf(shape, args.models_dir / f"{shape}-q4_0.gguf",
                                      sources.smollm2_gguf_path())
                     _row(ggufs, bench_gguf(shape, gguf, work, cgroup))
-                    if args.whole:
+                    if "gguf" in args.whole:
                         _row(wholes, bench_whole(f"{shape} Q4_0 GGUF", gguf, work, cgroup))
     finally:
         if cgroup is not None:
             cgroup.close()
     limit = f", in a {args.memory_limit / (1 << 30):.1f} GiB memory cgroup" if args.memory_limit else ""
     print(f"{args.precision}, block 32, accuracy level 4, -e cpu; {os.cpu_count()} CPUs{limit}")
-    for table, wanted in ((builders, not args.skip_builders), (wholes, args.whole), (ggufs, args.gguf)):
+    for table, wanted in ((builders, not args.skip_builders), (wholes, args.whole),
+                          (ggufs, args.gguf or "gguf" in args.whole)):
         if wanted:
             print("\n".join(table) + "\n")
     return 0

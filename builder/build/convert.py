@@ -2,10 +2,15 @@
 
 The ORT builder reads only f16/f32 GGUF, so any quantization is undone here, with the GGUF-to-HF
 name mapping and per-architecture fixes of transformers (the tensors transformers' own GGUF
-loading yields, float32). Not through `from_pretrained(gguf_file=...)`: that dequantizes every
-tensor into memory before the model is built, about 2x the model's float32 bytes at its peak (a
-3.8B model needs over 30 GB). Here one tensor at a time is dequantized and written, into
-safetensors shards of at most SHARD_BYTES, so the peak is a shard, whatever the model's size.
+loading yields). Not through `from_pretrained(gguf_file=...)`: that dequantizes every tensor into
+memory before the model is built, about 2x the model's float32 bytes at its peak (a 3.8B model
+needs over 30 GB). Here one tensor at a time is dequantized and written, into safetensors shards
+of at most SHARD_BYTES, so the peak is a shard, whatever the model's size.
+
+The tensors are float32 (exactly what transformers yields) for a model of up to
+FP32_REFERENCE_MAX_PARAMS parameters, float16 above: a float32 copy of an 8B model is 32 GB on
+disk and what the ORT builder maps, and rounding a 4-8 bit GGUF weight to float16's 11 bits moves
+it by far less than the builder's own quantization does.
 """
 
 from __future__ import annotations
@@ -17,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.wire.errors import SourceError
+from builder.build.reference import FP32_REFERENCE_MAX_PARAMS
 
 SHARD_BYTES = 1 << 30
 _INDEX_FILE = "model.safetensors.index.json"
 
 
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Dequantize `gguf_path` into a Hugging Face folder at `out_dir` (float32 safetensors shards,
-    config, generation config, tokenizer). `progress(done, total)` is told of each tensor.
+    """Dequantize `gguf_path` into a Hugging Face folder at `out_dir` (safetensors shards, config,
+    generation config, tokenizer). `progress(done, total)` is told of each tensor.
 
     Raises:
         SourceError: the file is not a readable GGUF or its architecture is unsupported.
@@ -40,7 +46,6 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path, progress: Callable[[int, int]
     # A null `quantization_config` left in config.json crashes the ORT builder.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.dtype = "float32"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         config.architectures = [_write_tensors(gguf_path, config, out_dir, progress)]
@@ -75,6 +80,9 @@ def _write_tensors(gguf_path: Path, config: Any, out_dir: Path, progress: Callab
 
     gguf_config = config.to_dict()  # what transformers parsed from the GGUF's fields, not read again
     reader = GGUFReader(gguf_path)
+    parameters = sum(int(t.n_elements) for t in reader.tensors)
+    dtype = torch.float32 if parameters <= FP32_REFERENCE_MAX_PARAMS else torch.float16
+    config.dtype = str(dtype).removeprefix("torch.")
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=gguf_config)
     with torch.device("meta"):  # the model's parameter names, with no memory behind them
@@ -100,7 +108,10 @@ def _write_tensors(gguf_path: Path, config: Any, out_dir: Path, progress: Callab
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=key_mapping, parsed_parameters=parsed)
         if result.name in key_mapping:
-            weights = torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
+            weights = torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True)).to(dtype)
+            if not torch.isfinite(weights).all():
+                raise SourceError(f"GGUF {gguf_path}: tensor {tensor.name} holds values beyond {dtype}'s range"
+                                  " (or not numbers): the file is damaged")
             if shard_bytes and shard_bytes + weights.nbytes > SHARD_BYTES:
                 flush()
             shard[key_mapping[result.name]] = weights
@@ -109,7 +120,7 @@ def _write_tensors(gguf_path: Path, config: Any, out_dir: Path, progress: Callab
         if progress is not None:
             progress(done, total)
     for key, gathered in parsed["tensors"].items():
-        shard[key] = gathered.to(torch.float32).contiguous()
+        shard[key] = gathered.to(dtype).contiguous()
         tensor_bytes += shard[key].nbytes
     flush()
     _write_index(out_dir, shards, tensor_bytes)

@@ -1,6 +1,6 @@
 """builder.build.convert: a GGUF dequantized one tensor at a time into a Hugging Face folder holds
-what transformers' own GGUF loading yields (the reference), and splits into shards that
-transformers loads back when the model is large."""
+what transformers' own GGUF loading yields (the reference): as it is for a small model, in
+float16 shards that transformers loads back for a large one."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def transformers_state() -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def _loaded_state(folder: Path) -> dict[str, np.ndarray]:
+def _loaded_state(folder: Path, dtype: torch.dtype) -> dict[str, np.ndarray]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
@@ -55,18 +55,22 @@ def test_converted_folder_holds_the_tensors_transformers_loads(smollm2_hf_dir: P
     assert "quantization_config" not in config  # a null one crashes the ORT builder
 
 
-def test_large_model_is_written_in_shards_that_load_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                         transformers_state: dict[str, np.ndarray]) -> None:
-    monkeypatch.setattr(convert, "SHARD_BYTES", 96 << 20)
+def test_a_large_model_is_written_in_float16_shards_that_load_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  transformers_state: dict[str, np.ndarray]) -> None:
+    # SmolLM2 (135M parameters) stands in for a model over the float32 limit and a shard limit.
+    monkeypatch.setattr(convert, "FP32_REFERENCE_MAX_PARAMS", 100_000_000)
+    monkeypatch.setattr(convert, "SHARD_BYTES", 48 << 20)
     seen: list[tuple[int, int]] = []
     out = convert.gguf_to_hf_dir(smollm2_gguf_path(), tmp_path / "hf", lambda done, total: seen.append((done, total)))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     shards = sorted(out.glob("*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(shards) >= 5 and set(index["weight_map"].values()) == {p.name for p in shards}
-    # A shard passes the limit only by its one tensor that alone is larger (the 113 MB embedding).
-    assert all(p.stat().st_size <= 96 << 20 or len(_keys_of(p)) == 1 for p in shards)
+    # A shard passes the limit only by its one tensor that alone is larger (the 57 MB embedding).
+    assert all(p.stat().st_size <= 48 << 20 or len(_keys_of(p)) == 1 for p in shards)
     assert seen[-1][0] == seen[-1][1] == 272 and len(seen) == 272  # each GGUF tensor reported
-    _assert_same_state(_loaded_state(out), transformers_state)
+    loaded = _loaded_state(out, torch.float16)
+    _assert_same_state(loaded, {k: v.astype(np.float16) for k, v in transformers_state.items()})
 
 
 def _keys_of(shard: Path) -> list[str]:
