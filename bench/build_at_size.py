@@ -67,7 +67,9 @@ def make_model(shape: str, out: Path, tokenizer_dir: Path) -> Path:
     config.dtype = "bfloat16"
     t0 = time.monotonic()
     with torch.device("meta"):
-        shapes = {name: p.shape for name, p in tf.AutoModelForCausalLM.from_config(config).state_dict().items()}
+        model = tf.AutoModelForCausalLM.from_config(config)
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    config.architectures = [type(model).__name__]
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -182,8 +184,8 @@ def bench_builders(shape: str, hf: Path, precision: str, work: Path, cgroup: Mem
         outs[name] = out
         print(f"  {runs[name]}", file=sys.stderr, flush=True)
     stock, ours = runs.values()
-    artifact = sum(p.stat().st_size for p in next(iter(outs.values())).glob("*")) if stock.outcome == "ok" else 0
-    same = _same_files(*outs.values())
+    artifact = sum(p.stat().st_size for p in outs["edgefleet (streamquant)"].glob("*")) if ours.outcome == "ok" else 0
+    same = _same_files(*outs.values()) if stock.outcome == ours.outcome == "ok" else "n/a"
     for out in outs.values():
         shutil.rmtree(out, ignore_errors=True)
     ratio = f"{ours.peak_rss_bytes / stock.peak_rss_bytes:.2f}" if stock.outcome == "ok" else "n/a"
@@ -205,15 +207,17 @@ def bench_whole(label: str, source: Path, work: Path, cgroup: MemoryCgroup | Non
     log = work / f"whole-{label}.log"
     run = run_measured(argv, log, cgroup)
     print(f"  {run}", file=sys.stderr, flush=True)
-    stages, tok_s, ratio = "", "n/a", "n/a"
+    stages, tok_s, ratio, size = "", "n/a", "n/a", "n/a"
     if run.outcome == "ok":
         result = json.loads(log.read_text().strip().splitlines()[-1])
         stages = ", ".join(f"{name} {s:.0f}" for name, s in result["stage_durations_s"].items() if s >= 1)
         tok_s = f"{result['decode_tokens_per_s']:.1f}"
         ratio = f"{result['perplexity_ratio']:.3f} ({result['reference_precision']})"
+        size = f"{_gb(result['total_file_bytes'])} GB, min RAM {_gb(result['min_ram_bytes'])} GB"
     for d in (out, cache):
         shutil.rmtree(d, ignore_errors=True)
-    return f"| {label} | {run.outcome}, {run.wall_s} s | {_gb(run.peak_rss_bytes)} GB | {ratio} | {tok_s} | {stages} |"
+    return (f"| {label} | {run.outcome}, {run.wall_s} s | {_gb(run.peak_rss_bytes)} GB | {ratio} | {tok_s} | {size}"
+            f" | {stages} |")
 
 
 GGUF_BLOCK = 32  # Q4_0: an fp16 scale and 32 4-bit values in 18 bytes
@@ -347,7 +351,7 @@ def main() -> int:
     builders = ["| model | onnxruntime-genai builder: outcome, wall, peak RSS | ours | peak ours/theirs"
                 " | peak ours / bf16 weight bytes | same bytes | artifact GB |", "|---|---|---|---|---|---|---|"]
     wholes = ["| source | edge-builder build: outcome, wall | largest process's peak RSS | perplexity ratio"
-              " (reference) | decode tok/s | stages (s) |", "|---|---|---|---|---|---|"]
+              " (reference) | decode tok/s | artifact | stages (s) |", "|---|---|---|---|---|---|---|"]
     ggufs = ["| GGUF | transformers: outcome, wall, peak RSS | ours | peak ours/theirs |", "|---|---|---|---|"]
     try:
         with tempfile.TemporaryDirectory(prefix="build-at-size-", dir=args.models_dir) as tmp:
