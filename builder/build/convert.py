@@ -3,9 +3,9 @@
 The ORT builder reads only f16/f32 GGUF, so any quantization is undone here, with the GGUF-to-HF
 name mapping and per-architecture fixes of transformers (the tensors transformers' own GGUF
 loading yields). Not through `from_pretrained(gguf_file=...)`: that dequantizes every tensor into
-memory before the model is built, about 2x the model's float32 bytes at its peak (a 3.8B model
-needs over 30 GB). Here one tensor at a time is dequantized and written, into safetensors shards
-of at most SHARD_BYTES, so the peak is a shard, whatever the model's size.
+memory before the model is built, about 2x the model's float32 bytes at its peak. Here one tensor
+at a time is dequantized and written, into safetensors shards of at most SHARD_BYTES, so the peak
+is a shard, whatever the model's size.
 
 The tensors are float32 (exactly what transformers yields) for a model of up to
 FP32_REFERENCE_MAX_PARAMS parameters, float16 above: a float32 copy of an 8B model is 32 GB on

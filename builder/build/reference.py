@@ -50,8 +50,11 @@ def build_peak_bytes(hf_dir: Path, precision: Precision) -> int:
 
 def available_memory_bytes() -> int:
     """Memory this process may still take: the host's MemAvailable, or less where its cgroup's
-    limit leaves less."""
-    available = _meminfo_kib("MemAvailable") * 1024
+    limit leaves less; 0 where this is not Linux (unknown: the builds then take turns)."""
+    try:
+        available = _meminfo_kib("MemAvailable") * 1024
+    except OSError:
+        return 0
     limit = _cgroup_memory_limit()
     if limit is not None:
         available = min(available, limit - _own_rss_bytes())
