@@ -37,6 +37,7 @@ IMAGE_CANARY_QUESTION = "Describe the shapes and colours in this picture."
 # only. 1024 bounds the logits buffer (window x vocab x 4 bytes) to ~200 MB
 # for a 49k vocabulary.
 PPL_WINDOW_TOKENS = 1024
+_NLL_ROWS = 128
 SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_TOKENS = 32
 SPEED_REPEATS = 3
@@ -132,12 +133,18 @@ def perplexity_of(model, token_ids: list[int], window: int, progress: Progress |
         params.set_search_options(max_length=len(chunk), do_sample=False)
         gen = og.Generator(model, params)
         gen.append_tokens(chunk)
-        logits = np.asarray(gen.get_output("logits"), dtype=np.float64)[0]  # [len(chunk), vocab]
+        logits = gen.get_output("logits")[0]  # float32 [len(chunk), vocab]
         del gen
-        pred, target = logits[:-1], np.asarray(chunk[1:])
-        m = pred.max(axis=-1)
-        log_z = m + np.log(np.exp(pred - m[:, None]).sum(axis=-1))
-        nll_sum += float((log_z - pred[np.arange(len(target)), target]).sum())
+        target = np.asarray(chunk[1:])
+        # In float64, a few rows at a time: a whole window's float64 logits and their exponentials
+        # would be 0.8 GB beside the model for a 49k vocabulary.
+        for row in range(0, len(target), _NLL_ROWS):
+            pred = logits[row:row + _NLL_ROWS].astype(np.float64)
+            rows = target[row:row + _NLL_ROWS]
+            pred = pred[:len(rows)]
+            m = pred.max(axis=-1)
+            log_z = m + np.log(np.exp(pred - m[:, None]).sum(axis=-1))
+            nll_sum += float((log_z - pred[np.arange(len(rows)), rows]).sum())
         scored += len(target)
         if progress:
             progress(i + 1, len(starts))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.wire.errors import ExitCode
 from agent.wire.manifest import Manifest
 from builder.build.evaluate import eval_text_sha256
@@ -100,3 +102,26 @@ def test_out_holding_a_different_build_is_refused_and_kept(smollm2_artifact: Pat
     assert len(lines) == 1 and "already holds a different build (smollm2-135m v1" in lines[0], proc.stderr
     assert (smollm2_artifact / "manifest.json").read_bytes() == manifest_before
     assert not list(smollm2_artifact.parent.glob(f".{smollm2_artifact.name}.partial-*"))
+
+
+def test_perplexity_is_the_exp_mean_negative_log_likelihood_over_its_windows(smollm2_artifact: Path) -> None:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from builder.build.evaluate import cpu_config, eval_text, perplexity_of
+
+    model = og.Model(cpu_config(smollm2_artifact))
+    ids = [int(t) for t in og.Tokenizer(model).encode(eval_text())][:700]
+    nll, scored = 0.0, 0
+    for start in range(0, len(ids), 300):  # windows of 300, 300 and 100 tokens, each scored whole
+        window = ids[start:start + 300]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(window), do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(window)
+        logits = np.asarray(gen.get_output("logits"), dtype=np.float64)[0][:-1]
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        nll -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+        scored += len(window) - 1
+    assert perplexity_of(model, ids, 300) == pytest.approx(float(np.exp(nll / scored)), rel=1e-12)
