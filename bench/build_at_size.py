@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from builder.build import sources  # noqa: E402
+from builder.build import reference, sources  # noqa: E402
 from builder.build.pipeline import source_hf_dir  # noqa: E402
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -114,15 +114,11 @@ class MemoryCgroup:
     """A memory cgroup of `limit_bytes` under this process's own, for the measured processes."""
 
     def __init__(self, limit_bytes: int) -> None:
-        own = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in
-               Path("/proc/self/cgroup").read_text().splitlines()}
-        name = f"edgefleet-bench-{os.getpid()}"
-        if "memory" in own:  # v1
-            self.path = Path("/sys/fs/cgroup/memory") / own["memory"].lstrip("/") / name
-            limit_file = "memory.limit_in_bytes"
-        else:
-            self.path = Path("/sys/fs/cgroup") / own[""].lstrip("/") / name
-            limit_file = "memory.max"
+        own = reference.own_memory_cgroup()
+        if own is None:
+            raise SystemExit("--memory-limit: this process has no memory cgroup to make one under")
+        parent, limit_file = own
+        self.path = parent / f"edgefleet-bench-{os.getpid()}"
         self.path.mkdir()
         (self.path / limit_file).write_text(str(limit_bytes))
         self.limit_bytes = limit_bytes

@@ -139,9 +139,8 @@ def perplexity_of(model, token_ids: list[int], window: int, progress: Progress |
         # In float64, a few rows at a time: a whole window's float64 logits and their exponentials
         # would be 0.8 GB beside the model for a 49k vocabulary.
         for row in range(0, len(target), _NLL_ROWS):
-            pred = logits[row:row + _NLL_ROWS].astype(np.float64)
             rows = target[row:row + _NLL_ROWS]
-            pred = pred[:len(rows)]
+            pred = logits[row:row + len(rows)].astype(np.float64)
             m = pred.max(axis=-1)
             log_z = m + np.log(np.exp(pred - m[:, None]).sum(axis=-1))
             nll_sum += float((log_z - pred[np.arange(len(rows)), rows]).sum())

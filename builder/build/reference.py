@@ -18,6 +18,8 @@ import os
 import threading
 from pathlib import Path
 
+import psutil
+
 from agent.wire.manifest import Precision, ReferencePrecision
 from builder.build import evaluate, modelinfo
 from builder.build.locks import atomic_dir, exclusive
@@ -49,16 +51,33 @@ def build_peak_bytes(hf_dir: Path, precision: Precision) -> int:
 
 
 def available_memory_bytes() -> int:
-    """Memory this process may still take: the host's MemAvailable, or less where its cgroup's
-    limit leaves less; 0 where this is not Linux (unknown: the builds then take turns)."""
-    try:
-        available = _meminfo_kib("MemAvailable") * 1024
-    except OSError:
-        return 0
+    """Memory this process may still take: the host's available memory (psutil, as the agent reads
+    it), or less where its cgroup's limit leaves less."""
+    available = int(psutil.virtual_memory().available)
     limit = _cgroup_memory_limit()
     if limit is not None:
-        available = min(available, limit - _own_rss_bytes())
+        available = min(available, limit - int(psutil.Process().memory_info().rss))
     return max(0, available)
+
+
+def own_memory_cgroup() -> tuple[Path, str] | None:
+    """This process's memory cgroup folder and the name of its limit file (v1 or v2), None where
+    there is none (not Linux, no memory controller)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, limit_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max"
+        elif "memory" in controllers.split(","):
+            folder, limit_file = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes"
+        else:
+            continue
+        if (folder / limit_file).is_file():
+            return folder, limit_file
+    return None
 
 
 class Reference:
@@ -136,38 +155,13 @@ class Reference:
             cache_dir=self.cache_dir / "ort", log_path=self._log_path, cancel=self._cancel))
 
 
-def _meminfo_kib(field: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/meminfo has no {field}")
-
-
 def _cgroup_memory_limit() -> int | None:
-    """This process's memory cgroup limit (v2 or v1), None when unlimited or unknown."""
+    """This process's memory cgroup limit, None when unlimited or unknown."""
+    cgroup = own_memory_cgroup()
+    if cgroup is None:
+        return None
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        text = (cgroup[0] / cgroup[1]).read_text().strip()
     except OSError:
         return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
-        elif "memory" in controllers.split(","):
-            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
-        else:
-            continue
-        try:
-            text = candidate.read_text().strip()
-        except OSError:
-            continue
-        if text != "max" and int(text) < 1 << 60:  # v1 writes "no limit" as a huge number
-            return int(text)
-    return None
-
-
-def _own_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return int(text) if text != "max" and int(text) < 1 << 60 else None  # v1 writes "no limit" as a huge number
