@@ -138,6 +138,17 @@ def smollm2_int4_raw(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_int4_b128(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
+    """A second, different model: the same weights quantized with block size 128 (whose AVX2 kernel
+    rounds a batch's last odd row differently: the case the prefix cache's cells exist for)."""
+    from builder.build.ortbuild import run_ort_builder
+
+    return made_once(model_cache_dir / "smollm2-int4-b128", "genai_config.json", lambda tmp: run_ort_builder(
+        smollm2_hf_dir, tmp, precision="int4", execution_provider="cpu", cache_dir=model_cache_dir / "ort-cache",
+        extra_options={"block_size": "128", "accuracy_level": "4"}))
+
+
+@pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
 

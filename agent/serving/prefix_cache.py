@@ -5,14 +5,19 @@ saw. A new request whose prompt starts with those tokens (a chat's history re-se
 each turn, a shared system prompt) rewinds that generator to the shared prefix and
 prefills only the rest.
 
-Exact, not approximate: greedy output is the same with the cache as without. The CPU
-kernels compute a token's KV a little differently alone (a decode step) than in a batch
-of two or more (a prefill), whatever the batch's split (measured on SmolLM2 INT4: any
-split into chunks of two or more tokens gives the fresh prefill's output; one decoded
-token changes it dozens of tokens later). So only KV computed in batches is reused: the
-prompt's, at once, and the completion's once it is *settled*, recomputed in batches while
-the worker is idle (between a chat's turns, while its user reads). A request that comes
-before that reuses the prompt part only.
+Exact, not approximate: greedy output is the same with the cache as without. Two things
+change how onnxruntime-genai's CPU kernels round a token's KV, and the cache sidesteps both:
+- A token decoded alone (a batch of one) gets KV a little different from the same token in a
+  prefill batch, and that changes greedy text dozens of tokens later. So a kept completion's KV
+  is reused only once it is *settled*: recomputed in batches while the worker is idle (between a
+  chat's turns, while its user reads). A request that comes before reuses the prompt part only.
+- Within a batch, the kernels work on small groups of rows (pairs, for the AVX2 int8 kernel of
+  block-128 INT4 weights), and a row left over at a batch's end is rounded differently (measured:
+  a 37-token prompt prefilled as 35 + 2 answers differently than at once). So every prefill
+  batch starts on a *cell* boundary, a multiple of `CELL_TOKENS` from the sequence's start, and
+  ends on one or at the prompt's end, whether the prompt is fresh, continues a kept generator or
+  is prefilled a little per round beside other requests; and only whole cells are reused. A row
+  then sits at the same place in its group of rows however the prompt was split.
 
 Kept generators cost memory: onnxruntime-genai allocates a generator's KV for its whole
 `max_length` up front. The cache holds at most `budget_bytes` of it and drops the least
@@ -45,15 +50,21 @@ G = TypeVar("G", bound=KvHolder)
 # What `edge-agent serve` and agent.toml's `prefix_cache_mb` keep unless told.
 DEFAULT_BUDGET_BYTES = 256 << 20
 
-# Fewest tokens a prefill may compute at once and stay exact (see the module's docstring).
-MIN_BATCH = 2
+# Prefill batches start on multiples of this many tokens and end on one or at the prompt's end
+# (see the module's docstring): a multiple of every row group the kernels use, small enough that a
+# reused prefix loses little (at most CELL_TOKENS - 1 tokens recomputed).
+CELL_TOKENS = 16
+
+
+def cell_floor(n: int) -> int:
+    """The last cell boundary at or before token `n`."""
+    return n - n % CELL_TOKENS
 
 
 def batch_end(start: int, total: int, max_tokens: int) -> int:
-    """Where a batch from `start` ends: at most `max_tokens` (at least `MIN_BATCH`) tokens, and never
-    leaving one lone token of the `total` for the next batch."""
-    end = min(total, start + max(max_tokens, MIN_BATCH))
-    return total if total - end < MIN_BATCH else end
+    """Where a prefill batch from `start` (a cell boundary) ends: at the prompt's `total` if that is
+    within `max_tokens`, else on the last cell boundary within them (one cell at least)."""
+    return min(total, start + max(CELL_TOKENS, cell_floor(max_tokens)))
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -78,7 +89,7 @@ class Reuse(Generic[G]):
 class _Kept(Generic[G]):
     generator: G
     token_ids: list[int]
-    exact: int  # the KV of token_ids[:exact] was computed in batches: what may be reused
+    exact: int  # the KV of token_ids[:exact], whole cells, was computed as a prefill does: what may be reused
     max_length: int
     options_key: Hashable
     kv_bytes: int
@@ -106,21 +117,22 @@ class PrefixCache(Generic[G]):
 
     @property
     def has_unsettled(self) -> bool:
-        return any(k.exact < len(k.token_ids) for k in self._kept)
+        return any(k.exact < cell_floor(len(k.token_ids)) for k in self._kept)
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def take(self, prompt_ids: Sequence[int], options_key: Hashable, needed_length: int) -> Reuse[G] | None:
-        """The kept generator sharing the longest exact prefix with `prompt_ids`, rewound to it and
-        removed from the cache; None when none shares one, has these search options and room for
-        `needed_length`. The rest of the prompt, at least `MIN_BATCH` tokens, is left to prefill."""
+        """The kept generator sharing the longest exact prefix of whole cells with `prompt_ids`, rewound
+        to it and removed from the cache; None when none shares a cell, has these search options and
+        room for `needed_length`. At least the prompt's last token is left to prefill (its logits
+        choose the first new token)."""
         best: _Kept[G] | None = None
         best_keep = 0
         for kept in self._kept:
             if kept.options_key != options_key or kept.max_length < needed_length:
                 continue
-            keep = min(common_prefix_length(kept.token_ids, prompt_ids), kept.exact, len(prompt_ids) - MIN_BATCH)
+            keep = cell_floor(min(common_prefix_length(kept.token_ids, prompt_ids), kept.exact, len(prompt_ids) - 1))
             if keep > best_keep:
                 best, best_keep = kept, keep
         if best is None:
@@ -141,26 +153,26 @@ class PrefixCache(Generic[G]):
         """Keep a finished generator (`token_ids`: all it holds, its prompt first), or close it when
         it cannot fit."""
         kv_bytes = max_length * self.kv_bytes_per_token
-        exact = prompt_length if prompt_length >= MIN_BATCH else 0
-        if not self.enabled or kv_bytes > self.budget_bytes or len(token_ids) < MIN_BATCH:
+        if not self.enabled or kv_bytes > self.budget_bytes or len(token_ids) < CELL_TOKENS:
             generator.close()
             return
-        self._kept.append(_Kept(generator, list(token_ids), exact, max_length, options_key, kv_bytes))
+        self._kept.append(_Kept(generator, list(token_ids), cell_floor(prompt_length), max_length, options_key,
+                                kv_bytes))
         while self.used_bytes > self.budget_bytes:
             self._kept.pop(0).generator.close()
 
     def settle_step(self, max_tokens: int) -> None:
-        """Recompute, in one batch of at most `max_tokens` (and at least `MIN_BATCH`), the next
-        tokens of the most recently kept generator whose completion is not yet exact.
+        """Recompute, in one batch of whole cells (at most `max_tokens`, at least one cell), the next
+        tokens of the most recently kept generator whose completion is not yet exact. The last
+        partial cell is never settled: a later prompt's batch there ends elsewhere.
         A generator that fails is dropped (closed) and the error raised."""
-        kept = next((k for k in reversed(self._kept) if k.exact < len(k.token_ids)), None)
+        kept = next((k for k in reversed(self._kept) if k.exact < cell_floor(len(k.token_ids))), None)
         if kept is None:
             return
-        end = batch_end(kept.exact, len(kept.token_ids), max_tokens)
-        start = min(kept.exact, end - MIN_BATCH)  # a lone last token is batched with the one before
+        end = batch_end(kept.exact, cell_floor(len(kept.token_ids)), max_tokens)
         try:
-            kept.generator.rewind_to(start)
-            kept.generator.append_tokens(kept.token_ids[start:end])
+            kept.generator.rewind_to(kept.exact)
+            kept.generator.append_tokens(kept.token_ids[kept.exact:end])
         except Exception:
             self._kept.remove(kept)
             kept.generator.close()

@@ -46,13 +46,6 @@ log = logging.getLogger(__name__)
 # their own request.
 PREFIX_HEADROOM_TOKENS = 1024
 
-# A prompt (or what is left of it) this short is prefilled in one batch even while others decode:
-# their next token waits for 64 tokens instead of 32, and the prompt gets the rounding it gets alone
-# (CPU kernels round a batch's rows a little differently by how the prompt is split, which can turn
-# a near-tie: measured, SmolLM2 INT4 block 128 answers "What is the capital of France?" differently
-# after a 35 + 2 split than after 37 at once).
-WHOLE_PREFILL_TOKENS = 64
-
 _GUIDANCE_LABELS = {"json_schema": "JSON schema", "regex": "regex", "lark_grammar": "lark grammar"}
 
 
@@ -239,9 +232,10 @@ class Generation:
         return self._prefilled >= len(self.prompt_ids)
 
     def step(self, prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> StepResult:
-        """The next batch of the prompt's prefill (at most `prefill_chunk` tokens; no token comes of
-        it until the last), then one decode step (all of them for beam search). Batches of two or
-        more give the very KV of a prefill at once (`agent.serving.prefix_cache`).
+        """The next batch of the prompt's prefill (at most `prefill_chunk` tokens, on cell boundaries;
+        no token comes of it until the last), then one decode step (all of them for beam search).
+        However the prompt is split, by reuse or by rounds beside other requests, its KV is the
+        same (`agent.serving.prefix_cache`).
 
         Raises:
             RuntimeModelError: onnxruntime-genai failed.
@@ -259,8 +253,7 @@ class Generation:
         if not self.is_prefilled:
             total = len(self.prompt_ids)
             # Beam search takes its prompt whole: it expands the beams from it.
-            whole = self.options.num_beams > 1 or total - self._prefilled <= WHOLE_PREFILL_TOKENS
-            end = total if whole else batch_end(self._prefilled, total, prefill_chunk)
+            end = total if self.options.num_beams > 1 else batch_end(self._prefilled, total, prefill_chunk)
             g.append_tokens(self.prompt_ids[self._prefilled:end])
             self._prefilled = end
             if not self.is_prefilled:

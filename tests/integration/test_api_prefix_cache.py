@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
+from agent.serving.prefix_cache import CELL_TOKENS, cell_floor
 from testkit.serving import ServerThread, metric_value
 
 # A chat whose answers change if the cache reused KV computed token by token (measured: from the
@@ -64,12 +66,13 @@ def test_a_chat_reuses_its_history_and_answers_exactly_as_without_the_cache(
     assert all(_cached(r) == 0 for r in plain)
     for turn in range(1, len(QUESTIONS)):
         previous = back_to_back[turn - 1]["usage"]
-        # At least the previous prompt: its KV came from a prefill.
-        assert _cached(back_to_back[turn]) >= previous["prompt_tokens"] - 2, back_to_back[turn]["usage"]
-        # After a pause, the previous answer's too: only the new question (and the template's
-        # tokens around it) is prefilled.
+        # At least the previous prompt's whole cells: their KV came from a prefill.
+        assert _cached(back_to_back[turn]) >= cell_floor(previous["prompt_tokens"]), back_to_back[turn]["usage"]
+        # After a pause, the previous answer's too: only its last partial cell, the new question
+        # and the template's tokens around it are prefilled.
         new_tokens = paused[turn]["usage"]["prompt_tokens"] - _cached(paused[turn])
-        assert new_tokens < paused[turn]["usage"]["prompt_tokens"] - previous["total_tokens"] + 8, paused[turn]["usage"]
+        assert new_tokens < paused[turn]["usage"]["prompt_tokens"] - previous["total_tokens"] + CELL_TOKENS + 8, \
+            paused[turn]["usage"]
     # The first turn of the second chat found the first chat's system prompt.
     assert _cached(paused[0]) > 0
     assert metric_value(cached_server.url, "edgefleet_cached_prompt_tokens_total") == \
@@ -87,3 +90,31 @@ def test_other_sampling_options_do_not_share_a_generator(servers: tuple[ServerTh
     seeded = requests.post(f"{cached_server.url}/v1/chat/completions", timeout=120, json={
         "messages": messages, "max_tokens": 8, "temperature": 0.7, "seed": 3})
     assert seeded.status_code == 200 and _cached(seeded.json()) == 0  # a seed's sampler starts afresh
+
+
+def test_a_prompt_split_by_reuse_or_by_rounds_answers_as_one_prefilled_at_once(smollm2_int4_b128: Path) -> None:
+    """Block-128 INT4's AVX2 kernel works on pairs of rows and rounds a batch's leftover odd row
+    differently. Reusing a kept identical prompt used to prefill its last 2 tokens as a batch of
+    their own, and "What is the capital of France?" then answered otherwise than fresh."""
+    prompts = ["What is the capital of France?", "Name a color.", "Count to five.", "What is two plus two?"]
+    with ServerThread(smollm2_int4_b128, threads=2, parallel=4) as cached, \
+            ServerThread(smollm2_int4_b128, threads=2, prefix_cache_bytes=0) as uncached:
+        for prompt in prompts:
+            messages = [{"role": "user", "content": prompt}]
+            fresh = _turn(uncached, messages, max_tokens=24)
+            _turn(cached, messages, max_tokens=24)
+            again = _turn(cached, messages, max_tokens=24)
+            assert _cached(again) > 0 and _cached(fresh) == 0
+            assert again["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"], prompt
+        # A long prompt arriving while other requests decode is prefilled a few cells per round:
+        # still the answer it gets alone.
+        long_prompt = [{"role": "user", "content": " ".join(prompts * 12) + " Answer the first question."}]
+        alone = _turn(uncached, long_prompt, max_tokens=16)["choices"][0]["message"]["content"]
+        with ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(_turn, cached, [{"role": "user", "content": f"Write a story about river {i}."}], 96)
+                    for i in range(3)]
+            time.sleep(0.5)
+            beside = pool.submit(_turn, cached, long_prompt, 16).result()
+            for f in busy:
+                f.result()
+        assert beside["choices"][0]["message"]["content"] == alone
