@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 import requests  # noqa: E402
 
+from agent.system.hardware import NOTABLE_FEATURES, read_cpu_flags  # noqa: E402
 from builder.build.sources import smollm2_gguf_path  # noqa: E402
 from builder.demo.ports import free_port  # noqa: E402
 
@@ -141,8 +142,9 @@ def servers(args: argparse.Namespace) -> list[Server]:
 
 
 # -- cases -----------------------------------------------------------------------------------------
-def one_client(url: str, tag: str) -> dict[str, float]:
+def one_client(url: str, tag: str, answers: list[str]) -> dict[str, float]:
     s = chat(url, [{"role": "user", "content": f"({tag}) {STORY}"}], 128)
+    answers.append(s.text)
     return {"one client, decode tok/s": s.decode_tok_s}
 
 
@@ -152,13 +154,14 @@ def long_prompt(url: str, tag: str, tokens_hint: int = 730) -> dict[str, float]:
     return {"long prompt (~730 tokens), TTFT ms": 1000 * s.ttft_s}
 
 
-def multi_turn(url: str, tag: str, pause_s: float) -> dict[str, float]:
+def multi_turn(url: str, tag: str, pause_s: float, answers: list[str]) -> dict[str, float]:
     messages = [{"role": "system", "content": f"({tag}) You are a helpful assistant."}]
     out = {}
     label = "back to back" if pause_s == 0 else f"{pause_s:g} s pause"
     for turn, question in enumerate(CHAT_TURNS, start=1):
         messages.append({"role": "user", "content": question})
         s = chat(url, messages, 64)
+        answers.append(s.text)
         messages.append({"role": "assistant", "content": s.text})
         if turn in (2, 5, 8):
             out[f"chat ({label}), turn {turn} TTFT ms"] = 1000 * s.ttft_s
@@ -166,11 +169,12 @@ def multi_turn(url: str, tag: str, pause_s: float) -> dict[str, float]:
     return out
 
 
-def concurrent(url: str, tag: str, clients: int) -> dict[str, float]:
+def concurrent(url: str, tag: str, clients: int, answers: list[str]) -> dict[str, float]:
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         streams = list(pool.map(lambda i: chat(url, [{"role": "user", "content": f"({tag}-{i}) {STORY}"}], 64),
                                 range(clients)))
+    answers.extend(s.text for s in streams)
     tokens = sum(len(s.token_times) for s in streams)
     return {f"{clients} clients, aggregate tok/s": tokens / (time.perf_counter() - started)}
 
@@ -199,14 +203,15 @@ def long_prompt_during_streams(url: str, tag: str) -> dict[str, float]:
             "4 streams + 2k prompt: its TTFT ms": 1000 * long.ttft_s}
 
 
-def run_cases(url: str, round_tag: str) -> dict[str, float]:
+def run_cases(url: str, round_tag: str, answers: list[str]) -> dict[str, float]:
+    """The figures of every case; the greedy answers of those whose prompts fix them go to `answers`."""
     out: dict[str, float] = {}
-    out |= one_client(url, round_tag)
+    out |= one_client(url, round_tag, answers)
     out |= long_prompt(url, round_tag)
-    out |= multi_turn(url, round_tag + "a", pause_s=0)
-    out |= multi_turn(url, round_tag + "b", pause_s=1.0)
+    out |= multi_turn(url, round_tag + "a", pause_s=0, answers=answers)
+    out |= multi_turn(url, round_tag + "b", pause_s=1.0, answers=answers)
     for n in CONCURRENCY:
-        out |= concurrent(url, f"{round_tag}c{n}", n)
+        out |= concurrent(url, f"{round_tag}c{n}", n, answers)
     out |= long_prompt_during_streams(url, round_tag)
     return out
 
@@ -222,19 +227,22 @@ def main() -> int:
     p.add_argument("--parallel", type=int, default=4, help="slots of each server")
     args = p.parse_args()
     results: dict[str, dict[str, list[float]]] = {}
+    answers: dict[str, list[str]] = {}  # by server, every round's in order
     order = servers(args)
     for r in range(args.rounds):
         tag = uuid.uuid4().hex[:8]
         for server in order if r % 2 == 0 else list(reversed(order)):
             with server as url:
-                figures = run_cases(url, tag)
+                figures = run_cases(url, tag, answers.setdefault(server.name, []))
                 figures["RSS after the cases, MiB (server + workers)"] = server.rss_bytes() / 2**20
             for key, value in figures.items():
                 results.setdefault(key, {}).setdefault(server.name, []).append(value)
             print(f"round {r + 1} {server.name}: done", file=sys.stderr)
     names = [s.name for s in order]
-    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads each, {args.rounds} rounds "
-          "(median)")
+    # Both servers' kernels follow the CPU's features (llama.cpp's batching gains most with AVX-512).
+    features = " ".join(f for f in NOTABLE_FEATURES if f in read_cpu_flags())
+    print(f"# {platform.machine()} ({features}), {os.cpu_count()} CPUs, {args.threads} threads each, "
+          f"{args.rounds} rounds (median)")
     header = "| case | " + " | ".join(names) + (" | edgefleet / llama |" if "llama" in names else " |")
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
@@ -244,6 +252,9 @@ def main() -> int:
         if "llama" in names:
             row += f" | {medians['edgefleet'] / medians['llama']:.2f}" if medians["llama"] else " | -"
         print(row + " |")
+    # The prefix cache must not change a greedy answer, alone, in a chat or among 16 clients.
+    same = sum(a == b for a, b in zip(answers["edgefleet"], answers["edgefleet-nocache"], strict=True))
+    print(f"\nedgefleet's greedy answers equal to edgefleet-nocache's: {same} of {len(answers['edgefleet'])}")
     return 0
 
 

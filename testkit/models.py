@@ -139,7 +139,7 @@ def smollm2_int4_raw(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_int4_b128(smollm2_hf_dir: Path, model_cache_dir: Path) -> Path:
-    """A second, different model: the same weights quantized with block size 128 (whose AVX2 kernel
+    """A second, different model: the same weights quantized with block size 128 (whose x86 int8 kernel
     rounds a batch's last odd row differently: the case the prefix cache's cells exist for)."""
     from builder.build.ortbuild import run_ort_builder
 

@@ -11,7 +11,7 @@ change how onnxruntime-genai's CPU kernels round a token's KV, and the cache sid
   prefill batch, and that changes greedy text dozens of tokens later. So a kept completion's KV
   is reused only once it is *settled*: recomputed in batches while the worker is idle (between a
   chat's turns, while its user reads). A request that comes before reuses the prompt part only.
-- Within a batch, the kernels work on small groups of rows (pairs, for the AVX2 int8 kernel of
+- Within a batch, the kernels work on small groups of rows (pairs, for the x86 int8 kernel of
   block-128 INT4 weights), and a row left over at a batch's end is rounded differently (measured:
   a 37-token prompt prefilled as 35 + 2 answers differently than at once). So every prefill
   batch starts on a *cell* boundary, a multiple of `CELL_TOKENS` from the sequence's start, and

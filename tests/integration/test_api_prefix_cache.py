@@ -93,7 +93,7 @@ def test_other_sampling_options_do_not_share_a_generator(servers: tuple[ServerTh
 
 
 def test_a_prompt_split_by_reuse_or_by_rounds_answers_as_one_prefilled_at_once(smollm2_int4_b128: Path) -> None:
-    """Block-128 INT4's AVX2 kernel works on pairs of rows and rounds a batch's leftover odd row
+    """Block-128 INT4's x86 int8 kernel works on pairs of rows and rounds a batch's leftover odd row
     differently. Reusing a kept identical prompt used to prefill its last 2 tokens as a batch of
     their own, and "What is the capital of France?" then answered otherwise than fresh."""
     prompts = ["What is the capital of France?", "Name a color.", "Count to five.", "What is two plus two?"]
