@@ -1,0 +1,183 @@
+"""What onnxruntime-genai 0.18 can batch on the CPU, side by side in one process and one run:
+N requests of 64 greedy tokens each (prefill included), N = 1, 2, 4, 8, 16, by
+
+- `round-robin`: one generator per request, stepped in turn (what the model worker does);
+- `engine`: onnxruntime-genai's continuous-batching `Engine`, every request begun at once;
+- `static batch`: one generator of batch size N (its sequences start and end together, so it
+  serves a burst, not clients that come and go);
+
+and, for one request, `pairs`: each decode step recomputes the previous token with the new one
+(a batch of two rows), which gives every token the KV a prefill gives it (see
+agent/serving/prefix_cache.py), at the cost printed.
+
+For each way: aggregate tokens/s, its ratio to round-robin, how many of its answers equal the
+answer the same request gets alone (round-robin's), and the process's RSS growth while it ran.
+Rounds alternate the order of the ways; medians are printed.
+
+    python bench/batching.py MODEL_DIR [-n 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import onnxruntime_genai as og  # noqa: E402
+import psutil  # noqa: E402
+
+from agent.system.hardware import NOTABLE_FEATURES, read_cpu_flags  # noqa: E402
+
+NEW_TOKENS = 64
+COUNTS = (1, 2, 4, 8, 16)
+_PROCESS = psutil.Process()
+
+Answers = list[list[int]]
+
+
+def prompts(tokenizer: og.Tokenizer, n: int) -> list[list[int]]:
+    """`n` distinct chat prompts of one length (a static batch takes no ragged prompts)."""
+    out = [list(tokenizer.encode(f"<|im_start|>user\n(request {10 + i}) Write a long story about a lighthouse "
+                                 "keeper and a storm.<|im_end|>\n<|im_start|>assistant\n")) for i in range(n)]
+    if len({len(p) for p in out}) != 1:
+        raise SystemExit("the prompts tokenize to different lengths: pick another template")
+    return out
+
+
+def round_robin(model: og.Model, batch: list[list[int]]) -> Answers:
+    generators = []
+    for p in batch:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(p) + NEW_TOKENS, do_sample=False)
+        generators.append(og.Generator(model, params))
+    for g, p in zip(generators, batch, strict=True):
+        g.append_tokens(p)
+    live = list(generators)
+    while live:
+        for g in list(live):
+            if g.is_done():
+                live.remove(g)
+            else:
+                g.generate_next_token()
+    return [list(g.get_sequence(0))[len(p):] for g, p in zip(generators, batch, strict=True)]
+
+
+def engine(model: og.Model, batch: list[list[int]]) -> Answers:
+    eng = og.Engine(model)
+    events = eng.create_event_buffer(256)
+    requests, answers = [], {}
+    for p in batch:
+        request = eng.create_request()
+        options = og.TurnOptions(request)
+        options.set_max_generated_tokens(NEW_TOKENS)
+        options.set_do_sample(False)
+        request.begin_turn(np.array(p, dtype=np.int32), options)
+        requests.append(request)
+        answers[str(request)] = []
+    token_flag = int(og.EngineEventFlags.TOKEN.value)
+    while eng.has_pending_requests():
+        for event in eng.run(events):
+            if int(event.flags) & token_flag:
+                answers[str(event.request)].append(int(event.token))
+    return [answers[str(r)] for r in requests]
+
+
+def static_batch(model: og.Model, batch: list[list[int]]) -> Answers:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(batch[0]) + NEW_TOKENS, do_sample=False, batch_size=len(batch))
+    g = og.Generator(model, params)
+    g.append_tokens(np.array(batch, dtype=np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    return [list(g.get_sequence(i))[len(batch[0]):] for i in range(len(batch))]
+
+
+def pairs(model: og.Model, batch: list[list[int]]) -> Answers:
+    (p,) = batch
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(p) + NEW_TOKENS, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(p)
+    while not g.is_done():
+        g.generate_next_token()
+        sequence = list(g.get_sequence(0))
+        if not g.is_done():
+            g.rewind_to(len(sequence) - 2)
+            g.append_tokens(sequence[-2:])
+    return [list(g.get_sequence(0))[len(p):]]
+
+
+WAYS: dict[str, Callable[[og.Model, list[list[int]]], Answers]] = {
+    "round-robin": round_robin, "engine": engine, "static batch": static_batch, "pairs": pairs}
+
+
+def timed(way: Callable[[og.Model, list[list[int]]], Answers], model: og.Model,
+          batch: list[list[int]]) -> tuple[float, Answers, float]:
+    """Tokens/s, the answers, and the peak RSS above the start (sampled every 10 ms) in MiB."""
+    start_rss = peak = _PROCESS.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.01):
+            peak = max(peak, _PROCESS.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.perf_counter()
+    try:
+        answers = way(model, batch)
+        seconds = time.perf_counter() - started
+    finally:
+        done.set()
+        sampler.join()
+    return sum(map(len, answers)) / seconds, answers, (peak - start_rss) / 2**20
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", type=Path, help="an onnxruntime-genai model dir (e.g. edge-builder build smollm2-135m)")
+    p.add_argument("-n", "--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    config = og.Config(str(args.model_dir))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
+    model = og.Model(config)
+    all_prompts = prompts(og.Tokenizer(model), max(COUNTS))
+    round_robin(model, all_prompts[:1])  # the first run allocates the session's arenas
+    alone = [round_robin(model, [q])[0] for q in all_prompts]
+    rows: dict[tuple[int, str], list[tuple[float, int, float]]] = {}
+    for r in range(args.rounds):
+        for n in COUNTS:
+            ways = [w for w in WAYS if w != "pairs" or n == 1]
+            for name in ways if r % 2 == 0 else list(reversed(ways)):
+                tok_s, answers, grown = timed(WAYS[name], model, all_prompts[:n])
+                same = sum(a == b for a, b in zip(answers, alone, strict=False))
+                rows.setdefault((n, name), []).append((tok_s, same, grown))
+        print(f"round {r + 1} done", file=sys.stderr)
+    features = " ".join(f for f in NOTABLE_FEATURES if f in read_cpu_flags())
+    print(f"# {platform.machine()} ({features}), {os.cpu_count()} CPUs, {args.threads} threads, {args.rounds} rounds "
+          f"(median), {NEW_TOKENS} tokens per request, {args.model_dir.name}")
+    print("| requests | way | aggregate tok/s | / round-robin | answers equal to alone | RSS growth MiB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (n, name), values in rows.items():
+        tok_s = statistics.median(v[0] for v in values)
+        base = statistics.median(v[0] for v in rows[(n, "round-robin")])
+        same = min(v[1] for v in values)
+        print(f"| {n} | {name} | {tok_s:.1f} | {tok_s / base:.2f} | {same} of {n} | "
+              f"{statistics.median(v[2] for v in values):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
