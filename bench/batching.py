@@ -123,8 +123,8 @@ def pairs(model: og.Model, batch: list[list[int]]) -> Answers:
     return [list(g.get_sequence(0))[len(p):]]
 
 
-# Measured: a step of 8 rows costs 3.4x one of 4 (46 against 13.6 ms for SmolLM2 here; the CPU
-# kernels change method above 4 rows), so 8 requests step as two runs of 4.
+# A run of 8 rows costs far more than two runs of 4 (the CPU kernels change method above 4 rows;
+# figures in the README), so 8 requests step as two runs of 4.
 OWN_ROWS_PER_RUN = 4
 
 
