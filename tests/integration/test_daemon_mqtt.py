@@ -185,6 +185,12 @@ def test_broker_killed_mid_update_every_event_arrives_once_in_order(tiny_raw: Pa
                      30, "the DOWNLOADING v2 event")
         outbox_events = agent.store.outbox_dir / "events"
         wait_until(lambda: not any(p.suffix == ".json" for p in outbox_events.iterdir()), 30, "an empty outbox")
+        # The same on the broker's side: the subscriber's PUBACK (sent as it received the event) is
+        # in the session the broker saves every second; killed before that save, the broker comes
+        # back with the event still in flight to the subscriber and delivers it twice.
+        acked = time.time() + 0.1
+        wait_until(lambda: (broker.workdir / "mosquitto.db").stat().st_mtime > acked, 10,
+                   "the broker saving its sessions after the subscriber's PUBACK")
         broker.kill()
         agent.wait(lambda: "event=mqtt_connect_failed" in agent.log(), 30, "the agent noticing the broker is gone")
         # The update goes on while the broker is down: its events wait in the outbox.
