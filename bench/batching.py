@@ -1,19 +1,14 @@
-"""What onnxruntime-genai 0.18 can batch on the CPU, side by side in one process and one run:
-N requests of 64 greedy tokens each (prefill included), N = 1, 2, 4, 8, 16, by
+"""The worker's batched decode against what onnxruntime-genai 0.18 can batch on the CPU, side
+by side in one process and one run: N requests of 64 greedy tokens each (prefill included),
+N = 1, 2, 4, 8, 16, by
 
-- `round-robin`: one generator per request, stepped in turn (what the model worker does);
+- `round-robin`: one onnxruntime-genai generator per request, stepped in turn (what the model
+  worker did before the batched decode, and still does for beam search and constraints);
 - `engine`: onnxruntime-genai's continuous-batching `Engine`, every request begun at once;
 - `static batch`: one generator of batch size N (its sequences start and end together, so it
   serves a burst, not clients that come and go);
-
-- `own batch`: a candidate, not onnxruntime-genai's: the decoder session run directly
-  (onnxruntime), every request's KV in a slot of one buffer, each decode step run for up to
-  `OWN_ROWS_PER_RUN` requests at once, a row left alone given a dummy partner row (so that every
-  row is computed in a group of rows, as a prefill computes it);
-
-and, for one request, `pairs`: each decode step recomputes the previous token with the new one
-(a batch of two rows), which gives every token the KV a prefill gives it (see
-agent/serving/prefix_cache.py), at the cost printed.
+- `batched decode`: the worker's own (`agent/serving/batch.py`): the decoder graph run through
+  onnxruntime, every request's KV in a slot, one run per group of slots per token.
 
 For each way: aggregate tokens/s, its ratio to round-robin, how many of its answers equal the
 answer the same request gets from the same way alone (does load change answers?), and the
@@ -34,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -108,97 +102,34 @@ def static_batch(model: og.Model, batch: list[list[int]]) -> Answers:
     return [list(g.get_sequence(i))[len(batch[0]):] for i in range(len(batch))]
 
 
-def pairs(model: og.Model, batch: list[list[int]]) -> Answers:
-    (p,) = batch
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(p) + NEW_TOKENS, do_sample=False)
-    g = og.Generator(model, params)
-    g.append_tokens(p)
-    while not g.is_done():
-        g.generate_next_token()
-        sequence = list(g.get_sequence(0))
-        if not g.is_done():
-            g.rewind_to(len(sequence) - 2)
-            g.append_tokens(sequence[-2:])
-    return [list(g.get_sequence(0))[len(p):]]
+class WorkerBatch:
+    """The `batched decode` way: the worker's own (`agent.serving.batch`), stepped as the worker
+    steps it: every request prefilled, then one decode run per group of slots per token."""
 
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        from agent.serving.runtime import ModelRuntime
 
-# A run of 8 rows costs far more than two runs of 4 (the CPU kernels change method above 4 rows;
-# figures in the README), so 8 requests step as two runs of 4.
-OWN_ROWS_PER_RUN = 4
-
-
-class OwnBatch:
-    """The `own batch` way: KV slots in one buffer per layer, slot `requests` kept for dummy rows."""
-
-    def __init__(self, model_dir: Path, threads: int, requests: int, max_length: int) -> None:
-        import onnxruntime as ort
-
-        decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.ort = ort
-        self.session = ort.InferenceSession(str(model_dir / decoder["filename"]), options,
-                                            providers=["CPUExecutionProvider"])
-        shape = (requests + 1, decoder["num_key_value_heads"], max_length, decoder["head_size"])
-        self.kv = {(layer, kind): np.zeros(shape, np.float32)
-                   for layer in range(decoder["num_hidden_layers"]) for kind in ("key", "value")}
-        self._bindings: dict[tuple[int, int], Any] = {}
-        self.dummy = requests
-
-    def run(self, first_slot: int, ids: list[list[int]], lengths: list[int]) -> np.ndarray:
-        """One session run over slots first_slot.. (one row each, `ids` appended to the KV of that
-        slot, which then holds `lengths` tokens); the last row's logits of each."""
-        mask = np.zeros((len(ids), max(lengths)), np.int64)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-        binding = self._bindings.get((first_slot, len(ids)))
-        if binding is None:  # the KV slots' bindings of this row span, made once
-            binding = self._bindings[(first_slot, len(ids))] = self.session.io_binding()
-            for (layer, kind), buffer in self.kv.items():
-                # Past and present are one buffer: the attention writes the new KV in place.
-                value = self.ort.OrtValue.ortvalue_from_numpy(buffer[first_slot:first_slot + len(ids)])
-                binding.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
-                binding.bind_ortvalue_output(f"present.{layer}.{kind}", value)
-        binding.bind_cpu_input("input_ids", np.asarray(ids, np.int64))
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_output("logits")
-        self.session.run_with_iobinding(binding)
-        logits: np.ndarray = binding.copy_outputs_to_cpu()[0][:, -1, :]
-        return logits
+        self.runtime = ModelRuntime(model_dir, intra_op_num_threads=threads, batch=True)
+        if self.runtime.decoder is None:
+            raise SystemExit(f"the batched decode cannot run {model_dir}: see the log")
 
     def __call__(self, _model: og.Model, batch: list[list[int]]) -> Answers:
-        return self.generate(batch)[0]
+        from agent.serving.runtime import decode_all
+        from agent.wire.worker import SamplingOptions
 
-    def decoded_kv_is_a_prefills(self, batch: list[list[int]]) -> bool:
-        """Whether the first request's KV after decoding is its whole sequence's prefill KV (then a
-        finished answer is reusable at once): its last logits against a prefill's, bit for bit."""
-        sequences, logits = self.generate(batch)[1:]
-        prefill = self.run(self.dummy, [sequences[0][:-1]], [len(sequences[0]) - 1])[0]
-        return bool(np.array_equal(prefill, logits[0]))
-
-    def generate(self, batch: list[list[int]]) -> tuple[Answers, list[list[int]], list[np.ndarray]]:
-        sequences = [list(p) for p in batch]
-        logits = [self.run(slot, [p], [len(p)])[0] for slot, p in enumerate(batch)]
-        answers: Answers = [[] for _ in batch]
-        for step in range(NEW_TOKENS):
-            for row, sequence in enumerate(sequences):
-                sequence.append(int(np.argmax(logits[row])))
-                answers[row].append(sequence[-1])
-            if step == NEW_TOKENS - 1:
-                break
-            logits = []
-            for first in range(0, len(batch), OWN_ROWS_PER_RUN):
-                rows = sequences[first:first + OWN_ROWS_PER_RUN]
-                ids, lengths = [[s[-1]] for s in rows], [len(s) for s in rows]
-                if len(rows) == 1:  # the slot after a lone row's is free: its dummy partner's
-                    ids, lengths = ids + [[0]], lengths + [1]
-                logits.extend(self.run(first, ids, lengths)[:len(rows)])
-        return answers, sequences, logits
+        options = SamplingOptions(temperature=0.0, max_tokens=NEW_TOKENS)
+        generations = [self.runtime.start_batched(p, options) for p in batch]
+        for g in generations:
+            g.prefill_step()
+        while live := [g for g in generations if g.is_decoding]:
+            decode_all(live)
+        for g in generations:
+            g.release()
+        return [g.completion_ids for g in generations]
 
 
 WAYS: dict[str, Callable[[og.Model, list[list[int]]], Answers]] = {
-    "round-robin": round_robin, "engine": engine, "static batch": static_batch, "pairs": pairs}
+    "round-robin": round_robin, "engine": engine, "static batch": static_batch}
 
 
 def timed(way: Callable[[og.Model, list[list[int]]], Answers], model: og.Model,
@@ -235,16 +166,15 @@ def main() -> int:
     model = og.Model(config)
     all_prompts = prompts(og.Tokenizer(model), max(COUNTS))
     ways = dict(WAYS)
-    ways["own batch"] = OwnBatch(args.model_dir, args.threads, max(COUNTS), len(all_prompts[0]) + NEW_TOKENS)
+    batched = ways["batched decode"] = WorkerBatch(args.model_dir, args.threads)
     for way in ways.values():
         way(model, all_prompts[:1])  # the first run allocates arenas
     # Each way's answer to each prompt alone: what load must not change.
-    alone = {name: [way(model, [q])[0] for q in all_prompts] for name, way in ways.items() if name != "pairs"}
-    alone["pairs"] = alone["round-robin"]  # pairs runs alone only: compared with a plain decode's answer
+    alone = {name: [way(model, [q])[0] for q in all_prompts] for name, way in ways.items()}
     rows: dict[tuple[int, str], list[tuple[float, int, float]]] = {}
     for r in range(args.rounds):
         for n in COUNTS:
-            names = [w for w in ways if w != "pairs" or n == 1]
+            names = list(ways)
             for name in names if r % 2 == 0 else list(reversed(names)):
                 tok_s, answers, grown = timed(ways[name], model, all_prompts[:n])
                 same = sum(a == b for a, b in zip(answers, alone[name], strict=False))
@@ -261,11 +191,10 @@ def main() -> int:
         same = min(v[1] for v in values)
         print(f"| {n} | {name} | {tok_s:.1f} | {tok_s / base:.2f} | {same} of {n} | "
               f"{statistics.median(v[2] for v in values):.0f} |")
-    own = ways["own batch"]
-    assert isinstance(own, OwnBatch)
-    exact = {n: own.decoded_kv_is_a_prefills(all_prompts[:n]) for n in COUNTS}
-    print("\nown batch: a decoded answer's KV is bit for bit a prefill's, by requests: "
-          + ", ".join(f"{n}: {'yes' if ok else 'no'}" for n, ok in exact.items()))
+    assert batched.runtime.decoder is not None
+    same_as_generators = alone["batched decode"] == alone["round-robin"]
+    print(f"\nbatched decode: answers alone {'equal' if same_as_generators else 'differ from'} onnxruntime-genai's; "
+          f"every run's rows a multiple of {batched.runtime.decoder.row_multiple} on these kernels")
     return 0
 
 

@@ -60,6 +60,7 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
     "OgaCreateModelFromConfig": ([_P, _PP], _P),
     "OgaDestroyModel": ([_P], None),
     "OgaCreateTokenizer": ([_P, _PP], _P),
+    "OgaCreateTokenizerFromPath": ([_STR, _PP], _P),
     "OgaDestroyTokenizer": ([_P], None),
     "OgaTokenizerEncode": ([_P, _STR, _P], _P),
     "OgaTokenizerDecode": ([_P, _I32P, _SIZE, _PP], _P),
@@ -155,6 +156,19 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def onnxruntime_library_path() -> str:
+    """The `libonnxruntime` that onnxruntime-genai runs on (the onnxruntime package's own).
+
+    Raises:
+        OgaError: onnxruntime is not installed whole.
+    """
+    pattern = "libonnxruntime.*dylib" if sys.platform == "darwin" else "libonnxruntime.so*"
+    ort_libs = sorted(glob.glob(str(_package_dir("onnxruntime") / "capi" / pattern)))
+    if not ort_libs:
+        raise OgaError(f"onnxruntime's {pattern} is missing: reinstall onnxruntime")
+    return ort_libs[0]
+
+
 def library() -> ctypes.CDLL:
     """The onnxruntime-genai C library, loaded once per process.
 
@@ -168,15 +182,12 @@ def library() -> ctypes.CDLL:
         if _is_installed("onnxruntime-genai-cuda"):
             preload_pip_cuda_libraries()  # where pip put CUDA, the CUDA provider's dlopen would not look
         # The agent runs on Linux; macOS names are here so `edge-agent prompt --model` works on a laptop.
-        is_mac = sys.platform == "darwin"
-        suffix, ort_pattern = (".dylib", "libonnxruntime.*dylib") if is_mac else (".so", "libonnxruntime.so*")
-        ort_libs = sorted(glob.glob(str(_package_dir("onnxruntime") / "capi" / ort_pattern)))
-        if not ort_libs:
-            raise OgaError(f"onnxruntime's {ort_pattern} is missing: reinstall onnxruntime")
-        os.environ["ORT_LIB_PATH"] = ort_libs[0]  # where libonnxruntime-genai looks for it
+        suffix = ".dylib" if sys.platform == "darwin" else ".so"
+        ort_lib = onnxruntime_library_path()
+        os.environ["ORT_LIB_PATH"] = ort_lib  # where libonnxruntime-genai looks for it
         genai_lib = _package_dir("onnxruntime_genai") / f"libonnxruntime-genai{suffix}"
         try:
-            ctypes.CDLL(ort_libs[0])
+            ctypes.CDLL(ort_lib)
             lib = ctypes.CDLL(str(genai_lib))
         except OSError as e:
             raise OgaError(f"cannot load {genai_lib} ({e}): reinstall onnxruntime-genai") from e
@@ -318,8 +329,12 @@ class TokenizerStream(_Handle):
 class Tokenizer(_Handle):
     _destroy_name = "OgaDestroyTokenizer"
 
-    def __init__(self, model: Model) -> None:
-        super().__init__(_create(library().OgaCreateTokenizer, model.handle), parent=model)
+    def __init__(self, source: Model | Path) -> None:
+        """The tokenizer of a loaded model, or of a model dir without loading its model."""
+        if isinstance(source, Model):
+            super().__init__(_create(library().OgaCreateTokenizer, source.handle), parent=source)
+        else:
+            super().__init__(_create(library().OgaCreateTokenizerFromPath, str(source).encode()))
 
     def encode(self, text: str) -> list[int]:
         lib = library()

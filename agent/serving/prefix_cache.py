@@ -149,10 +149,11 @@ class PrefixCache(Generic[G]):
         return Reuse(best.generator, best_keep, best.max_length)
 
     def put(self, generator: G, token_ids: Sequence[int], prompt_length: int, max_length: int,
-            options_key: Hashable) -> None:
+            options_key: Hashable, *, held_tokens: int | None = None) -> None:
         """Keep a finished generator (`token_ids`: all it holds, its prompt first), or close it when
-        it cannot fit."""
-        kv_bytes = max_length * self.kv_bytes_per_token
+        it cannot fit. Its KV counts `max_length` tokens against the budget (what onnxruntime-genai
+        allocated), or `held_tokens` (a slot of the batched decode: the tokens it holds)."""
+        kv_bytes = (max_length if held_tokens is None else held_tokens) * self.kv_bytes_per_token
         if not self.enabled or kv_bytes > self.budget_bytes or len(token_ids) < CELL_TOKENS:
             generator.close()
             return
@@ -160,6 +161,13 @@ class PrefixCache(Generic[G]):
                                 kv_bytes))
         while self.used_bytes > self.budget_bytes:
             self._kept.pop(0).generator.close()
+
+    def evict_oldest(self) -> bool:
+        """Close the least recently kept generator (its memory is wanted); False when none is kept."""
+        if not self._kept:
+            return False
+        self._kept.pop(0).generator.close()
+        return True
 
     def settle_step(self, max_tokens: int) -> None:
         """Recompute, in one batch of whole cells (at most `max_tokens`, at least one cell), the next

@@ -10,19 +10,20 @@ at a time (`edge-agent prompt --model`, the canary health check) use it directly
 from __future__ import annotations
 
 import collections
-import heapq
-import itertools
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agent.serving import oga
+from agent.serving.batch import BatchDecoder, Slot, read_decoder_graph
 from agent.serving.prefix_cache import PrefixCache, batch_end
+from agent.serving.sampling import Sampler, log_softmax_at
 from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, GuidanceError, OgaError, RuntimeModelError
@@ -118,31 +119,6 @@ def stop_split(text: str, stops: Sequence[str]) -> tuple[int, bool]:
     return len(text) - hold, False
 
 
-# OpenAI's floor for a log-probability: JSON has no -Infinity.
-MIN_LOGPROB = -9999.0
-
-
-def log_softmax_at(logits: Sequence[float], token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
-    """The natural-log probability of `token` under softmax(`logits`), and the `top_n` likeliest
-    token ids with theirs (best first; ties by lower id).
-
-    Pure Python (the worker has no numpy), in C-speed builtins over the vocabulary: the log-sum-exp
-    without the max shift unless a logit overflows exp(), the top ones by a threshold.
-    """
-    try:
-        log_total = math.log(sum(map(math.exp, logits)))
-    except (OverflowError, ValueError):  # a logit above ~709, or every one so low that the sum is 0
-        peak = max(logits)
-        log_total = peak + math.log(sum(math.exp(x - peak) for x in logits))
-    top: list[tuple[int, float]] = []
-    if top_n:
-        floor = heapq.nlargest(top_n, logits)[-1]
-        candidates = itertools.compress(range(len(logits)), map(floor.__le__, logits))
-        best = sorted(candidates, key=lambda i: (-logits[i], i))[:top_n]
-        top = [(i, max(MIN_LOGPROB, logits[i] - log_total)) for i in best]
-    return max(MIN_LOGPROB, logits[token] - log_total), top
-
-
 def prefix_cache_key(options: SamplingOptions, search: dict[str, Any]) -> tuple[Any, ...] | None:
     """What a kept generator must have been created with to serve this request (onnxruntime-genai
     fixes search options at creation); None when this request's generator must not be shared:
@@ -163,65 +139,30 @@ class StepResult:
     logprobs: list[TokenLogprob] | None = None
 
 
-@dataclass
 class Generation:
-    """One request's generator with its text bookkeeping (stop sequences, deltas).
+    """One request's output as it is generated: its token budget, stop sequences, text deltas.
 
-    Greedy and sampling stream token by token; beam search only knows its best
-    sequence at the end, so it emits everything in its last step.
+    Its tokens come from an onnxruntime-genai generator (`OgaGeneration`: beam search,
+    constraints, images, a model the batched decode cannot run) or from the worker's batched
+    decode (`BatchedGeneration`).
+
+    Raises (constructor):
+        ContextLengthError: the prompt and max_tokens do not fit.
     """
 
-    runtime: ModelRuntime
-    prompt_ids: list[int]
-    options: SamplingOptions
-    # Finished generators kept for their KV: this one may start from one and goes back there.
-    cache: PrefixCache[oga.Generator] | None = None
-    # A multimodal prompt as the model's processor made it (`prompt_ids` are its input ids): the
-    # generator takes it whole at creation, and is never kept (its KV holds the images).
-    inputs: oga.NamedTensors | None = None
-    _generator: oga.Generator | None = None
-    _stream: oga.TokenizerStream | None = None
-    completion_ids: list[int] = field(default_factory=list)
-    _pending_text: str = ""
-    finish_reason: FinishReason | None = None
-    reused_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    _prefilled: int = 0  # prompt tokens whose KV the generator holds
-    _max_length: int = 0  # what the generator's KV is allocated for
-    _cache_key: tuple[Any, ...] | None = None  # None: this generation's generator is not kept
-    _budget: int = 0
-    _counts: collections.Counter[int] = field(default_factory=collections.Counter)  # for the penalties
-
-    def __post_init__(self) -> None:
-        search = self.runtime.search_options(len(self.prompt_ids), self.options)
-        needed = int(search.pop("max_length"))
-        self._budget = needed - len(self.prompt_ids)
-        guidance = self.options.guidance
-        if self.cache is not None and self.cache.enabled and self.inputs is None:
-            self._cache_key = prefix_cache_key(self.options, search)
-        try:
-            reuse = None
-            if self._cache_key is not None and self.cache is not None:
-                reuse = self.cache.take(self.prompt_ids, self._cache_key, needed)
-            if reuse is not None:
-                self._generator, self._max_length, self.reused_tokens = reuse.generator, reuse.max_length, reuse.keep
-                self._prefilled = reuse.keep
-            else:
-                # A kept generator serves later turns only if their prompt and completion fit it.
-                headroom = PREFIX_HEADROOM_TOKENS if self._cache_key is not None else 0
-                self._max_length = min(self.runtime.context_length, needed + headroom)
-                self._generator = oga.Generator(self.runtime.model, {**search, "max_length": self._max_length},
-                                                None if guidance is None else (guidance.kind, guidance.data))
-                if self.inputs is not None:
-                    self._generator.set_inputs(self.inputs)  # the first step runs the whole prompt
-                    self._prefilled = len(self.prompt_ids)
-            self._stream = self.runtime.tokenizer.create_stream()
-        except OgaError as e:
-            # The C API reports every failure as text; llguidance's compile errors start so (0.18).
-            if guidance is not None and str(e).startswith("Error creating grammar"):
-                detail = str(e).removeprefix("Error creating grammar: ")
-                raise GuidanceError(f"response_format: the {_GUIDANCE_LABELS[guidance.kind]} does not compile "
-                                    f"({detail}): fix it, or send the request without it") from e
-            raise RuntimeModelError(f"onnxruntime-genai cannot start a generation: {e}") from e
+    def __init__(self, runtime: ModelRuntime, prompt_ids: list[int], options: SamplingOptions) -> None:
+        self.runtime = runtime
+        self.prompt_ids = prompt_ids
+        self.options = options
+        self.search = runtime.search_options(len(prompt_ids), options)
+        self.needed_length = int(self.search.pop("max_length"))
+        self.budget = self.needed_length - len(prompt_ids)
+        self.completion_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self.reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self._prefilled = 0  # prompt tokens whose KV the generation holds
+        self._pending_text = ""
+        self._stream: oga.TokenizerStream | None = None
 
     @property
     def is_done(self) -> bool:
@@ -230,6 +171,89 @@ class Generation:
     @property
     def is_prefilled(self) -> bool:
         return self._prefilled >= len(self.prompt_ids)
+
+    def _advance(self, new_ids: list[int], new_text: str, logprobs: list[TokenLogprob] | None, *,
+                 exhausted: bool) -> StepResult:
+        """Take the step's tokens and text; the text now safe to show. `exhausted`: no token follows
+        (an end-of-sequence token, the generator's end)."""
+        self.completion_ids.extend(new_ids)
+        self._pending_text += new_text
+        n, stopped = stop_split(self._pending_text, self.options.stop)
+        emit, self._pending_text = self._pending_text[:n], self._pending_text[n:]
+        if stopped:
+            self.finish_reason = "stop"
+        elif exhausted or len(self.completion_ids) >= self.budget:
+            emit += self._pending_text  # a held-back tail that never became a stop sequence
+            self._pending_text = ""
+            is_eos = bool(self.completion_ids) and self.completion_ids[-1] in self.runtime.eos_token_ids
+            self.finish_reason = "length" if len(self.completion_ids) >= self.budget and not is_eos else "stop"
+        return StepResult(token_ids=new_ids, text=emit, logprobs=logprobs)
+
+    def _token_logprob(self, logits: np.ndarray | Sequence[float], token: int) -> TokenLogprob:
+        logprob, top = log_softmax_at(logits, token, self.options.logprobs or 0)
+        decode = self.runtime.decode
+        return TokenLogprob(token=decode([token]), logprob=logprob,
+                            top=[TopLogprob(token=decode([i]), logprob=lp) for i, lp in top])
+
+    def cancel(self) -> None:
+        self.finish_reason = "cancelled"
+        self.release()
+
+    def release(self) -> None:
+        """Done with this generation: its KV goes to the prefix cache or is freed now."""
+        raise NotImplementedError
+
+
+class OgaGeneration(Generation):
+    """A generation stepped by its own onnxruntime-genai generator.
+
+    Greedy and sampling stream token by token; beam search only knows its best
+    sequence at the end, so it emits everything in its last step.
+
+    Raises (constructor):
+        ContextLengthError: the prompt and max_tokens do not fit.
+        GuidanceError: the constraint does not compile.
+        RuntimeModelError: onnxruntime-genai cannot start a generation.
+    """
+
+    def __init__(self, runtime: ModelRuntime, prompt_ids: list[int], options: SamplingOptions,
+                 cache: PrefixCache[oga.Generator] | None = None, inputs: oga.NamedTensors | None = None) -> None:
+        """`cache`: finished generators kept for their KV (this one may start from one and goes back
+        there); `inputs`: a multimodal prompt as the model's processor made it (`prompt_ids` are its
+        input ids): the generator takes it whole at creation, and is never kept (its KV holds the images)."""
+        super().__init__(runtime, prompt_ids, options)
+        self.cache = cache
+        self._generator: oga.Generator | None = None
+        self._max_length = 0  # what the generator's KV is allocated for
+        self._cache_key: tuple[Any, ...] | None = None  # None: this generation's generator is not kept
+        self._counts: collections.Counter[int] = collections.Counter()  # for the penalties
+        guidance = options.guidance
+        if cache is not None and cache.enabled and inputs is None:
+            self._cache_key = prefix_cache_key(options, self.search)
+        try:
+            reuse = None
+            if self._cache_key is not None and cache is not None:
+                reuse = cache.take(prompt_ids, self._cache_key, self.needed_length)
+            if reuse is not None:
+                self._generator, self._max_length, self.reused_tokens = reuse.generator, reuse.max_length, reuse.keep
+                self._prefilled = reuse.keep
+            else:
+                # A kept generator serves later turns only if their prompt and completion fit it.
+                headroom = PREFIX_HEADROOM_TOKENS if self._cache_key is not None else 0
+                self._max_length = min(runtime.context_length, self.needed_length + headroom)
+                self._generator = oga.Generator(runtime.model, {**self.search, "max_length": self._max_length},
+                                                None if guidance is None else (guidance.kind, guidance.data))
+                if inputs is not None:
+                    self._generator.set_inputs(inputs)  # the first step runs the whole prompt
+                    self._prefilled = len(prompt_ids)
+            self._stream = runtime.tokenizer.create_stream()
+        except OgaError as e:
+            # The C API reports every failure as text; llguidance's compile errors start so (0.18).
+            if guidance is not None and str(e).startswith("Error creating grammar"):
+                detail = str(e).removeprefix("Error creating grammar: ")
+                raise GuidanceError(f"response_format: the {_GUIDANCE_LABELS[guidance.kind]} does not compile "
+                                    f"({detail}): fix it, or send the request without it") from e
+            raise RuntimeModelError(f"onnxruntime-genai cannot start a generation: {e}") from e
 
     def step(self, prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> StepResult:
         """The next batch of the prompt's prefill (at most `prefill_chunk` tokens, on cell boundaries;
@@ -275,19 +299,8 @@ class Generation:
                 self._counts[new_ids[0]] += 1
                 new_text = stream.decode(new_ids[0])
                 if logits is not None and logprobs is not None:  # asked for, not only read to adjust
-                    logprobs = [self._logprob(logits, new_ids[0])]
-        self.completion_ids.extend(new_ids)
-        self._pending_text += new_text
-        n, stopped = stop_split(self._pending_text, self.options.stop)
-        emit, self._pending_text = self._pending_text[:n], self._pending_text[n:]
-        if stopped:
-            self.finish_reason = "stop"
-        elif g.is_done() or self.options.num_beams > 1 or len(self.completion_ids) >= self._budget:
-            emit += self._pending_text  # a held-back tail that never became a stop sequence
-            self._pending_text = ""
-            is_eos = bool(self.completion_ids) and self.completion_ids[-1] in self.runtime.eos_token_ids
-            self.finish_reason = "length" if len(self.completion_ids) >= self._budget and not is_eos else "stop"
-        return StepResult(token_ids=new_ids, text=emit, logprobs=logprobs)
+                    logprobs = [self._token_logprob(logits, new_ids[0])]
+        return self._advance(new_ids, new_text, logprobs, exhausted=g.is_done() or self.options.num_beams > 1)
 
     def _logit_adjustments(self) -> dict[int, float] | None:
         """What to add to this step's logits: the request's biases, less OpenAI's penalties for
@@ -303,16 +316,6 @@ class Generation:
                 add[token] = add.get(token, 0.0) - options.presence_penalty - options.frequency_penalty * count
         return add
 
-    def _logprob(self, logits: Sequence[float], token: int) -> TokenLogprob:
-        logprob, top = log_softmax_at(logits, token, self.options.logprobs or 0)
-        decode = self.runtime.decode
-        return TokenLogprob(token=decode([token]), logprob=logprob,
-                            top=[TopLogprob(token=decode([i]), logprob=lp) for i, lp in top])
-
-    def cancel(self) -> None:
-        self.finish_reason = "cancelled"
-        self.release()
-
     def release(self) -> None:
         """Done with this generation: its generator goes to the prefix cache when it finished
         whole and may be continued, else it is freed now (its KV with it, not at the next GC)."""
@@ -325,6 +328,106 @@ class Generation:
             generator.close()
 
 
+# The batched decode's KV does not depend on search options (sampling is ours, per request): every
+# finished slot may serve every later request.
+_SLOT_CACHE_KEY = "slot"
+
+
+class BatchedGeneration(Generation):
+    """A generation whose KV is a slot of the worker's batched decode (`agent.serving.batch`): the
+    worker prefills it a batch at a time (`prefill_step`) and decodes every such generation's next
+    token in one run (`decode_all`).
+
+    Raises (constructor):
+        ContextLengthError: the prompt and max_tokens do not fit.
+    """
+
+    def __init__(self, runtime: ModelRuntime, prompt_ids: list[int], options: SamplingOptions,
+                 decoder: BatchDecoder, cache: PrefixCache[Slot] | None = None) -> None:
+        super().__init__(runtime, prompt_ids, options)
+        self.cache = cache
+        self.sampler = Sampler(options, prompt_ids)
+        reuse = cache.take(prompt_ids, _SLOT_CACHE_KEY, self.needed_length) if cache is not None and cache.enabled \
+            else None
+        if reuse is not None:
+            self.slot: Slot | None = reuse.generator
+            self._prefilled = self.reused_tokens = reuse.keep
+        else:
+            self.slot = decoder.free_slot()
+            while self.slot is None and cache is not None and cache.evict_oldest():
+                self.slot = decoder.free_slot()
+            if self.slot is None:
+                self.slot = decoder.add_slots()
+        self._stream = runtime.tokenizer.create_stream()
+
+    @property
+    def is_decoding(self) -> bool:
+        """Prefilled, with a token to feed for the next."""
+        return self.is_prefilled and self.finish_reason is None
+
+    def prefill_step(self, prefill_chunk: int = PREFILL_CHUNK_TOKENS) -> StepResult:
+        """The next batch of the prompt's prefill, on cell boundaries; its first token with the last.
+
+        Raises:
+            RuntimeModelError: onnxruntime failed.
+        """
+        slot = self._live_slot()
+        end = batch_end(self._prefilled, len(self.prompt_ids), prefill_chunk)
+        try:
+            logits = slot.decoder.prefill(slot, self.prompt_ids[self._prefilled:end])
+        except OgaError as e:
+            raise RuntimeModelError(f"prefill failed in onnxruntime: {e}") from e
+        self._prefilled = end
+        if not self.is_prefilled:
+            return StepResult(token_ids=[], text="")
+        return self.accept(logits)
+
+    def accept(self, logits: np.ndarray) -> StepResult:
+        """The next token, chosen from the logits after the last one."""
+        stream = self._stream
+        if stream is None:
+            raise RuntimeModelError("this generation was cancelled")
+        adjusted = self.sampler.adjusted(logits)
+        token = self.sampler.choose(adjusted)
+        logprobs = [self._token_logprob(logits, token)] if self.options.logprobs is not None else None
+        return self._advance([token], stream.decode(token), logprobs,
+                             exhausted=token in self.runtime.eos_token_ids)
+
+    def _live_slot(self) -> Slot:
+        if self.slot is None:
+            raise RuntimeModelError("this generation was cancelled")
+        return self.slot
+
+    def release(self) -> None:
+        """Done: a slot that finished whole goes to the prefix cache (its completion's KV to be
+        settled there), else back to the free slots."""
+        slot, self.slot = self.slot, None
+        if slot is None:
+            return
+        if self.cache is not None and self.finish_reason in ("stop", "length"):
+            tokens = self.prompt_ids + self.completion_ids
+            self.cache.put(slot, tokens, len(self.prompt_ids), self.runtime.context_length, _SLOT_CACHE_KEY,
+                           held_tokens=len(tokens))
+        else:
+            slot.close()
+
+
+def decode_all(generations: Sequence[BatchedGeneration]) -> list[StepResult]:
+    """One decode step of every generation, in one run per group of slots.
+
+    Raises:
+        RuntimeModelError: onnxruntime failed (no generation advanced).
+    """
+    if not generations:
+        return []
+    rows = [(g._live_slot(), g.completion_ids[-1]) for g in generations]
+    try:
+        logits = rows[0][0].decoder.decode(rows)
+    except OgaError as e:
+        raise RuntimeModelError(f"decode failed in onnxruntime: {e}") from e
+    return [g.accept(row) for g, row in zip(generations, logits, strict=True)]
+
+
 class ModelRuntime:
     """A loaded ORT-GenAI model dir: tokenizer, chat template, generators.
 
@@ -334,9 +437,11 @@ class ModelRuntime:
 
     def __init__(self, model_dir: Path, *, intra_op_num_threads: int | None = None,
                  allow_custom_ops: bool = False, providers: Sequence[str] | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+                 default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch: bool = False) -> None:
         """`providers`: instead of the model's own (`[]`: the CPU; a GPU build's graph runs there too);
-        `default_max_tokens`: the most a request without max_tokens gets.
+        `default_max_tokens`: the most a request without max_tokens gets; `batch`: also load the
+        batched decode (`self.decoder`, None where it cannot run this model: then every generation
+        is onnxruntime-genai's).
 
         Raises:
             ActivationError: the dir is not a loadable model, or it would make onnxruntime open a file
@@ -349,15 +454,17 @@ class ModelRuntime:
         self.kv_bytes_per_token = read_kv_bytes_per_token(self.model_dir)
         check_model_dir(self.model_dir, allow_custom_ops=allow_custom_ops)
         self.threads = intra_op_num_threads or default_threads()
+        self._providers = providers
+        self._model: oga.Model | None = None
+        # With the batched decode the model's own generators serve only beam search and constraints:
+        # onnxruntime-genai loads the model (a second copy of its weights) when one first comes.
+        self.decoder = self._load_batch_decoder() if batch and providers is None else None
         try:
-            # The decoder runs on one intra-op thread unless told: measured 1.5x decode
-            # and 2x prefill with 2 threads on 2 cores.
-            self.model = oga.Model(self.model_dir, overlay={
-                "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}},
-                providers=providers)
-            self.tokenizer = oga.Tokenizer(self.model)
+            self.tokenizer = oga.Tokenizer(self.model_dir) if self.decoder is not None else oga.Tokenizer(self.model)
             self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         except OgaError as e:
+            if self.decoder is not None:
+                self.decoder.close()
             raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
         self.template_renders_tools = toolcalls.template_renders_tools(self.model_dir)
         self.image_tag = image_tag(self.model_dir)
@@ -365,12 +472,51 @@ class ModelRuntime:
         log.info("event=model_loaded dir=%s threads=%d context_length=%d", self.model_dir, self.threads,
                  self.context_length)
 
+    @property
+    def model(self) -> oga.Model:
+        """onnxruntime-genai's model, loaded on first use where the batched decode serves the rest.
+
+        Raises:
+            ActivationError: onnxruntime-genai cannot load the dir.
+        """
+        if self._model is None:
+            try:
+                # The decoder runs on one intra-op thread unless told: measured 1.5x decode
+                # and 2x prefill with 2 threads on 2 cores.
+                self._model = oga.Model(self.model_dir, overlay={
+                    "model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}},
+                    providers=self._providers)
+            except OgaError as e:
+                raise ActivationError(f"onnxruntime-genai cannot load {self.model_dir}: {e}") from e
+            if self.decoder is not None:
+                log.info("event=generator_model_loaded dir=%s", self.model_dir)
+        return self._model
+
+    def _load_batch_decoder(self) -> BatchDecoder | None:
+        graph = read_decoder_graph(self.model_dir)
+        if isinstance(graph, str):
+            log.info("event=batch_decode_off dir=%s reason=%r", self.model_dir, graph)
+            return None
+        try:
+            return BatchDecoder(graph, threads=self.threads)
+        except OgaError as e:  # the generators still serve it, one request at a time
+            log.warning("event=batch_decode_off dir=%s reason=%r", self.model_dir, str(e))
+            return None
+
+    def batches(self, options: SamplingOptions) -> bool:
+        """Whether a text request with these options runs in the batched decode (beam search and
+        constraints are onnxruntime-genai's alone)."""
+        return self.decoder is not None and options.num_beams == 1 and options.guidance is None
+
     def close(self) -> None:
         """Free the tokenizer and the model now; close every `Generation` of this runtime first."""
+        if self.decoder is not None:
+            self.decoder.close()
         if self._processor is not None:
             self._processor.close()
         self.tokenizer.close()
-        self.model.close()
+        if self._model is not None:
+            self._model.close()
 
     def apply_chat_template(self, messages: Sequence[ChatMessage], tools_json: str | None = None) -> str:
         """The model's own chat template (chat_template.jinja / tokenizer_config.json), with the
@@ -429,7 +575,7 @@ class ModelRuntime:
         return search
 
     def start(self, prompt_ids: list[int], options: SamplingOptions,
-              cache: PrefixCache[oga.Generator] | None = None) -> Generation:
+              cache: PrefixCache[oga.Generator] | None = None) -> OgaGeneration:
         """A new generation, continuing a kept generator of `cache` where one shares its prefix.
 
         Raises (before allocating anything):
@@ -438,7 +584,22 @@ class ModelRuntime:
         """
         self.check_context(len(prompt_ids), options.max_tokens)
         self._check_logit_bias(options)
-        return Generation(self, prompt_ids, options, cache)
+        return OgaGeneration(self, prompt_ids, options, cache)
+
+    def start_batched(self, prompt_ids: list[int], options: SamplingOptions,
+                      cache: PrefixCache[Slot] | None = None) -> BatchedGeneration:
+        """A new generation in the batched decode (`self.batches(options)` must hold), continuing a
+        kept slot of `cache` where one shares its prefix.
+
+        Raises (before allocating anything):
+            ContextLengthError: the prompt and max_tokens do not fit.
+            ValueError: logit_bias names a token outside the vocabulary.
+        """
+        if self.decoder is None or not self.batches(options):
+            raise ValueError("this request cannot run in the batched decode")
+        self.check_context(len(prompt_ids), options.max_tokens)
+        self._check_logit_bias(options)
+        return BatchedGeneration(self, prompt_ids, options, self.decoder, cache)
 
     def _check_logit_bias(self, options: SamplingOptions) -> None:
         outside = sorted({b.token_id for b in options.logit_bias if b.token_id >= self.vocab_size})
@@ -446,7 +607,7 @@ class ModelRuntime:
             raise ValueError(f"logit_bias names token {outside[0]}, outside this model's vocabulary of "
                              f"{self.vocab_size} tokens")
 
-    def start_with_images(self, prompt_text: str, images: Sequence[bytes], options: SamplingOptions) -> Generation:
+    def start_with_images(self, prompt_text: str, images: Sequence[bytes], options: SamplingOptions) -> OgaGeneration:
         """A new generation of `prompt_text`, whose image tags (`self.image_tag`) stand for `images`
         (encoded PNG or JPEG, whole: see `agent.serving.images`), in order.
 
@@ -460,7 +621,7 @@ class ModelRuntime:
         try:
             prompt_ids = inputs.int_values("input_ids")
             self.check_context(len(prompt_ids), options.max_tokens)
-            return Generation(self, prompt_ids, options, inputs=inputs)
+            return OgaGeneration(self, prompt_ids, options, inputs=inputs)
         finally:
             inputs.close()  # the generator holds what it needs
 
@@ -480,7 +641,16 @@ class ModelRuntime:
             raise ValueError(f"the images do not fit the prompt: {e}") from e
 
     def generate(self, prompt_ids: list[int], options: SamplingOptions) -> Iterator[StepResult]:
-        """Run one generation to its end in this process."""
+        """Run one generation to its end in this process, alone: in the batched decode where this
+        runtime has one and it takes these options (the answer the worker gives), else in a generator."""
+        if self.batches(options):
+            batched = self.start_batched(prompt_ids, options)
+            try:
+                while not batched.is_done:
+                    yield decode_all([batched])[0] if batched.is_decoding else batched.prefill_step()
+            finally:
+                batched.release()
+            return
         generation = self.start(prompt_ids, options)
         while not generation.is_done:
             yield generation.step()
@@ -511,6 +681,8 @@ class ModelRuntime:
             ContextLengthError: prompt and tokens do not fit the context.
             ValueError: images for a model that takes none, or that do not fit the prompt's tags.
         """
+        if self.decoder is not None and not images:
+            return self._batched_leads(self.encode(prompt_text), token_ids)
         inputs = self._process_images(prompt_text, images) if images else None
         leads: list[float] = []
         try:
@@ -534,4 +706,26 @@ class ModelRuntime:
         finally:
             if inputs is not None:
                 inputs.close()
+        return leads
+
+    def _batched_leads(self, prompt_ids: list[int], token_ids: Sequence[int]) -> list[float]:
+        """`teacher_forced_leads` through the batched decode's session, one row a run as a generator
+        computes them (the build host recorded a generator's tokens: a manifest without leads is
+        judged by its exact tokens)."""
+        decoder = self.decoder
+        if decoder is None:
+            raise ValueError("this runtime has no batched decode")
+        self.check_context(len(prompt_ids), len(token_ids) + 1)
+        slot = decoder.free_slot() or decoder.add_slots()
+        leads: list[float] = []
+        try:
+            logits = decoder.prefill(slot, prompt_ids)
+            for i, token in enumerate(token_ids):
+                leads.append(token_lead(logits.tolist(), token))
+                if i + 1 < len(token_ids):
+                    logits = decoder.decode_alone(slot, token)
+        except OgaError as e:
+            raise RuntimeModelError(f"onnxruntime failed while teacher forcing the canary: {e}") from e
+        finally:
+            slot.close()
         return leads

@@ -472,6 +472,9 @@ def step_rollout(run: _Run) -> None:
         timeline=[StatusChangeInfo(**c.model_dump()) for c in watcher.timeline[rollout_t0:]])
     per_device = ", ".join(f"{d} {x.ok + x.failed}" for d, x in loop.load.items())
     run.display.info(f"requests during the rollout: {ok + failed} ({per_device}), failed: {failed}")
+    # A device may be checking again by now (the second wave's release reaches the first wave's device
+    # too): the states the summary reports are read with the fleet at rest.
+    watcher.wait_for(lambda r: _all_on(r, 2), _ACTIVE_TIMEOUT_S, "both devices at rest on v2")
     for dev in run.devices:
         health = requests.get(f"{dev.api_url}/healthz", timeout=5).json()
         run.display.info(f"{dev.device_id} /healthz: {health}")

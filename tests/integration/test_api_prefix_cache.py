@@ -79,17 +79,28 @@ def test_a_chat_reuses_its_history_and_answers_exactly_as_without_the_cache(
         sum(_cached(r) for r in back_to_back + paused)
 
 
-def test_other_sampling_options_do_not_share_a_generator(servers: tuple[ServerThread, ServerThread]) -> None:
-    cached_server, _ = servers
-    messages = [{"role": "user", "content": "Name three rivers of France."}]
-    _turn(cached_server, messages)
-    r = requests.post(f"{cached_server.url}/v1/chat/completions", timeout=120, json={
-        "messages": messages, "max_tokens": 8, "temperature": 0, "top_k": 5, "repetition_penalty": 1.3})
+def _post(server: ServerThread, body: dict[str, Any]) -> dict[str, Any]:
+    r = requests.post(f"{server.url}/v1/chat/completions", timeout=120, json=body)
     assert r.status_code == 200, r.text
-    assert _cached(r.json()) == 0  # search options are fixed in a generator: a penalty is not shared
-    seeded = requests.post(f"{cached_server.url}/v1/chat/completions", timeout=120, json={
-        "messages": messages, "max_tokens": 8, "temperature": 0.7, "seed": 3})
-    assert seeded.status_code == 200 and _cached(seeded.json()) == 0  # a seed's sampler starts afresh
+    reply: dict[str, Any] = r.json()
+    return reply
+
+
+def test_a_kept_prefix_serves_other_sampling_options_but_not_beam_search(
+        servers: tuple[ServerThread, ServerThread]) -> None:
+    """The batched decode's KV does not depend on how a request samples (each samples on its own),
+    so a kept prompt serves a penalty or a seed too, with the answer an uncached server gives;
+    beam search runs in onnxruntime-genai's generators and reuses nothing."""
+    cached_server, uncached_server = servers
+    messages = [{"role": "user", "content": "Name three rivers of France, and say where each one flows."}]
+    _turn(cached_server, messages)
+    for options in ({"temperature": 0, "top_k": 5, "repetition_penalty": 1.3}, {"temperature": 0.7, "seed": 3}):
+        body = {"messages": messages, "max_tokens": 12, **options}
+        reused, fresh = _post(cached_server, body), _post(uncached_server, body)
+        assert _cached(reused) > 0 and _cached(fresh) == 0, options
+        assert reused["choices"][0]["message"]["content"] == fresh["choices"][0]["message"]["content"], options
+    beams = _post(cached_server, {"messages": messages, "max_tokens": 8, "temperature": 0, "num_beams": 2})
+    assert _cached(beams) == 0
 
 
 def test_a_prompt_split_by_reuse_or_by_rounds_answers_as_one_prefilled_at_once(smollm2_int4_b128: Path) -> None:

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from agent.serving.runtime import MIN_LOGPROB, log_softmax_at
+from agent.serving.sampling import MIN_LOGPROB, log_softmax_at
 from agent.wire.worker import TokenEvent, TokenLogprob, TopLogprob
 
 

@@ -16,6 +16,7 @@ class _BuggyRuntime:
     """A stand-in for ModelRuntime whose template rendering has a bug: no real input reaches one."""
 
     kv_bytes_per_token = 0
+    decoder = None  # onnxruntime-genai's generators serve it
 
     def apply_chat_template(self, messages: Sequence[ChatMessage], tools_json: str | None = None) -> str:
         raise KeyError("a bug")

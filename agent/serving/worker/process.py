@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import IO
 
 from agent.serving import oga
+from agent.serving.batch import Slot
 from agent.serving.prefix_cache import PrefixCache
-from agent.serving.runtime import Generation, ModelRuntime, StepResult
+from agent.serving.runtime import BatchedGeneration, Generation, ModelRuntime, OgaGeneration, StepResult, decode_all
 from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -116,7 +117,15 @@ class _Worker:
         self.out = out
         self.commands: queue.Queue[Command] = queue.Queue()
         self.active: dict[str, _Active] = {}
-        self.cache: PrefixCache[oga.Generator] = PrefixCache(prefix_cache_bytes, runtime.kv_bytes_per_token)
+        # What the prefix cache keeps: the batched decode's slots where it runs the model, else
+        # onnxruntime-genai's generators (the other's requests are then never kept).
+        self.slot_cache: PrefixCache[Slot] | None = None
+        self.generator_cache: PrefixCache[oga.Generator] | None = None
+        self.cache: PrefixCache[Slot] | PrefixCache[oga.Generator]
+        if runtime.decoder is not None:
+            self.cache = self.slot_cache = PrefixCache(prefix_cache_bytes, runtime.kv_bytes_per_token)
+        else:
+            self.cache = self.generator_cache = PrefixCache(prefix_cache_bytes, runtime.kv_bytes_per_token)
 
     def send(self, event: Event) -> None:
         self.out.write(event.to_line())
@@ -169,6 +178,7 @@ class _Worker:
                 text = command.prompt
             else:
                 raise ValueError("a generate command needs prompt or messages")
+            generation: Generation
             if command.images:
                 generation = self.runtime.start_with_images(
                     text, [base64.b64decode(image) for image in command.images], command.options)
@@ -177,7 +187,10 @@ class _Worker:
                 prompt_ids = self.runtime.encode(text)
                 if not prompt_ids:
                     raise ValueError("the prompt is empty: send at least one token of text")
-                generation = self.runtime.start(prompt_ids, command.options, self.cache)
+                if self.runtime.batches(command.options):
+                    generation = self.runtime.start_batched(prompt_ids, command.options, self.slot_cache)
+                else:
+                    generation = self.runtime.start(prompt_ids, command.options, self.generator_cache)
         except ContextLengthError as e:
             self.send(ErrorEvent(id=command.id, kind="context_length", message=str(e)))
             return
@@ -220,26 +233,63 @@ class _Worker:
             # A prompt arriving while others decode is prefilled a small batch per round, so their
             # next tokens wait for that batch, not for the whole prompt.
             chunk = PREFILL_CHUNK_TOKENS if len(self.active) == 1 else INTERLEAVED_PREFILL_TOKENS
-            for request_id, entry in list(self.active.items()):
-                generation = entry.generation
-                try:
+            self.step_round(chunk)
+
+    def step_round(self, chunk: int) -> None:
+        """One token of every decoding request (the batched ones in one run per group of slots), and
+        a prefill batch of at most `chunk` tokens of every request still prefilling."""
+        batched = {request_id: entry for request_id, entry in self.active.items()
+                   if isinstance(entry.generation, BatchedGeneration)}
+        decoding = [request_id for request_id in batched if self._batched(request_id).is_decoding]
+        if decoding:
+            try:
+                results = decode_all([self._batched(request_id) for request_id in decoding])
+            except RuntimeModelError as e:
+                for request_id in decoding:
+                    self.fail(request_id, e)
+            else:
+                for request_id, result in zip(decoding, results, strict=True):
+                    self.deliver(request_id, result)
+        for request_id, entry in list(self.active.items()):
+            if request_id in decoding or request_id not in self.active:
+                continue
+            generation = entry.generation
+            try:
+                if isinstance(generation, BatchedGeneration):
+                    result = generation.prefill_step(chunk)
+                else:
+                    assert isinstance(generation, OgaGeneration)  # noqa: S101 (the only other kind)
                     result = generation.step(chunk)
-                except RuntimeModelError as e:
-                    del self.active[request_id]
-                    generation.release()
-                    self.send(ErrorEvent(id=request_id, kind="runtime", message=str(e)))
-                    continue
-                entry.hold(result)
-                tokens = entry.take_due(request_id, time.monotonic())
-                if tokens is not None:
-                    self.send(tokens)
-                if generation.finish_reason is not None:
-                    del self.active[request_id]
-                    generation.release()
-                    self.send(DoneEvent(id=request_id, finish_reason=generation.finish_reason,
-                                        prompt_tokens=entry.prompt_tokens,
-                                        completion_tokens=len(generation.completion_ids),
-                                        cached_tokens=generation.reused_tokens))
+            except RuntimeModelError as e:
+                self.fail(request_id, e)
+                continue
+            self.deliver(request_id, result)
+
+    def _batched(self, request_id: str) -> BatchedGeneration:
+        generation = self.active[request_id].generation
+        assert isinstance(generation, BatchedGeneration)  # noqa: S101 (chosen so by the caller)
+        return generation
+
+    def fail(self, request_id: str, error: RuntimeModelError) -> None:
+        entry = self.active.pop(request_id)
+        entry.generation.release()
+        self.send(ErrorEvent(id=request_id, kind="runtime", message=str(error)))
+
+    def deliver(self, request_id: str, result: StepResult) -> None:
+        """Send what is due of a step's result; end the request when its generation finished."""
+        entry = self.active[request_id]
+        generation = entry.generation
+        entry.hold(result)
+        tokens = entry.take_due(request_id, time.monotonic())
+        if tokens is not None:
+            self.send(tokens)
+        if generation.finish_reason is not None:
+            del self.active[request_id]
+            generation.release()
+            self.send(DoneEvent(id=request_id, finish_reason=generation.finish_reason,
+                                prompt_tokens=entry.prompt_tokens,
+                                completion_tokens=len(generation.completion_ids),
+                                cached_tokens=generation.reused_tokens))
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -250,6 +300,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-custom-ops", action="store_true")
     parser.add_argument("--prefix-cache-bytes", type=int, default=0)
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--no-batch", action="store_true",
+                        help="step onnxruntime-genai's generators in turn instead of the batched decode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s %(message)s")
@@ -260,7 +312,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         runtime = ModelRuntime(args.model_dir, intra_op_num_threads=args.threads,
-                               allow_custom_ops=args.allow_custom_ops, default_max_tokens=args.default_max_tokens)
+                               allow_custom_ops=args.allow_custom_ops, default_max_tokens=args.default_max_tokens,
+                               batch=not args.no_batch)
     except EdgefleetError as e:
         out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).to_line())
         return 1

@@ -1,0 +1,314 @@
+"""The worker's batched decode: every decoding request's next token in one run of the model.
+
+onnxruntime-genai's generators each own their KV, so the worker could only step them in turn,
+and every token of every request read all the weights once. Here the decoder graph runs
+through onnxruntime directly (`agent.serving.ort`), every request's KV lives in a *slot* of a
+buffer of `GROUP_ROWS` slots, and one run computes the next token of every decoding request of
+a group (a row each). Prompts are prefilled one request at a time into their slot, on the same
+cells as onnxruntime-genai's generators (`agent.serving.prefix_cache`); a finished request's
+slot is what the prefix cache keeps.
+
+Answers do not depend on load: a row's logits are the same whatever other rows share its run,
+as long as the run's row count is a multiple of what the kernels group rows by
+(`BatchDecoder.row_multiple`, probed when the model loads: measured, 1 for the x86 int8 kernel
+of block-32 INT4 weights, 2 for block 128, which computes a run's odd last row as a run of one
+row). Runs are padded with rows that write nowhere anyone reads.
+
+A group's buffers hold `room` tokens per slot; a group grows (copying its KV) when a
+request needs more, up to the model's context length. Groups are added when every slot is
+taken; none is given back before the model is closed.
+
+Threading: one thread (the worker's main thread).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.serving import ort
+from agent.wire.errors import OgaError
+
+log = logging.getLogger(__name__)
+
+# Slots per KV buffer, and so the most rows of one run: measured per-row costs fall to 8 rows a run
+# and stay flat above (figures in the README).
+GROUP_ROWS = 8
+# A new group's room per slot, in tokens; doubled (up to the context) when a request needs more.
+INITIAL_SLOT_TOKENS = 512
+# The inputs and outputs a decoder graph may have to be run here (onnxruntime-genai's names for them).
+_RUNNABLE_INPUTS = {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
+_RUNNABLE_OUTPUTS = {"logits", "present_key_names", "present_value_names"}
+
+
+@dataclass(frozen=True)
+class DecoderGraph:
+    """What `genai_config.json` says of the decoder graph."""
+
+    path: Path
+    layers: int
+    kv_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    input_ids: str
+    attention_mask: str
+    past_key: str  # with %d for the layer
+    past_value: str
+    logits: str
+    present_key: str
+    present_value: str
+
+    def kv_names(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(past, present) names of the layer's keys, then of its values."""
+        return ((self.past_key % layer, self.present_key % layer),
+                (self.past_value % layer, self.present_value % layer))
+
+
+def read_decoder_graph(model_dir: Path) -> DecoderGraph | str:
+    """The decoder graph of a model dir, or why this module cannot run it (then onnxruntime-genai's
+    generators serve the model, one request at a time)."""
+    try:
+        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        decoder = model["decoder"]
+        inputs, outputs = dict(decoder["inputs"]), dict(decoder["outputs"])
+        if any(decoder.get("session_options", {}).get("provider_options") or []):
+            return "its graph is built for a GPU"
+        if set(inputs) - _RUNNABLE_INPUTS or set(outputs) - _RUNNABLE_OUTPUTS:
+            return f"its decoder takes {sorted(inputs)} and gives {sorted(outputs)}"
+        return DecoderGraph(
+            path=model_dir / decoder["filename"], layers=int(decoder["num_hidden_layers"]),
+            kv_heads=int(decoder["num_key_value_heads"]), head_size=int(decoder["head_size"]),
+            vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+            past_key=inputs["past_key_names"], past_value=inputs["past_value_names"], logits=outputs["logits"],
+            present_key=outputs["present_key_names"], present_value=outputs["present_value_names"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its genai_config.json does not describe a decoder ({e})"
+
+
+class Slot:
+    """One request's KV in a group's buffer: `length` tokens of it are valid.
+
+    A `prefix_cache.KvHolder`: the prefix cache keeps finished slots, rewinds and extends them."""
+
+    def __init__(self, decoder: BatchDecoder, group: _Group, index: int) -> None:
+        self.decoder = decoder
+        self.group = group
+        self.index = index
+        self.length = 0
+        self.in_use = False
+
+    def rewind_to(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a slot of {self.length} tokens to {length}")
+        self.length = length
+
+    def append_tokens(self, token_ids: Sequence[int]) -> None:
+        self.decoder.prefill(self, token_ids)
+
+    def close(self) -> None:
+        """Back to the free slots (its KV is overwritten by the next request)."""
+        self.length = 0
+        self.in_use = False
+
+
+class _Group:
+    """GROUP_ROWS slots: one buffer of (slots, kv heads, room, head size) per layer's keys and values."""
+
+    def __init__(self, decoder: BatchDecoder, first_index: int, room: int) -> None:
+        self.slots = [Slot(decoder, self, i) for i in range(GROUP_ROWS)]
+        self.first_index = first_index  # of its first slot among all slots (for logs)
+        self.graph = decoder.graph
+        self.room = 0
+        self.buffers: list[np.ndarray] = []  # keys of layer 0, values of layer 0, keys of layer 1, ...
+        self._bindings: dict[tuple[int, int], ort.Binding] = {}
+        self._session = decoder.session
+        self.grow(room)
+
+    def grow(self, room: int) -> None:
+        """Make every slot's room at least `room` tokens, keeping their KV."""
+        if room <= self.room:
+            return
+        shape = (GROUP_ROWS, self.graph.kv_heads, room, self.graph.head_size)
+        old, self.buffers = self.buffers, []
+        for i in range(2 * self.graph.layers):
+            buffer = np.zeros(shape, np.float32)  # pages untouched until a token is written
+            if old:
+                buffer[:, :, :self.room] = old[i]
+            self.buffers.append(buffer)
+        self.room = room
+        for binding in self._bindings.values():
+            binding.close()
+        self._bindings.clear()
+
+    def binding(self, first: int, rows: int) -> ort.Binding:
+        """A binding whose past and present are slots first..first+rows-1 (one tensor for both: the
+        attention writes the new KV in place), made once per span."""
+        binding = self._bindings.get((first, rows))
+        if binding is None:
+            binding = self._session.binding()
+            for layer in range(self.graph.layers):
+                for kind, (past, present) in enumerate(self.graph.kv_names(layer)):
+                    tensor = ort.Tensor(self.buffers[2 * layer + kind][first:first + rows])
+                    binding.bind(past, tensor)
+                    binding.bind(present, tensor, output=True)
+            self._bindings[(first, rows)] = binding
+        return binding
+
+    def close(self) -> None:
+        for binding in self._bindings.values():
+            binding.close()
+        self._bindings.clear()
+        self.buffers = []
+
+
+class BatchDecoder:
+    """The decoder graph in an onnxruntime session, with its slots.
+
+    Raises (constructor):
+        OgaError: onnxruntime cannot load or run the graph (the probe runs it).
+    """
+
+    def __init__(self, graph: DecoderGraph, *, threads: int) -> None:
+        self.graph = graph
+        self.session = ort.Session(graph.path, threads=threads)
+        self.groups: list[_Group] = []
+        self._logits = np.empty(0, np.float32)  # reused by every run: its largest output so far
+        try:
+            multiple = self._probe_row_multiple()
+        except Exception:
+            self.close()
+            raise
+        if multiple is None:
+            self.close()
+            raise OgaError("this model's kernels compute a row otherwise beside other rows: it cannot be "
+                           "batched without changing answers")
+        self.row_multiple = multiple  # every run's row count is a multiple of it
+        log.info("event=batch_decoder_ready graph=%s row_multiple=%d", graph.path, multiple)
+
+    @property
+    def slots(self) -> list[Slot]:
+        return [slot for group in self.groups for slot in group.slots]
+
+    def free_slot(self) -> Slot | None:
+        """A free slot, now in use; None when every slot is."""
+        slot = next((s for s in self.slots if not s.in_use), None)
+        if slot is not None:
+            slot.in_use, slot.length = True, 0
+        return slot
+
+    def add_slots(self) -> Slot:
+        """A new group of slots; its first, now in use."""
+        self.groups.append(_Group(self, len(self.groups) * GROUP_ROWS, INITIAL_SLOT_TOKENS))
+        slot = self.groups[-1].slots[0]
+        slot.in_use = True
+        return slot
+
+    def _room_for(self, group: _Group, tokens: int) -> None:
+        if tokens > group.room:
+            group.grow(min(max(tokens, 2 * group.room), self.graph.context_length + 1))
+        if tokens > group.room:
+            raise OgaError(f"{tokens} tokens do not fit the context of {self.graph.context_length}")
+
+    def _run(self, group: _Group, first: int, ids: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+        """One run over slots first..first+len(ids)-1: row r appends ids[r] to its slot, whose KV then
+        holds lengths[r] tokens. The logits, (rows, new tokens, vocabulary), until the next run."""
+        rows, new = ids.shape
+        width = max(lengths)
+        self._room_for(group, width)
+        mask = (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
+        size = rows * new * self.graph.vocab_size
+        if self._logits.size < size:
+            self._logits = np.empty(size, np.float32)
+        logits = self._logits[:size].reshape(rows, new, self.graph.vocab_size)
+        binding = group.binding(first, rows)
+        binding.bind(self.graph.input_ids, ort.Tensor(ids))
+        binding.bind(self.graph.attention_mask, ort.Tensor(mask))
+        binding.bind(self.graph.logits, ort.Tensor(logits), output=True)
+        self.session.run(binding)
+        return logits
+
+    def prefill(self, slot: Slot, token_ids: Sequence[int]) -> np.ndarray:
+        """Append `token_ids` to the slot's KV in one batch; the logits after its last token."""
+        if not token_ids:
+            raise ValueError("nothing to prefill")
+        ids = np.asarray([token_ids], np.int64)
+        logits = self._run(slot.group, slot.index, ids, [slot.length + len(token_ids)])
+        slot.length += len(token_ids)
+        return logits[0, -1].copy()
+
+    def decode(self, rows: Sequence[tuple[Slot, int]]) -> list[np.ndarray]:
+        """Append one token to each slot (a row each, in as few runs as their groups allow); the
+        logits after each, in the order of `rows`."""
+        out: dict[int, np.ndarray] = {}
+        by_group: dict[int, list[tuple[int, Slot, int]]] = {}
+        for n, (slot, token) in enumerate(rows):
+            by_group.setdefault(id(slot.group), []).append((n, slot, token))
+        for members in by_group.values():
+            group = members[0][1].group
+            first = min(slot.index for _, slot, _ in members)
+            last = max(slot.index for _, slot, _ in members)
+            while (last - first + 1) % self.row_multiple:  # GROUP_ROWS is a multiple of it
+                first, last = (first, last + 1) if last + 1 < GROUP_ROWS else (first - 1, last)
+            tokens = {slot.index: token for _, slot, token in members}
+            span = group.slots[first:last + 1]
+            # A slot in the span that decodes nothing gets a pad row: token 0 written just past its
+            # valid KV, where the next token it takes overwrites it.
+            ids = np.asarray([[tokens.get(s.index, 0)] for s in span], np.int64)
+            logits = self._run(group, first, ids, [s.length + 1 for s in span])
+            for n, slot, _ in members:
+                out[n] = logits[slot.index - first, -1].copy()
+                slot.length += 1
+        return [out[n] for n in range(len(rows))]
+
+    def decode_alone(self, slot: Slot, token: int) -> np.ndarray:
+        """Append one token to the slot in a run of its own, whatever `row_multiple` says: the
+        numbers of an onnxruntime-genai generator, which decodes one row at a time (the canary's
+        teacher forcing compares with them)."""
+        logits = self._run(slot.group, slot.index, np.asarray([[token]], np.int64), [slot.length + 1])
+        slot.length += 1
+        return logits[0, -1].copy()
+
+    def _probe_row_multiple(self) -> int | None:
+        """The smallest row count (1, 2, 4 or 8) whose multiples compute every row of a run as any
+        other run computes it; None when none does (then this module must not serve the model).
+
+        Measured: block-32 INT4 on x86 computes a row alike in any run (1); block 128 works on pairs
+        of rows and computes a run's odd last row as a run of one row (2)."""
+        group = self.add_slots().group
+        for slot in group.slots:
+            slot.in_use = True
+        try:
+            context = [1 + (7 * i) % (self.graph.vocab_size - 1) for i in range(16)]
+            for slot in group.slots:
+                self.prefill(slot, context)
+            probe, other = context[3], context[5]
+
+            def logits_at(row: int, rows: int) -> np.ndarray:
+                """The probe token's logits at `row` of a run of `rows` rows (every slot holds the
+                same context, and every run writes the same position)."""
+                ids = np.full((rows, 1), other, np.int64)
+                ids[row, 0] = probe
+                return self._run(group, 0, ids, [len(context) + 1] * rows)[row, -1].copy()
+
+            reference = logits_at(0, GROUP_ROWS)
+            for multiple in (1, 2, 4, GROUP_ROWS):
+                runs = range(multiple, GROUP_ROWS + 1, multiple)
+                if all(np.array_equal(logits_at(row, rows), reference) for rows in runs for row in (0, rows - 1)):
+                    return multiple
+            return None
+        finally:
+            for slot in group.slots:
+                slot.close()
+
+    def close(self) -> None:
+        for group in self.groups:
+            group.close()
+        self.groups = []
+        self.session.close()
