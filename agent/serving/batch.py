@@ -5,8 +5,9 @@ and every token of every request read all the weights once. Here the decoder gra
 through onnxruntime directly (`agent.serving.ort`), every request's KV lives in a *slot* of a
 buffer of `GROUP_ROWS` slots, and one run computes the next token of every decoding request of
 a group (a row each). Prompts are prefilled one request at a time into their slot, on the same
-cells as onnxruntime-genai's generators (`agent.serving.prefix_cache`); a finished request's
-slot is what the prefix cache keeps.
+cells as onnxruntime-genai's generators (`agent.serving.prefix_cache`). A finished request's KV
+is copied out of its slot for the prefix cache (`StoredKv`), so slots hold running requests
+only and no run computes a row for KV kept for later.
 
 Answers do not depend on load: a row's logits are the same whatever other rows share its run,
 as long as the run's row count is a multiple of what the kernels group rows by
@@ -93,9 +94,7 @@ def read_decoder_graph(model_dir: Path) -> DecoderGraph | str:
 
 
 class Slot:
-    """One request's KV in a group's buffer: `length` tokens of it are valid.
-
-    A `prefix_cache.KvHolder`: the prefix cache keeps finished slots, rewinds and extends them."""
+    """One request's KV in a group's buffers: `length` tokens of it are valid."""
 
     def __init__(self, decoder: BatchDecoder, group: _Group, index: int) -> None:
         self.decoder = decoder
@@ -104,18 +103,54 @@ class Slot:
         self.length = 0
         self.in_use = False
 
-    def rewind_to(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot rewind a slot of {self.length} tokens to {length}")
-        self.length = length
-
-    def append_tokens(self, token_ids: Sequence[int]) -> None:
-        self.decoder.prefill(self, token_ids)
-
     def close(self) -> None:
         """Back to the free slots (its KV is overwritten by the next request)."""
         self.length = 0
         self.in_use = False
+
+
+class StoredKv:
+    """A finished slot's KV copied out of its group (so the slot serves the next request, and a run
+    never computes a row for KV kept only for later), `length` tokens of it valid.
+
+    A `prefix_cache.KvHolder`: the prefix cache keeps these; `restore` puts one back in a slot."""
+
+    def __init__(self, decoder: BatchDecoder, slot: Slot) -> None:
+        self.decoder = decoder
+        self.length = slot.length
+        self.layers = [buffer[slot.index, :, :slot.length].copy() for buffer in slot.group.buffers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def restore(self, slot: Slot) -> None:
+        """Copy the valid KV into `slot` (which then holds `length` tokens)."""
+        self.decoder.room_for(slot.group, self.length + 1)
+        for buffer, layer in zip(slot.group.buffers, self.layers, strict=True):
+            buffer[slot.index, :, :self.length] = layer[:, :self.length]
+        slot.length = self.length
+
+    def rewind_to(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind {self.length} kept tokens to {length}")
+        self.length = length
+
+    def append_tokens(self, token_ids: Sequence[int]) -> None:
+        """Prefill `token_ids` after the valid KV, in a slot borrowed for it (the worker settles a
+        kept completion so, while idle)."""
+        slot = self.decoder.free_slot() or self.decoder.add_slots()
+        try:
+            self.restore(slot)
+            self.decoder.prefill(slot, token_ids)
+            self.layers = [buffer[slot.index, :, :slot.length].copy() for buffer in slot.group.buffers]
+            self.length = slot.length
+        finally:
+            slot.close()
+
+    def close(self) -> None:
+        self.layers = []
+        self.length = 0
 
 
 class _Group:
@@ -139,8 +174,9 @@ class _Group:
         old, self.buffers = self.buffers, []
         for i in range(2 * self.graph.layers):
             buffer = np.zeros(shape, np.float32)  # pages untouched until a token is written
-            if old:
-                buffer[:, :, :self.room] = old[i]
+            for slot in self.slots:  # only the valid KV: a copied zero page would be resident
+                if slot.length:
+                    buffer[slot.index, :, :slot.length] = old[i][slot.index, :, :slot.length]
             self.buffers.append(buffer)
         self.room = room
         for binding in self._bindings.values():
@@ -210,7 +246,11 @@ class BatchDecoder:
         slot.in_use = True
         return slot
 
-    def _room_for(self, group: _Group, tokens: int) -> None:
+    def room_for(self, group: _Group, tokens: int) -> None:
+        """Grow the group's slots to hold `tokens` tokens (up to the context length).
+
+        Raises:
+            OgaError: `tokens` exceed the context length."""
         if tokens > group.room:
             group.grow(min(max(tokens, 2 * group.room), self.graph.context_length + 1))
         if tokens > group.room:
@@ -221,7 +261,7 @@ class BatchDecoder:
         holds lengths[r] tokens. The logits, (rows, new tokens, vocabulary), until the next run."""
         rows, new = ids.shape
         width = max(lengths)
-        self._room_for(group, width)
+        self.room_for(group, width)
         mask = (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
         size = rows * new * self.graph.vocab_size
         if self._logits.size < size:

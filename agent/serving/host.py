@@ -1,7 +1,7 @@
 """ModelHost: the slots, the bounded queue and the hot switch between model workers.
 
 A slot is the right to generate: at most `parallel` requests generate at once
-(the worker steps them round-robin) and at most `queue_size` more wait in
+(the worker gives each a token per round) and at most `queue_size` more wait in
 FIFO order; the next one gets 429. The queue lives here, not in the worker,
 so that a switch can route waiting requests to the new model: a request is
 bound to a worker only when it gets a slot, and it stays on that worker to

@@ -152,7 +152,7 @@ class PrefixCache(Generic[G]):
             options_key: Hashable, *, held_tokens: int | None = None) -> None:
         """Keep a finished generator (`token_ids`: all it holds, its prompt first), or close it when
         it cannot fit. Its KV counts `max_length` tokens against the budget (what onnxruntime-genai
-        allocated), or `held_tokens` (a slot of the batched decode: the tokens it holds)."""
+        allocated), or `held_tokens` (the batched decode's KV, copied out: the tokens it holds)."""
         kv_bytes = (max_length if held_tokens is None else held_tokens) * self.kv_bytes_per_token
         if not self.enabled or kv_bytes > self.budget_bytes or len(token_ids) < CELL_TOKENS:
             generator.close()
@@ -161,13 +161,6 @@ class PrefixCache(Generic[G]):
                                 kv_bytes))
         while self.used_bytes > self.budget_bytes:
             self._kept.pop(0).generator.close()
-
-    def evict_oldest(self) -> bool:
-        """Close the least recently kept generator (its memory is wanted); False when none is kept."""
-        if not self._kept:
-            return False
-        self._kept.pop(0).generator.close()
-        return True
 
     def settle_step(self, max_tokens: int) -> None:
         """Recompute, in one batch of whole cells (at most `max_tokens`, at least one cell), the next

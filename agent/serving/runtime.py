@@ -1,8 +1,9 @@
-"""The runtime around onnxruntime-genai: load a model dir, apply its chat
-template, map OpenAI search options onto `GeneratorParams`, step generators.
+"""The runtime of a model dir: its tokenizer and chat template, and each request's
+generation, in the batched decode (`agent.serving.batch`) or in an onnxruntime-genai
+generator (OpenAI search options mapped onto `GeneratorParams`).
 
-This module holds the model in the calling process, through the C API of
-onnxruntime-genai (`agent.serving.oga`). The API process never loads a model: the
+This module holds the model in the calling process, through the C APIs of
+onnxruntime-genai (`agent.serving.oga`) and onnxruntime (`agent.serving.ort`). The API process never loads a model: the
 model-worker process (`agent/serving/worker/process.py`) does. Tools that run one generation
 at a time (`edge-agent prompt --model`, the canary health check) use it directly.
 """
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from agent.serving import oga
-from agent.serving.batch import BatchDecoder, Slot, read_decoder_graph
+from agent.serving.batch import BatchDecoder, Slot, StoredKv, read_decoder_graph
 from agent.serving.prefix_cache import PrefixCache, batch_end
 from agent.serving.sampling import Sampler, log_softmax_at
 from agent.wire import toolcalls
@@ -329,7 +330,7 @@ class OgaGeneration(Generation):
 
 
 # The batched decode's KV does not depend on search options (sampling is ours, per request): every
-# finished slot may serve every later request.
+# kept one may serve every later request.
 _SLOT_CACHE_KEY = "slot"
 
 
@@ -343,21 +344,19 @@ class BatchedGeneration(Generation):
     """
 
     def __init__(self, runtime: ModelRuntime, prompt_ids: list[int], options: SamplingOptions,
-                 decoder: BatchDecoder, cache: PrefixCache[Slot] | None = None) -> None:
+                 decoder: BatchDecoder, cache: PrefixCache[StoredKv] | None = None) -> None:
         super().__init__(runtime, prompt_ids, options)
         self.cache = cache
         self.sampler = Sampler(options, prompt_ids)
         reuse = cache.take(prompt_ids, _SLOT_CACHE_KEY, self.needed_length) if cache is not None and cache.enabled \
             else None
+        self.slot: Slot | None = decoder.free_slot() or decoder.add_slots()
         if reuse is not None:
-            self.slot: Slot | None = reuse.generator
+            try:
+                reuse.generator.restore(self.slot)
+            finally:
+                reuse.generator.close()
             self._prefilled = self.reused_tokens = reuse.keep
-        else:
-            self.slot = decoder.free_slot()
-            while self.slot is None and cache is not None and cache.evict_oldest():
-                self.slot = decoder.free_slot()
-            if self.slot is None:
-                self.slot = decoder.add_slots()
         self._stream = runtime.tokenizer.create_stream()
 
     @property
@@ -399,16 +398,17 @@ class BatchedGeneration(Generation):
         return self.slot
 
     def release(self) -> None:
-        """Done: a slot that finished whole goes to the prefix cache (its completion's KV to be
-        settled there), else back to the free slots."""
+        """Done: the slot's KV, when it finished whole, is copied to the prefix cache (its completion
+        to be settled there), and the slot is free for the next request."""
         slot, self.slot = self.slot, None
         if slot is None:
             return
-        if self.cache is not None and self.finish_reason in ("stop", "length"):
-            tokens = self.prompt_ids + self.completion_ids
-            self.cache.put(slot, tokens, len(self.prompt_ids), self.runtime.context_length, _SLOT_CACHE_KEY,
-                           held_tokens=len(tokens))
-        else:
+        try:
+            if self.cache is not None and self.cache.enabled and self.finish_reason in ("stop", "length"):
+                kept = StoredKv(slot.decoder, slot)
+                self.cache.put(kept, self.prompt_ids + self.completion_ids, len(self.prompt_ids),
+                               self.runtime.context_length, _SLOT_CACHE_KEY, held_tokens=kept.length)
+        finally:
             slot.close()
 
 
@@ -587,7 +587,7 @@ class ModelRuntime:
         return OgaGeneration(self, prompt_ids, options, cache)
 
     def start_batched(self, prompt_ids: list[int], options: SamplingOptions,
-                      cache: PrefixCache[Slot] | None = None) -> BatchedGeneration:
+                      cache: PrefixCache[StoredKv] | None = None) -> BatchedGeneration:
         """A new generation in the batched decode (`self.batches(options)` must hold), continuing a
         kept slot of `cache` where one shares its prefix.
 

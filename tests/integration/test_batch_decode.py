@@ -94,6 +94,7 @@ def test_a_kept_slot_answers_a_follow_up_as_a_fresh_slot_would(runtime: ModelRun
     cache: PrefixCache = PrefixCache(256 << 20, runtime.kv_bytes_per_token)
     first = _prompt(runtime, 5)
     answer = _serve(runtime, [first], cache=cache)[0]
+    assert runtime.decoder is not None and not any(slot.in_use for slot in runtime.decoder.slots)  # KV copied out
     follow_up = first + answer + runtime.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n"
                                                  "<|im_start|>assistant\n")
     assert cache.has_unsettled  # the completion's KV was decoded, not prefilled

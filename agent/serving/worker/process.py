@@ -5,13 +5,15 @@ Why a process: the model's memory and its native code stay apart from the API
 process. A crash or a hang in onnxruntime-genai kills a worker, not the agent;
 a model switch loads the new model in a new worker and drops the old one
 whole; and the API's event loop never waits on a step. One worker process per
-loaded model owns the model and steps every active generation in turn, one
-token each per round (fair sharing, like a slot scheduler); the API process
-only routes and streams.
+loaded model owns the model and gives every active request one token per round
+(fair sharing, like a slot scheduler): the text requests in one run of the
+batched decode (`agent.serving.batch`), the others (beam search, constraints,
+images) by stepping their onnxruntime-genai generators; the API process only
+routes and streams.
 
-Lean on purpose: the worker imports neither pydantic nor numpy (it uses the C
-API of onnxruntime-genai through `agent.serving.oga`), since its memory is counted
-against a bare onnxruntime-genai process holding the same model.
+Lean on purpose: the worker never imports pydantic, and runs onnxruntime-genai and
+onnxruntime through their C APIs (`agent.serving.oga`, `agent.serving.ort`), since its
+memory is counted against a bare onnxruntime-genai process holding the same model.
 
 Events go to a private copy of stdout. The worker points fd 1 at stderr before
 loading, so anything native code prints cannot corrupt the stream.
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from agent.serving import oga
-from agent.serving.batch import Slot
+from agent.serving.batch import StoredKv
 from agent.serving.prefix_cache import PrefixCache
 from agent.serving.runtime import BatchedGeneration, Generation, ModelRuntime, OgaGeneration, StepResult, decode_all
 from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, OgaError, RuntimeModelError
@@ -110,18 +112,18 @@ class _Active:
 
 
 class _Worker:
-    """Steps all active generations round-robin; reads commands between rounds."""
+    """Gives every active generation a step per round; reads commands between rounds."""
 
     def __init__(self, runtime: ModelRuntime, out: IO[bytes], prefix_cache_bytes: int = 0) -> None:
         self.runtime = runtime
         self.out = out
         self.commands: queue.Queue[Command] = queue.Queue()
         self.active: dict[str, _Active] = {}
-        # What the prefix cache keeps: the batched decode's slots where it runs the model, else
+        # What the prefix cache keeps: the batched decode's KV where it runs the model, else
         # onnxruntime-genai's generators (the other's requests are then never kept).
-        self.slot_cache: PrefixCache[Slot] | None = None
+        self.slot_cache: PrefixCache[StoredKv] | None = None
         self.generator_cache: PrefixCache[oga.Generator] | None = None
-        self.cache: PrefixCache[Slot] | PrefixCache[oga.Generator]
+        self.cache: PrefixCache[StoredKv] | PrefixCache[oga.Generator]
         if runtime.decoder is not None:
             self.cache = self.slot_cache = PrefixCache(prefix_cache_bytes, runtime.kv_bytes_per_token)
         else:
@@ -300,8 +302,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-custom-ops", action="store_true")
     parser.add_argument("--prefix-cache-bytes", type=int, default=0)
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--no-batch", action="store_true",
-                        help="step onnxruntime-genai's generators in turn instead of the batched decode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker[%(process)d] %(name)s %(message)s")
@@ -313,7 +313,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     try:
         runtime = ModelRuntime(args.model_dir, intra_op_num_threads=args.threads,
                                allow_custom_ops=args.allow_custom_ops, default_max_tokens=args.default_max_tokens,
-                               batch=not args.no_batch)
+                               batch=True)
     except EdgefleetError as e:
         out.write(LoadFailedEvent(error_type=type(e).__name__, message=str(e)).to_line())
         return 1
