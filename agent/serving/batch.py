@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 GROUP_ROWS = 8
 # A new group's room per slot, in tokens; doubled (up to the context) when a request needs more.
 INITIAL_SLOT_TOKENS = 512
+# A closed slot that held this much KV gives its pages back (below, the system calls cost more).
+_RELEASE_BYTES = 1 << 20
 # The inputs and outputs a decoder graph may have to be run here (onnxruntime-genai's names for them).
 _RUNNABLE_INPUTS = {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
 _RUNNABLE_OUTPUTS = {"logits", "present_key_names", "present_value_names"}
@@ -64,6 +67,11 @@ class DecoderGraph:
     logits: str
     present_key: str
     present_value: str
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every layer, float32 (a CPU graph's)."""
+        return 2 * self.layers * self.kv_heads * self.head_size * 4
 
     def kv_names(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
         """(past, present) names of the layer's keys, then of its values."""
@@ -104,7 +112,9 @@ class Slot:
         self.in_use = False
 
     def close(self) -> None:
-        """Back to the free slots (its KV is overwritten by the next request)."""
+        """Back to the free slots; the memory its KV took goes back to the system."""
+        if self.length * self.decoder.graph.kv_bytes_per_token >= _RELEASE_BYTES:
+            self.group.release(self.index)
         self.length = 0
         self.in_use = False
 
@@ -162,6 +172,7 @@ class _Group:
         self.graph = decoder.graph
         self.room = 0
         self.buffers: list[np.ndarray] = []  # keys of layer 0, values of layer 0, keys of layer 1, ...
+        self._maps: list[mmap.mmap] = []  # the buffers' memory
         self._bindings: dict[tuple[int, int], ort.Binding] = {}
         self._session = decoder.session
         self.grow(room)
@@ -171,12 +182,16 @@ class _Group:
         if room <= self.room:
             return
         shape = (GROUP_ROWS, self.graph.kv_heads, room, self.graph.head_size)
-        old, self.buffers = self.buffers, []
+        old, self.buffers, self._maps = self.buffers, [], []
         for i in range(2 * self.graph.layers):
-            buffer = np.zeros(shape, np.float32)  # pages untouched until a token is written
+            # Mapped memory of its own, not malloc's: its pages stay untouched until a token is
+            # written, go back to the system when a slot is released, and all of it when dropped.
+            pages = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE)
+            buffer = np.frombuffer(pages, np.float32).reshape(shape)
             for slot in self.slots:  # only the valid KV: a copied zero page would be resident
                 if slot.length:
                     buffer[slot.index, :, :slot.length] = old[i][slot.index, :, :slot.length]
+            self._maps.append(pages)
             self.buffers.append(buffer)
         self.room = room
         for binding in self._bindings.values():
@@ -197,11 +212,21 @@ class _Group:
             self._bindings[(first, rows)] = binding
         return binding
 
+    def release(self, index: int) -> None:
+        """Give slot `index`'s pages back (they read as zeros when next written): memory follows the
+        tokens held, not the most a slot ever held."""
+        slot_bytes = self.buffers[0][index].nbytes
+        start = -(index * slot_bytes) % mmap.PAGESIZE + index * slot_bytes
+        end = (index + 1) * slot_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            for pages in self._maps:
+                pages.madvise(mmap.MADV_DONTNEED, start, end - start)  # private anonymous: zeros again
+
     def close(self) -> None:
         for binding in self._bindings.values():
             binding.close()
         self._bindings.clear()
-        self.buffers = []
+        self.buffers, self._maps = [], []
 
 
 class BatchDecoder:
@@ -215,7 +240,8 @@ class BatchDecoder:
         self.graph = graph
         self.session = ort.Session(graph.path, threads=threads)
         self.groups: list[_Group] = []
-        self._logits = np.empty(0, np.float32)  # reused by every run: its largest output so far
+        self._logits = np.empty(0, np.float32)  # reused by every decode run: its largest output so far
+        self._placeholder = ort.Tensor(np.empty((1, 1, 1), np.float32))
         try:
             multiple = self._probe_row_multiple()
         except Exception:
@@ -264,14 +290,19 @@ class BatchDecoder:
         self.room_for(group, width)
         mask = (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
         size = rows * new * self.graph.vocab_size
-        if self._logits.size < size:
-            self._logits = np.empty(size, np.float32)
-        logits = self._logits[:size].reshape(rows, new, self.graph.vocab_size)
+        if new > 1:  # a prefill's, a row per token: given back when dropped, not kept at its largest
+            logits = np.empty((rows, new, self.graph.vocab_size), np.float32)
+        else:
+            if self._logits.size < size:
+                self._logits = np.empty(size, np.float32)
+            logits = self._logits[:size].reshape(rows, new, self.graph.vocab_size)
         binding = group.binding(first, rows)
         binding.bind(self.graph.input_ids, ort.Tensor(ids))
         binding.bind(self.graph.attention_mask, ort.Tensor(mask))
         binding.bind(self.graph.logits, ort.Tensor(logits), output=True)
-        self.session.run(binding)
+        self.session.run(binding, shrink_arena=new > 1)
+        if new > 1:  # the binding lets go of a prefill's logits (the caller holds them while it needs them)
+            binding.bind(self.graph.logits, self._placeholder, output=True)
         return logits
 
     def prefill(self, slot: Slot, token_ids: Sequence[int]) -> np.ndarray:

@@ -41,11 +41,13 @@ _INDEX: dict[str, tuple[int, list[Any], Any]] = {
     "SetIntraOpNumThreads": (24, [_P, ctypes.c_int], _P),
     "CreateTensorWithDataAsOrtValue": (49, [_P, _P, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int64),
                                             ctypes.c_size_t, ctypes.c_int, _PP], _P),
+    "CreateRunOptions": (39, [_PP], _P),
     "CreateCpuMemoryInfo": (69, [ctypes.c_int, ctypes.c_int, _PP], _P),
     "ReleaseEnv": (92, [_P], None),
     "ReleaseStatus": (93, [_P], None),
     "ReleaseSession": (95, [_P], None),
     "ReleaseValue": (96, [_P], None),
+    "ReleaseRunOptions": (97, [_P], None),
     "ReleaseSessionOptions": (100, [_P], None),
     "AddSessionConfigEntry": (130, [_P, ctypes.c_char_p, ctypes.c_char_p], _P),
     "RunWithBinding": (133, [_P, _P, _P], _P),
@@ -53,6 +55,7 @@ _INDEX: dict[str, tuple[int, list[Any], Any]] = {
     "ReleaseIoBinding": (135, [_P], None),
     "BindInput": (136, [_P, ctypes.c_char_p, _P], _P),
     "BindOutput": (137, [_P, ctypes.c_char_p, _P], _P),
+    "AddRunConfigEntry": (165, [_P, ctypes.c_char_p, ctypes.c_char_p], _P),
 }
 # ONNXTensorElementDataType
 _ELEMENT_TYPES = {np.dtype(np.float32): 1, np.dtype(np.int32): 6, np.dtype(np.int64): 7, np.dtype(np.float16): 10}
@@ -161,6 +164,7 @@ class Session:
     def __init__(self, model_path: Path, *, threads: int, config: Sequence[tuple[str, str]] = ()) -> None:
         self.handle = _P()  # first: __del__ runs even when this constructor raises
         self._env = _P()
+        self._shrink_options = _P()
         a = api()
         options = _P()
         a.check(a.CreateEnv(_LOG_WARNING, b"edgefleet", ctypes.byref(self._env)), "environment")
@@ -177,16 +181,25 @@ class Session:
     def binding(self) -> Binding:
         return Binding(self)
 
-    def run(self, binding: Binding) -> None:
-        """Run the graph on the bound inputs into the bound outputs.
+    def run(self, binding: Binding, *, shrink_arena: bool = False) -> None:
+        """Run the graph on the bound inputs into the bound outputs. `shrink_arena`: afterwards, give
+        back the memory onnxruntime's allocator took for this run (a long prefill's scratch would
+        otherwise stay for the process's life).
 
         Raises:
             OgaError: onnxruntime failed (its message says why).
         """
         a = api()
-        a.check(a.RunWithBinding(self.handle, None, binding.handle), "run")
+        if shrink_arena and not self._shrink_options:
+            a.check(a.CreateRunOptions(ctypes.byref(self._shrink_options)), "run options")
+            a.check(a.AddRunConfigEntry(self._shrink_options, b"memory.enable_memory_arena_shrinkage", b"cpu:0"),
+                    "run options")
+        a.check(a.RunWithBinding(self.handle, self._shrink_options if shrink_arena else None, binding.handle), "run")
 
     def close(self) -> None:
+        if self._shrink_options:
+            api().ReleaseRunOptions(self._shrink_options)
+            self._shrink_options = _P()
         if self.handle:
             api().ReleaseSession(self.handle)
             self.handle = _P()

@@ -241,3 +241,54 @@ def test_a_reused_prompt_answers_as_fresh_on_the_arm_kernels(arm64: Arm64Sandbox
     assert result["split_changes_logits"]  # the hazard is real on these kernels, for this prompt
     assert result["reused"] == (result["tokens"] - 1) // 16 * 16  # whole cells, the last token left
     assert result["again"] == result["fresh"] and result["fresh"]
+
+
+# Run inside the sandbox: the worker's batched decode on the ARM kernels, as the worker steps it.
+_BATCH_ON_ARM = """
+import json, sys
+from pathlib import Path
+from agent.serving.runtime import ModelRuntime, decode_all
+from agent.wire.worker import ChatMessage, SamplingOptions
+
+runtime = ModelRuntime(Path(sys.argv[1]), intra_op_num_threads=2, batch=True)
+options = SamplingOptions(temperature=0.0, max_tokens=8)
+prompts = [runtime.encode(runtime.apply_chat_template([ChatMessage(role="user", content=c)]))
+           for c in ("Count to five.", "Name a color.", "What is two plus two?")]
+
+def serve(batch, starts):
+    generations, round_ = {}, 0
+    while len(generations) < len(batch) or any(not g.is_done for g in generations.values()):
+        for i, p in enumerate(batch):
+            if starts[i] == round_:
+                generations[i] = runtime.start_batched(p, options)
+        decoding = [g for g in generations.values() if g.is_decoding]
+        decode_all(decoding)
+        for g in generations.values():
+            if g not in decoding and not g.is_done:
+                g.prefill_step()
+        round_ += 1
+    for g in generations.values():
+        g.release()
+    return [generations[i].completion_ids for i in range(len(batch))]
+
+alone = [serve([p], [0])[0] for p in prompts]
+together = serve(prompts, [0, 2, 3])
+print(json.dumps({"row_multiple": runtime.decoder.row_multiple, "alone": alone, "together": together}))
+"""
+
+
+def test_batched_answers_on_the_arm_kernels_do_not_depend_on_load(arm64: Arm64Sandbox,
+                                                                   smollm2_int4_raw: Path) -> None:
+    """The batched decode probes the ARM kernels for how they group rows when it loads; requests
+    joining a run beside others then answer as they do alone."""
+    inside = "/tmp/edgefleet-batch"
+    shutil.rmtree(arm64.path(inside), ignore_errors=True)
+    shutil.copytree(smollm2_int4_raw, arm64.path(inside))
+    try:
+        done = arm64.run(["-c", _BATCH_ON_ARM, inside])
+    finally:
+        shutil.rmtree(arm64.path(inside), ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["row_multiple"] in (1, 2, 4, 8)
+    assert result["together"] == result["alone"] and all(result["alone"])
