@@ -113,6 +113,32 @@ class WorkerBatch:
         if self.runtime.decoder is None:
             raise SystemExit(f"the batched decode cannot run {model_dir}: see the log")
 
+    def decoded_kv_differs(self, prompt: list[int], tokens: int = 16) -> tuple[int, int]:
+        """How many of the KV buffers (a layer's keys or values) differ, over decoded positions,
+        between `tokens` decoded one per run and the same tokens in one prefill batch: what keeps
+        the prefix cache from reusing a completion before it recomputes it. (differing, of all)"""
+        import numpy as np
+
+        decoder = self.runtime.decoder
+        assert decoder is not None
+        start = len(prompt) - len(prompt) % 16  # a cell boundary: both prefill the prompt alike
+        decoded, prefilled = decoder.free_slot() or decoder.add_slots(), decoder.free_slot()
+        assert prefilled is not None and decoded.group is prefilled.group
+        try:
+            logits = decoder.prefill(decoded, prompt[:start])
+            sequence = prompt[:start]
+            for _ in range(tokens):
+                sequence.append(int(np.argmax(logits)))
+                logits = decoder.decode([(decoded, sequence[-1])])[0]
+            decoder.prefill(prefilled, sequence)
+            buffers = decoded.group.buffers
+            differing = sum(not np.array_equal(b[decoded.index, :, start:len(sequence)],
+                                               b[prefilled.index, :, start:len(sequence)]) for b in buffers)
+            return differing, len(buffers)
+        finally:
+            decoded.close()
+            prefilled.close()
+
     def __call__(self, _model: og.Model, batch: list[list[int]]) -> Answers:
         from agent.serving.runtime import decode_all
         from agent.wire.worker import SamplingOptions
@@ -195,6 +221,8 @@ def main() -> int:
     same_as_generators = alone["batched decode"] == alone["round-robin"]
     print(f"\nbatched decode: answers alone {'equal' if same_as_generators else 'differ from'} onnxruntime-genai's; "
           f"every run's rows a multiple of {batched.runtime.decoder.row_multiple} on these kernels")
+    differing, buffers = batched.decoded_kv_differs(all_prompts[0])
+    print(f"a decoded token's KV against the same token's in a prefill: {differing} of {buffers} KV buffers differ")
     return 0
 
 
