@@ -140,7 +140,7 @@ class WorkerBatch:
             prefilled.close()
 
     def __call__(self, _model: og.Model, batch: list[list[int]]) -> Answers:
-        from agent.serving.runtime import decode_all
+        from agent.serving.generation import decode_all
         from agent.wire.worker import SamplingOptions
 
         options = SamplingOptions(temperature=0.0, max_tokens=NEW_TOKENS)

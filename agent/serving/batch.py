@@ -17,7 +17,8 @@ row). Runs are padded with rows that write nowhere anyone reads.
 
 A group's buffers hold `room` tokens per slot; a group grows (copying its KV) when a
 request needs more, up to the model's context length. Groups are added when every slot is
-taken; none is given back before the model is closed.
+taken. The buffers are mapped memory whose pages are touched only where KV is written and
+given back when a slot closes, so memory follows the tokens held.
 
 Threading: one thread (the worker's main thread).
 """
@@ -130,10 +131,6 @@ class StoredKv:
         self.length = slot.length
         self.layers = [buffer[slot.index, :, :slot.length].copy() for buffer in slot.group.buffers]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
     def restore(self, slot: Slot) -> None:
         """Copy the valid KV into `slot` (which then holds `length` tokens)."""
         self.decoder.room_for(slot.group, self.length + 1)
@@ -166,9 +163,8 @@ class StoredKv:
 class _Group:
     """GROUP_ROWS slots: one buffer of (slots, kv heads, room, head size) per layer's keys and values."""
 
-    def __init__(self, decoder: BatchDecoder, first_index: int, room: int) -> None:
+    def __init__(self, decoder: BatchDecoder, room: int) -> None:
         self.slots = [Slot(decoder, self, i) for i in range(GROUP_ROWS)]
-        self.first_index = first_index  # of its first slot among all slots (for logs)
         self.graph = decoder.graph
         self.room = 0
         self.buffers: list[np.ndarray] = []  # keys of layer 0, values of layer 0, keys of layer 1, ...
@@ -267,7 +263,7 @@ class BatchDecoder:
 
     def add_slots(self) -> Slot:
         """A new group of slots; its first, now in use."""
-        self.groups.append(_Group(self, len(self.groups) * GROUP_ROWS, INITIAL_SLOT_TOKENS))
+        self.groups.append(_Group(self, INITIAL_SLOT_TOKENS))
         slot = self.groups[-1].slots[0]
         slot.in_use = True
         return slot

@@ -114,7 +114,7 @@ def test_a_tools_contract_answers_with_a_call(contracted: ServerThread) -> None:
     r = _chat(contracted, model="smollm2-c/weather", messages=[{"role": "user", "content": "Weather in Oslo?"}])
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
-    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
     call = choice["message"]["tool_calls"][0]["function"]
     assert call["name"] == "get_weather" and set(json.loads(call["arguments"])) == {"city"}
 

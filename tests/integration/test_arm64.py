@@ -16,6 +16,7 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -225,19 +226,26 @@ print(json.dumps({"tokens": len(ids), "split_changes_logits": last_logits(len(id
 """
 
 
+def _run_on_arm(arm64: Arm64Sandbox, script: str, model_dir: Path) -> dict[str, Any]:
+    """`script` run by the sandbox's Python with a copy of `model_dir` as its argument; the JSON of
+    its last line."""
+    inside = "/tmp/edgefleet-model"
+    shutil.rmtree(arm64.path(inside), ignore_errors=True)
+    shutil.copytree(model_dir, arm64.path(inside))
+    try:
+        done = arm64.run(["-c", script, inside])
+    finally:
+        shutil.rmtree(arm64.path(inside), ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def test_a_reused_prompt_answers_as_fresh_on_the_arm_kernels(arm64: Arm64Sandbox, smollm2_int4_raw: Path) -> None:
     """On aarch64 even block 32 rounds a prompt otherwise by how it is split into batches (measured:
     its last 3 tokens prefilled alone change the logits of 4 in 10 chat prompts); the prefix cache's
     cells keep a reused prompt's answer the fresh one's (agent/serving/prefix_cache.py)."""
-    inside = "/tmp/edgefleet-cells"
-    shutil.rmtree(arm64.path(inside), ignore_errors=True)
-    shutil.copytree(smollm2_int4_raw, arm64.path(inside))
-    try:
-        done = arm64.run(["-c", _CELLS_ON_ARM, inside])
-    finally:
-        shutil.rmtree(arm64.path(inside), ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_on_arm(arm64, _CELLS_ON_ARM, smollm2_int4_raw)
     assert result["split_changes_logits"]  # the hazard is real on these kernels, for this prompt
     assert result["reused"] == (result["tokens"] - 1) // 16 * 16  # whole cells, the last token left
     assert result["again"] == result["fresh"] and result["fresh"]
@@ -247,7 +255,8 @@ def test_a_reused_prompt_answers_as_fresh_on_the_arm_kernels(arm64: Arm64Sandbox
 _BATCH_ON_ARM = """
 import json, sys
 from pathlib import Path
-from agent.serving.runtime import ModelRuntime, decode_all
+from agent.serving.generation import decode_all
+from agent.serving.runtime import ModelRuntime
 from agent.wire.worker import ChatMessage, SamplingOptions
 
 runtime = ModelRuntime(Path(sys.argv[1]), intra_op_num_threads=2, batch=True)
@@ -281,14 +290,6 @@ def test_batched_answers_on_the_arm_kernels_do_not_depend_on_load(arm64: Arm64Sa
                                                                    smollm2_int4_raw: Path) -> None:
     """The batched decode probes the ARM kernels for how they group rows when it loads; requests
     joining a run beside others then answer as they do alone."""
-    inside = "/tmp/edgefleet-batch"
-    shutil.rmtree(arm64.path(inside), ignore_errors=True)
-    shutil.copytree(smollm2_int4_raw, arm64.path(inside))
-    try:
-        done = arm64.run(["-c", _BATCH_ON_ARM, inside])
-    finally:
-        shutil.rmtree(arm64.path(inside), ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_on_arm(arm64, _BATCH_ON_ARM, smollm2_int4_raw)
     assert result["row_multiple"] in (1, 2, 4, 8)
     assert result["together"] == result["alone"] and all(result["alone"])

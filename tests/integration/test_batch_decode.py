@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.serving.batch import GROUP_ROWS, INITIAL_SLOT_TOKENS
+from agent.serving.generation import BatchedGeneration, decode_all
 from agent.serving.prefix_cache import PrefixCache
-from agent.serving.runtime import BatchedGeneration, ModelRuntime, decode_all
+from agent.serving.runtime import ModelRuntime
 from agent.wire.worker import SamplingOptions
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=24)
@@ -115,3 +117,25 @@ def test_sampled_requests_batch_and_a_seed_repeats_its_answer(runtime: ModelRunt
     assert together[0] == alone
     greedy = _serve(runtime, prompts[:1])[0]
     assert alone != greedy  # it did sample
+
+
+def test_a_closed_slot_gives_its_kv_memory_back(smollm2_int4_raw: Path) -> None:
+    """Memory follows the tokens held: a long request's KV pages are resident while its slot holds
+    them and go back to the system when the slot closes (not kept at the most a slot ever held)."""
+    rt = ModelRuntime(smollm2_int4_raw, intra_op_num_threads=2, batch=True)
+    try:
+        decoder = rt.decoder
+        assert decoder is not None
+        prompt = _prompt(rt, 3, words=200)
+        kv_bytes = len(prompt) * decoder.graph.kv_bytes_per_token
+        assert kv_bytes > 40 << 20
+        slot = decoder.free_slot() or decoder.add_slots()
+        for start in range(0, len(prompt), 512):
+            decoder.prefill(slot, prompt[start:start + 512])
+        process = psutil.Process()
+        holding = process.memory_info().rss
+        slot.close()
+        released = process.memory_info().rss
+        assert holding - released > 0.9 * kv_bytes
+    finally:
+        rt.close()

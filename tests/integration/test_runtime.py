@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.serving.generation import stop_split
 from agent.serving.identity import read_identity
-from agent.serving.runtime import ModelRuntime, stop_split
+from agent.serving.runtime import ModelRuntime
 from agent.wire.errors import ActivationError, ContextLengthError
 from agent.wire.worker import ChatMessage, SamplingOptions
 

@@ -39,8 +39,9 @@ from typing import IO
 
 from agent.serving import oga
 from agent.serving.batch import StoredKv
+from agent.serving.generation import BatchedGeneration, Generation, OgaGeneration, StepResult, decode_all
 from agent.serving.prefix_cache import PrefixCache
-from agent.serving.runtime import BatchedGeneration, Generation, ModelRuntime, OgaGeneration, StepResult, decode_all
+from agent.serving.runtime import ModelRuntime
 from agent.wire.errors import ContextLengthError, EdgefleetError, GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import (
     DEFAULT_MAX_NEW_TOKENS,
