@@ -372,6 +372,7 @@ class BatchDecoder:
             return None
         finally:
             for slot in group.slots:
+                group.release(slot.index)  # the probe's few tokens touched a page per head in every slot
                 slot.close()
 
     def close(self) -> None:

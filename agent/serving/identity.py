@@ -8,11 +8,10 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from agent.serving.runtime import read_context_length
 from agent.wire.base import StrictModel
 from agent.wire.contract import Contract, read_contracts
 from agent.wire.errors import ActivationError
-from agent.wire.genai_config import image_tag
+from agent.wire.genai_config import image_tag, read_context_length
 from agent.wire.manifest import MANIFEST_FILENAME, Manifest
 
 log = logging.getLogger(__name__)

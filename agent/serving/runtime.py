@@ -24,7 +24,7 @@ from agent.serving.prefix_cache import PrefixCache
 from agent.wire import toolcalls
 from agent.wire.canary import token_lead
 from agent.wire.errors import ActivationError, ContextLengthError, OgaError, RuntimeModelError
-from agent.wire.genai_config import image_tag
+from agent.wire.genai_config import image_tag, read_context_length, read_kv_bytes_per_token, read_vocab_size
 from agent.wire.loadcheck import check_model_dir
 from agent.wire.worker import DEFAULT_MAX_NEW_TOKENS, ChatMessage, SamplingOptions
 
@@ -37,45 +37,6 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def read_context_length(model_dir: Path) -> int:
-    """The model's context length from its `genai_config.json`.
-
-    Raises:
-        ActivationError: the dir has no readable `genai_config.json`.
-    """
-    config_path = model_dir / "genai_config.json"
-    try:
-        genai_config = json.loads(config_path.read_text())
-        return int(genai_config["model"]["context_length"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ActivationError(
-            f"{config_path} is missing or not an onnxruntime-genai config ({e}): "
-            "pass a model dir built by edge-builder"
-        ) from e
-
-
-def _read_vocab_size(model_dir: Path) -> int:
-    """The vocabulary size `genai_config.json` declares; 0 when it declares none (nothing is checked)."""
-    try:
-        return int(json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def read_kv_bytes_per_token(model_dir: Path) -> int:
-    """The bytes of KV cache one token takes, by `genai_config.json`: keys and values of every layer,
-    fp16 in a GPU build's graph, fp32 in a CPU build's (what the 0.18 builder writes); 0 when the
-    config does not say (nothing can then be kept within a budget)."""
-    try:
-        genai_config = json.loads((model_dir / "genai_config.json").read_text())["model"]
-        decoder = genai_config["decoder"]
-        per_layer = int(decoder["num_key_value_heads"]) * int(decoder["head_size"])
-        is_gpu_graph = any(decoder.get("session_options", {}).get("provider_options") or [])
-        return 2 * int(decoder["num_hidden_layers"]) * per_layer * (2 if is_gpu_graph else 4)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0
 
 
 class ModelRuntime:
@@ -100,7 +61,7 @@ class ModelRuntime:
         self.model_dir = Path(model_dir)
         self.default_max_tokens = default_max_tokens
         self.context_length = read_context_length(self.model_dir)
-        self.vocab_size = _read_vocab_size(self.model_dir)
+        self.vocab_size = read_vocab_size(self.model_dir)
         self.kv_bytes_per_token = read_kv_bytes_per_token(self.model_dir)
         check_model_dir(self.model_dir, allow_custom_ops=allow_custom_ops)
         self.threads = intra_op_num_threads or default_threads()

@@ -1,13 +1,17 @@
-"""A real model worker, after serving, maps no pydantic and one onnxruntime."""
+"""A real model worker, after serving, maps no pydantic and one onnxruntime; the API process
+imports no numpy."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
 
 from agent.serving.worker.client import WorkerClient
+from testkit.env import subprocess_env
 
 
 def test_the_worker_maps_no_pydantic_and_one_onnxruntime(smollm2_int4_raw: Path) -> None:
@@ -29,3 +33,14 @@ def test_the_worker_maps_no_pydantic_and_one_onnxruntime(smollm2_int4_raw: Path)
     assert any("libonnxruntime-genai.so" in p for p in paths)  # the check sees native libraries
     assert not [p for p in paths if "_pydantic_core" in p or "onnxruntime_pybind11_state" in p]
     assert len({p for p in paths if "libonnxruntime.so" in p}) == 1
+
+
+def test_the_api_process_imports_no_numpy() -> None:
+    """numpy (14 MB) is the model worker's, for its batched decode: the API process's modules,
+    which read a model dir's config too, must not pull it in."""
+    probe = ("import sys, agent.cli.run, agent.serving.host, agent.serving.server, agent.serving.identity; "
+             "print(sorted(m for m in ('numpy', 'agent.serving.batch', 'agent.serving.runtime') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(), check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
