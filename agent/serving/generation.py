@@ -16,7 +16,7 @@ import numpy as np
 from agent.serving import oga
 from agent.serving.batch import BatchDecoder, Slot, StoredKv
 from agent.serving.prefix_cache import PrefixCache, batch_end
-from agent.serving.sampling import Sampler, log_softmax_at
+from agent.serving.sampling import Sampler, log_softmax_at, logit_additions
 from agent.wire.errors import GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import PREFILL_CHUNK_TOKENS, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
 
@@ -226,7 +226,7 @@ class OgaGeneration(Generation):
                 new_ids, new_text = [], ""
             else:
                 # The logits first (they run the model); generate_next_token then only samples from them.
-                adjust = self._logit_adjustments()
+                adjust = logit_additions(self.options, self._counts) if self.options.adjusts_logits else None
                 logits = g.logits(adjust) if self.options.logprobs is not None or adjust else None
                 g.generate_next_token()
                 new_ids = [g.next_token()]
@@ -235,20 +235,6 @@ class OgaGeneration(Generation):
                 if logits is not None and logprobs is not None:  # asked for, not only read to adjust
                     logprobs = [self._token_logprob(logits, new_ids[0])]
         return self._advance(new_ids, new_text, logprobs, exhausted=g.is_done() or self.options.num_beams > 1)
-
-    def _logit_adjustments(self) -> dict[int, float] | None:
-        """What to add to this step's logits: the request's biases, less OpenAI's penalties for
-        every token the completion holds so far (presence once, frequency per occurrence)."""
-        options = self.options
-        if not options.adjusts_logits:
-            return None
-        add: dict[int, float] = {}
-        for bias in options.logit_bias:
-            add[bias.token_id] = add.get(bias.token_id, 0.0) + bias.bias
-        if options.presence_penalty or options.frequency_penalty:
-            for token, count in self._counts.items():
-                add[token] = add.get(token, 0.0) - options.presence_penalty - options.frequency_penalty * count
-        return add
 
     def release(self) -> None:
         """Done with this generation: its generator goes to the prefix cache when it finished

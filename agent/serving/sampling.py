@@ -10,7 +10,7 @@ Pure: logits in, a token (and its log-probability) out.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +18,18 @@ from agent.wire.worker import SamplingOptions
 
 # OpenAI's floor for a log-probability: JSON has no -Infinity.
 MIN_LOGPROB = -9999.0
+
+
+def logit_additions(options: SamplingOptions, counts: Mapping[int, int]) -> dict[int, float]:
+    """What to add to a step's logits: the request's biases, less OpenAI's penalties for every
+    token the completion holds so far (`counts`: presence once, frequency per occurrence)."""
+    add: dict[int, float] = {}
+    for bias in options.logit_bias:
+        add[bias.token_id] = add.get(bias.token_id, 0.0) + bias.bias
+    if options.presence_penalty or options.frequency_penalty:
+        for token, count in counts.items():
+            add[token] = add.get(token, 0.0) - options.presence_penalty - options.frequency_penalty * count
+    return add
 
 
 class Sampler:
@@ -45,11 +57,8 @@ class Sampler:
             seen = np.fromiter(self._seen, dtype=np.int64)
             values = out[seen]
             out[seen] = np.where(values < 0, values * options.repetition_penalty, values / options.repetition_penalty)
-        for bias in options.logit_bias:
-            out[bias.token_id] += bias.bias
-        if options.presence_penalty or options.frequency_penalty:
-            for token, count in self._counts.items():
-                out[token] -= options.presence_penalty + options.frequency_penalty * count
+        for token, delta in logit_additions(options, self._counts).items():
+            out[token] += delta
         return out
 
     def choose(self, logits: np.ndarray) -> int:
