@@ -64,8 +64,8 @@ def read_context_length(model_dir: Path) -> int:
 def read_vocab_size(model_dir: Path) -> int:
     """The vocabulary size `genai_config.json` declares; 0 when it declares none (nothing is checked)."""
     try:
-        return int(json.loads((model_dir / "genai_config.json").read_text())["model"]["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_model_section(model_dir)["vocab_size"])
+    except (ValueError, KeyError, TypeError):
         return 0
 
 
@@ -74,10 +74,9 @@ def read_kv_bytes_per_token(model_dir: Path) -> int:
     fp16 in a GPU build's graph, fp32 in a CPU build's (what the 0.18 builder writes); 0 when the
     config does not say (nothing can then be kept within a budget)."""
     try:
-        genai_config = json.loads((model_dir / "genai_config.json").read_text())["model"]
-        decoder = genai_config["decoder"]
+        decoder = _model_section(model_dir)["decoder"]
         per_layer = int(decoder["num_key_value_heads"]) * int(decoder["head_size"])
         is_gpu_graph = any(decoder.get("session_options", {}).get("provider_options") or [])
         return 2 * int(decoder["num_hidden_layers"]) * per_layer * (2 if is_gpu_graph else 4)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return 0
