@@ -50,18 +50,23 @@ EVENT_LINE: TypeAdapter[Event] = TypeAdapter(Annotated[Event, Field(discriminato
 class _EventBox:
     """One request's unread events. Token events that pile up while the consumer is
     busy merge into one, so a slow client or a busy API process costs one write
-    per wake-up instead of one per token, and no token waits for a timer."""
+    per wake-up instead of one per token, and no token waits for a timer. The first token
+    event is never merged into: the first chunk is the first token alone, however busy the
+    consumer was (time to first token is never traded, as in the worker)."""
 
     def __init__(self) -> None:
         self._events: collections.deque[RequestEvent | CanaryEvent] = collections.deque()
         self._ready = asyncio.Event()
+        self._first_token: TokenEvent | None = None
 
     def put(self, event: RequestEvent | CanaryEvent) -> None:
         tail = self._events[-1] if self._events else None
-        if isinstance(event, TokenEvent) and isinstance(tail, TokenEvent):
+        if isinstance(event, TokenEvent) and isinstance(tail, TokenEvent) and tail is not self._first_token:
             self._events[-1] = tail.merged(event)
         else:
             self._events.append(event)
+            if isinstance(event, TokenEvent) and self._first_token is None:
+                self._first_token = event
         self._ready.set()
 
     async def get(self) -> RequestEvent | CanaryEvent:
