@@ -77,6 +77,9 @@ class AgentConfig(StrictModel):
         "let a model's genai_config.json load custom operator libraries (native code from the package)"))
     probation_s: float = Field(default=60.0, ge=0,
                                description="a new model whose worker dies within this window is rolled back")
+    stop_drain_s: float = Field(default=45.0, ge=0, le=3600, description=(
+        "on SIGTERM, requests in flight get this long to finish; one still running then ends with a 503"
+        " that says so. Keep it under the unit's TimeoutStopSec (60 s) less 10 s for the workers to stop"))
     switch_mode: Literal["auto", "both", "drain"] = Field(
         default="auto", description="auto: load the new model next to the old one when available RAM holds"
                                     " both (manifest min_ram_bytes), else drain the old one first")

@@ -422,10 +422,17 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         self._requests.stop()
-        # Requests in flight finish (uvicorn's graceful shutdown), then the workers stop.
-        require(self._server, "the daemon's API server").should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.host.wait_idle(60.0), timeout=61.0)
+        # No new connections; requests in flight and queued finish within stop_drain_s, then the workers stop.
+        server, drain_s = require(self._server, "the daemon's API server"), self.config.stop_drain_s
+        # uvicorn must not cancel a request the drain still waits for (its client would read a bare 500).
+        server.config.timeout_graceful_shutdown = int(drain_s) + 5
+        server.should_exit = True
+        try:
+            await self.host.wait_idle(drain_s)
+        except TimeoutError:
+            log.warning("event=stop_drain_timeout stop_drain_s=%g", drain_s)
+            await self.host.stop_serving(f"the agent is stopping and this request ran past its drain"
+                                         f" (stop_drain_s = {drain_s:g} s): retry it when the agent is back")
         with contextlib.suppress(Exception):
             await server_task
         await self.host.close()

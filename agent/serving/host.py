@@ -95,6 +95,7 @@ class ModelHost:
         self._tasks: set[asyncio.Task[None]] = set()
         self._consecutive_restarts = 0
         self._paused = False  # a drain-and-switch is under way: requests wait for the new model
+        self._stopped: str | None = None  # why the agent stopped serving (`stop_serving`)
 
     @property
     def is_serving(self) -> bool:
@@ -332,8 +333,9 @@ class ModelHost:
                     break
         if old.inflight:
             log.warning("event=drain_timeout model=%s open_requests=%d", old.identity.name, old.inflight)
-            old.end_open_requests(f"the model was replaced and this request ran past the drain timeout "
-                                  f"(drain_timeout_s = {self.drain_timeout_s:g} s): retry it on the new model")
+            old.end_open_requests("model_replaced", f"the model was replaced and this request ran past the drain"
+                                                    f" timeout (drain_timeout_s = {self.drain_timeout_s:g} s): retry"
+                                                    f" it on the new model")
         await old.stop()
 
     async def close(self) -> None:
@@ -349,7 +351,18 @@ class ModelHost:
         async with self._slot_freed:
             self._slot_freed.notify_all()
 
+    async def stop_serving(self, message: str) -> None:
+        """The agent is stopping and its drain ran out: open and queued requests end with a 503
+        `agent_stopping` that carries `message`, new ones are refused with it."""
+        self._stopped = message
+        if self._current is not None:
+            self._current.end_open_requests("agent_stopping", message)
+        async with self._slot_freed:
+            self._slot_freed.notify_all()
+
     async def _acquire_slot(self) -> WorkerClient:
+        if self._stopped is not None:
+            raise ModelNotReadyError(self._stopped)
         if self._current is None and not self._paused:
             raise ModelNotReadyError("loading model" if self.state == "loading" else
                                      f"no model is loaded ({self.last_error or 'none configured'})")
@@ -363,9 +376,12 @@ class ModelHost:
         self.metrics.queue_depth = self._waiting
         try:
             async with self._slot_freed:
-                await self._slot_freed.wait_for(lambda: (self.state == "failed" and not self._paused) or (
+                await self._slot_freed.wait_for(lambda: self._stopped is not None or (
+                    self.state == "failed" and not self._paused) or (
                     not self._paused and self._active < self.parallel and self._current is not None
                     and self._current.is_alive))
+                if self._stopped is not None:
+                    raise ModelNotReadyError(self._stopped)
                 if self.state == "failed":
                     raise ModelNotReadyError(f"the model failed to restart: {self.last_error}")
                 self._active += 1

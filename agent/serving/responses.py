@@ -54,6 +54,7 @@ _EVENT_ERRORS: dict[str, tuple[int, str, str]] = {
     "runtime": (500, "server_error", "generation_failed"),
     "worker_died": (503, "unavailable_error", "worker_died"),
     "model_replaced": (503, "unavailable_error", "model_replaced"),
+    "agent_stopping": (503, "unavailable_error", "agent_stopping"),
 }
 
 

@@ -176,7 +176,8 @@ MAX_PROMPT_IMAGES = 4
 # A canary longer than this is not a health check any more.
 MAX_CANARY_TOKENS = 256
 
-ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died", "model_replaced"]
+ErrorKind = Literal["context_length", "invalid_request", "runtime", "worker_died", "model_replaced",
+                    "agent_stopping"]
 
 _STRICT = {"extra": "forbid", "strict": True}  # a pydantic ConfigDict, read by pydantic without importing it
 

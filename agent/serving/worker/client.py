@@ -31,6 +31,7 @@ from agent.wire.worker import (
     Command,
     DoneEvent,
     ErrorEvent,
+    ErrorKind,
     Event,
     GenerateCommand,
     LoadFailedEvent,
@@ -243,11 +244,11 @@ class WorkerClient:
             raise RuntimeModelError(f"the canary could not run ({event.kind}): {event.message}")
         raise RuntimeModelError(f"the model worker answered a canary with a {event.type} event")
 
-    def end_open_requests(self, message: str) -> None:
-        """End every open request with a `model_replaced` error (before a planned stop, so that
-        its client reads why rather than `worker_died`)."""
+    def end_open_requests(self, kind: ErrorKind, message: str) -> None:
+        """End every open request with a `kind` error (before a planned stop, so that its client
+        reads why rather than `worker_died`)."""
         for request_id, box in list(self._queues.items()):
-            box.put(ErrorEvent(id=request_id, kind="model_replaced", message=message))
+            box.put(ErrorEvent(id=request_id, kind=kind, message=message))
         self._queues.clear()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
