@@ -119,6 +119,9 @@ class WorkerBatch:
         the prefix cache from reusing a completion before it recomputes it. (differing, of all)"""
         import numpy as np
 
+        from agent.serving.batch import GROUP_ROWS
+        from agent.serving.sampling import chooser
+
         decoder = self.runtime.decoder
         assert decoder is not None
         start = len(prompt) - len(prompt) % 16  # a cell boundary: both prefill the prompt alike
@@ -128,10 +131,12 @@ class WorkerBatch:
             logits = decoder.prefill(decoded, prompt[:start])
             sequence = prompt[:start]
             for _ in range(tokens):
-                sequence.append(int(np.argmax(logits)))
+                sequence.append(chooser().greedy([logits])[0])
                 logits = decoder.decode([(decoded, sequence[-1])])[0]
             decoder.prefill(prefilled, sequence)
-            buffers = decoded.group.buffers
+            group, graph = decoded.group, decoder.graph
+            shape = (GROUP_ROWS, graph.kv_heads, group.room, graph.head_size)
+            buffers = [np.frombuffer(b, np.float32).reshape(shape) for b in group.buffers]
             differing = sum(not np.array_equal(b[decoded.index, :, start:len(sequence)],
                                                b[prefilled.index, :, start:len(sequence)]) for b in buffers)
             return differing, len(buffers)

@@ -25,6 +25,8 @@ Threading: one thread (the worker's main thread).
 
 from __future__ import annotations
 
+import array
+import ctypes
 import json
 import logging
 import mmap
@@ -32,9 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from agent.serving import ort
+from agent.serving.sampling import Logits
 from agent.wire.errors import OgaError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,14 @@ _RELEASE_BYTES = 1 << 20
 # The inputs and outputs a decoder graph may have to be run here (onnxruntime-genai's names for them).
 _RUNNABLE_INPUTS = {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
 _RUNNABLE_OUTPUTS = {"logits", "present_key_names", "present_value_names"}
+# An attention mask's row is ones then zeros, as int64s: written a pattern at a time.
+_ONE, _ZERO = (1).to_bytes(8, "little"), bytes(8)
+
+
+def _pages(nbytes: int) -> mmap.mmap:
+    """Memory of its own, not malloc's: its pages stay untouched until written, and go back to the
+    system when released (`MADV_DONTNEED`: private anonymous pages read as zeros again) or dropped."""
+    return mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE)
 
 
 @dataclass(frozen=True)
@@ -128,14 +137,36 @@ class StoredKv:
 
     def __init__(self, decoder: BatchDecoder, slot: Slot) -> None:
         self.decoder = decoder
-        self.length = slot.length
-        self.layers = [buffer[slot.index, :, :slot.length].copy() for buffer in slot.group.buffers]
+        self.length = 0
+        self._stride = 0  # tokens per head in `_memory` (the length when copied out)
+        self._memory: mmap.mmap | None = None
+        self._copy_out(slot)
+
+    def _copy_out(self, slot: Slot) -> None:
+        """Hold the slot's valid KV: per buffer, per head, `length` tokens (mapped memory of its own:
+        given back whole when dropped)."""
+        group, graph = slot.group, self.decoder.graph
+        head_bytes = slot.length * graph.head_size * 4
+        self._memory = memory = _pages(2 * graph.layers * graph.kv_heads * head_bytes)
+        here = ort.address_of(memory)
+        for buffer in range(2 * graph.layers):
+            for head in range(graph.kv_heads):
+                ctypes.memmove(here, group.head_address(buffer, slot.index, head), head_bytes)
+                here += head_bytes
+        self.length = self._stride = slot.length
 
     def restore(self, slot: Slot) -> None:
         """Copy the valid KV into `slot` (which then holds `length` tokens)."""
-        self.decoder.room_for(slot.group, self.length + 1)
-        for buffer, layer in zip(slot.group.buffers, self.layers, strict=True):
-            buffer[slot.index, :, :self.length] = layer[:, :self.length]
+        if self._memory is None:
+            raise ValueError("this kept KV was closed")
+        group, graph = slot.group, self.decoder.graph
+        self.decoder.room_for(group, self.length + 1)
+        stride_bytes, head_bytes = self._stride * graph.head_size * 4, self.length * graph.head_size * 4
+        here = ort.address_of(self._memory)
+        for buffer in range(2 * graph.layers):
+            for head in range(graph.kv_heads):
+                ctypes.memmove(group.head_address(buffer, slot.index, head), here, head_bytes)
+                here += stride_bytes
         slot.length = self.length
 
     def rewind_to(self, length: int) -> None:
@@ -150,45 +181,57 @@ class StoredKv:
         try:
             self.restore(slot)
             self.decoder.prefill(slot, token_ids)
-            self.layers = [buffer[slot.index, :, :slot.length].copy() for buffer in slot.group.buffers]
-            self.length = slot.length
+            self._copy_out(slot)
         finally:
             slot.close()
 
     def close(self) -> None:
-        self.layers = []
+        self._memory = None
         self.length = 0
 
 
 class _Group:
-    """GROUP_ROWS slots: one buffer of (slots, kv heads, room, head size) per layer's keys and values."""
+    """GROUP_ROWS slots: one buffer of (slots, kv heads, room, head size) float32s per layer's keys and
+    values, and the logits of its decode runs."""
 
     def __init__(self, decoder: BatchDecoder, room: int) -> None:
         self.slots = [Slot(decoder, self, i) for i in range(GROUP_ROWS)]
         self.graph = decoder.graph
         self.room = 0
-        self.buffers: list[np.ndarray] = []  # keys of layer 0, values of layer 0, keys of layer 1, ...
-        self._maps: list[mmap.mmap] = []  # the buffers' memory
+        self.buffers: list[mmap.mmap] = []  # keys of layer 0, values of layer 0, keys of layer 1, ...
+        self._addresses: list[int] = []
         self._bindings: dict[tuple[int, int], ort.Binding] = {}
         self._session = decoder.session
+        # A decode run's logits, (rows, 1, vocabulary): read before the group's next run.
+        self.logits = _pages(GROUP_ROWS * self.graph.vocab_size * 4)
         self.grow(room)
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.graph.kv_heads * self.room * self.graph.head_size * 4
+
+    def head_address(self, buffer: int, slot: int, head: int) -> int:
+        """Where a slot's KV of one head starts in one buffer (its tokens follow, `head_size` floats each)."""
+        return self._addresses[buffer] + ((slot * self.graph.kv_heads + head) * self.room) * self.graph.head_size * 4
 
     def grow(self, room: int) -> None:
         """Make every slot's room at least `room` tokens, keeping their KV."""
         if room <= self.room:
             return
-        shape = (GROUP_ROWS, self.graph.kv_heads, room, self.graph.head_size)
-        old, self.buffers, self._maps = self.buffers, [], []
+        old_addresses, old_room = self._addresses, self.room
+        heads, head_size = self.graph.kv_heads, self.graph.head_size
+        old_buffers, self.buffers, self._addresses = self.buffers, [], []
         for i in range(2 * self.graph.layers):
-            # Mapped memory of its own, not malloc's: its pages stay untouched until a token is
-            # written, go back to the system when a slot is released, and all of it when dropped.
-            pages = mmap.mmap(-1, int(np.prod(shape)) * 4, flags=mmap.MAP_PRIVATE)
-            buffer = np.frombuffer(pages, np.float32).reshape(shape)
+            pages = _pages(GROUP_ROWS * heads * room * head_size * 4)
+            new = ort.address_of(pages)
             for slot in self.slots:  # only the valid KV: a copied zero page would be resident
-                if slot.length:
-                    buffer[slot.index, :, :slot.length] = old[i][slot.index, :, :slot.length]
-            self._maps.append(pages)
-            self.buffers.append(buffer)
+                for head in range(heads if slot.length else 0):
+                    ctypes.memmove(new + (slot.index * heads + head) * room * head_size * 4,
+                                   old_addresses[i] + (slot.index * heads + head) * old_room * head_size * 4,
+                                   slot.length * head_size * 4)
+            self.buffers.append(pages)
+            self._addresses.append(new)
+        del old_buffers  # unmapped once the bindings' tensors over them are gone too
         self.room = room
         for binding in self._bindings.values():
             binding.close()
@@ -200,9 +243,12 @@ class _Group:
         binding = self._bindings.get((first, rows))
         if binding is None:
             binding = self._session.binding()
+            shape = (rows, self.graph.kv_heads, self.room, self.graph.head_size)
             for layer in range(self.graph.layers):
                 for kind, (past, present) in enumerate(self.graph.kv_names(layer)):
-                    tensor = ort.Tensor(self.buffers[2 * layer + kind][first:first + rows])
+                    buffer = 2 * layer + kind
+                    tensor = ort.Tensor(self.buffers[buffer], shape, ort.FLOAT,
+                                        address=self._addresses[buffer] + first * self.slot_bytes)
                     binding.bind(past, tensor)
                     binding.bind(present, tensor, output=True)
             self._bindings[(first, rows)] = binding
@@ -211,18 +257,18 @@ class _Group:
     def release(self, index: int) -> None:
         """Give slot `index`'s pages back (they read as zeros when next written): memory follows the
         tokens held, not the most a slot ever held."""
-        slot_bytes = self.buffers[0][index].nbytes
+        slot_bytes = self.slot_bytes
         start = -(index * slot_bytes) % mmap.PAGESIZE + index * slot_bytes
         end = (index + 1) * slot_bytes // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start:
-            for pages in self._maps:
+            for pages in self.buffers:
                 pages.madvise(mmap.MADV_DONTNEED, start, end - start)  # private anonymous: zeros again
 
     def close(self) -> None:
         for binding in self._bindings.values():
             binding.close()
         self._bindings.clear()
-        self.buffers, self._maps = [], []
+        self.buffers, self._addresses = [], []
 
 
 class BatchDecoder:
@@ -236,8 +282,7 @@ class BatchDecoder:
         self.graph = graph
         self.session = ort.Session(graph.path, threads=threads)
         self.groups: list[_Group] = []
-        self._logits = np.empty(0, np.float32)  # reused by every decode run: its largest output so far
-        self._placeholder = ort.Tensor(np.empty((1, 1, 1), np.float32))
+        self._placeholder = ort.Tensor(array.array("f", [0.0]), (1, 1, 1), ort.FLOAT)
         try:
             multiple = self._probe_row_multiple()
         except Exception:
@@ -278,42 +323,38 @@ class BatchDecoder:
         if tokens > group.room:
             raise OgaError(f"{tokens} tokens do not fit the context of {self.graph.context_length}")
 
-    def _run(self, group: _Group, first: int, ids: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    def _run(self, group: _Group, first: int, ids: Sequence[Sequence[int]], lengths: Sequence[int]) -> Logits:
         """One run over slots first..first+len(ids)-1: row r appends ids[r] to its slot, whose KV then
-        holds lengths[r] tokens. The logits, (rows, new tokens, vocabulary), until the next run."""
-        rows, new = ids.shape
+        holds lengths[r] tokens. The logits, a row per new token of each row: a decode's are the
+        group's (read them before its next run), a prefill's its own (given back when dropped)."""
+        rows, new = len(ids), len(ids[0])
         width = max(lengths)
         self.room_for(group, width)
-        mask = (np.arange(width) < np.asarray(lengths)[:, None]).astype(np.int64)
-        size = rows * new * self.graph.vocab_size
-        if new > 1:  # a prefill's, a row per token: given back when dropped, not kept at its largest
-            logits = np.empty((rows, new, self.graph.vocab_size), np.float32)
-        else:
-            if self._logits.size < size:
-                self._logits = np.empty(size, np.float32)
-            logits = self._logits[:size].reshape(rows, new, self.graph.vocab_size)
+        flat_ids = array.array("q", [token for row in ids for token in row])
+        mask = array.array("q", b"".join(_ONE * n + _ZERO * (width - n) for n in lengths))
+        vocab = self.graph.vocab_size
+        logits = group.logits if new == 1 else _pages(rows * new * vocab * 4)
         binding = group.binding(first, rows)
-        binding.bind(self.graph.input_ids, ort.Tensor(ids))
-        binding.bind(self.graph.attention_mask, ort.Tensor(mask))
-        binding.bind(self.graph.logits, ort.Tensor(logits), output=True)
+        binding.bind(self.graph.input_ids, ort.Tensor(flat_ids, (rows, new), ort.INT64))
+        binding.bind(self.graph.attention_mask, ort.Tensor(mask, (rows, width), ort.INT64))
+        binding.bind(self.graph.logits, ort.Tensor(logits, (rows, new, vocab), ort.FLOAT), output=True)
         self.session.run(binding, shrink_arena=new > 1)
         if new > 1:  # the binding lets go of a prefill's logits (the caller holds them while it needs them)
             binding.bind(self.graph.logits, self._placeholder, output=True)
-        return logits
+        return Logits(logits, ort.address_of(logits), rows * new, vocab)
 
-    def prefill(self, slot: Slot, token_ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, slot: Slot, token_ids: Sequence[int]) -> Logits:
         """Append `token_ids` to the slot's KV in one batch; the logits after its last token."""
         if not token_ids:
             raise ValueError("nothing to prefill")
-        ids = np.asarray([token_ids], np.int64)
-        logits = self._run(slot.group, slot.index, ids, [slot.length + len(token_ids)])
+        logits = self._run(slot.group, slot.index, [list(token_ids)], [slot.length + len(token_ids)])
         slot.length += len(token_ids)
-        return logits[0, -1].copy()
+        return logits.row(len(token_ids) - 1)
 
-    def decode(self, rows: Sequence[tuple[Slot, int]]) -> list[np.ndarray]:
+    def decode(self, rows: Sequence[tuple[Slot, int]]) -> list[Logits]:
         """Append one token to each slot (a row each, in as few runs as their groups allow); the
-        logits after each, in the order of `rows`."""
-        out: dict[int, np.ndarray] = {}
+        logits after each, in the order of `rows` (each group's until its next run)."""
+        out: dict[int, Logits] = {}
         by_group: dict[int, list[tuple[int, Slot, int]]] = {}
         for n, (slot, token) in enumerate(rows):
             by_group.setdefault(id(slot.group), []).append((n, slot, token))
@@ -327,20 +368,19 @@ class BatchDecoder:
             span = group.slots[first:last + 1]
             # A slot in the span that decodes nothing gets a pad row: token 0 written just past its
             # valid KV, where the next token it takes overwrites it.
-            ids = np.asarray([[tokens.get(s.index, 0)] for s in span], np.int64)
-            logits = self._run(group, first, ids, [s.length + 1 for s in span])
+            logits = self._run(group, first, [[tokens.get(s.index, 0)] for s in span], [s.length + 1 for s in span])
             for n, slot, _ in members:
-                out[n] = logits[slot.index - first, -1].copy()
+                out[n] = logits.row(slot.index - first)
                 slot.length += 1
         return [out[n] for n in range(len(rows))]
 
-    def decode_alone(self, slot: Slot, token: int) -> np.ndarray:
+    def decode_alone(self, slot: Slot, token: int) -> Logits:
         """Append one token to the slot in a run of its own, whatever `row_multiple` says: the
         numbers of an onnxruntime-genai generator, which decodes one row at a time (the canary's
         teacher forcing compares with them)."""
-        logits = self._run(slot.group, slot.index, np.asarray([[token]], np.int64), [slot.length + 1])
+        logits = self._run(slot.group, slot.index, [[token]], [slot.length + 1])
         slot.length += 1
-        return logits[0, -1].copy()
+        return logits.row(0)
 
     def _probe_row_multiple(self) -> int | None:
         """The smallest row count (1, 2, 4 or 8) whose multiples compute every row of a run as any
@@ -357,17 +397,17 @@ class BatchDecoder:
                 self.prefill(slot, context)
             probe, other = context[3], context[5]
 
-            def logits_at(row: int, rows: int) -> np.ndarray:
+            def logits_at(row: int, rows: int) -> bytes:
                 """The probe token's logits at `row` of a run of `rows` rows (every slot holds the
-                same context, and every run writes the same position)."""
-                ids = np.full((rows, 1), other, np.int64)
-                ids[row, 0] = probe
-                return self._run(group, 0, ids, [len(context) + 1] * rows)[row, -1].copy()
+                same context, and every run writes the same position), as bytes."""
+                ids = [[probe if r == row else other] for r in range(rows)]
+                logits = self._run(group, 0, ids, [len(context) + 1] * rows).row(row)
+                return ctypes.string_at(logits.address, 4 * logits.vocab)
 
             reference = logits_at(0, GROUP_ROWS)
             for multiple in (1, 2, 4, GROUP_ROWS):
                 runs = range(multiple, GROUP_ROWS + 1, multiple)
-                if all(np.array_equal(logits_at(row, rows), reference) for rows in runs for row in (0, rows - 1)):
+                if all(logits_at(row, rows) == reference for rows in runs for row in (0, rows - 1)):
                     return multiple
             return None
         finally:

@@ -11,12 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from agent.serving import oga
 from agent.serving.batch import BatchDecoder, Slot, StoredKv
 from agent.serving.prefix_cache import PrefixCache, batch_end
-from agent.serving.sampling import Sampler, log_softmax_at, logit_additions
+from agent.serving.sampling import Logits, Sampler, chooser, logit_additions
 from agent.wire.errors import GuidanceError, OgaError, RuntimeModelError
 from agent.wire.worker import PREFILL_CHUNK_TOKENS, FinishReason, SamplingOptions, TokenLogprob, TopLogprob
 
@@ -123,8 +121,8 @@ class Generation:
             self.finish_reason = "length" if len(self.completion_ids) >= self.budget and not is_eos else "stop"
         return StepResult(token_ids=new_ids, text=emit, logprobs=logprobs)
 
-    def _token_logprob(self, logits: np.ndarray | Sequence[float], token: int) -> TokenLogprob:
-        logprob, top = log_softmax_at(logits, token, self.options.logprobs or 0)
+    def _token_logprob(self, logits: Logits, token: int) -> TokenLogprob:
+        logprob, top = chooser().log_softmax_at(logits, token, self.options.logprobs or 0)
         decode = self.runtime.decode
         return TokenLogprob(token=decode([token]), logprob=logprob,
                             top=[TopLogprob(token=decode([i]), logprob=lp) for i, lp in top])
@@ -233,7 +231,7 @@ class OgaGeneration(Generation):
                 self._counts[new_ids[0]] += 1
                 new_text = stream.decode(new_ids[0])
                 if logits is not None and logprobs is not None:  # asked for, not only read to adjust
-                    logprobs = [self._token_logprob(logits, new_ids[0])]
+                    logprobs = [self._token_logprob(Logits.of(logits), new_ids[0])]
         return self._advance(new_ids, new_text, logprobs, exhausted=g.is_done() or self.options.num_beams > 1)
 
     def release(self) -> None:
@@ -300,13 +298,21 @@ class BatchedGeneration(Generation):
             return StepResult(token_ids=[], text="")
         return self.accept(logits)
 
-    def accept(self, logits: np.ndarray) -> StepResult:
-        """The next token, chosen from the logits after the last one."""
+    @property
+    def chooses_greedily(self) -> bool:
+        """Its next token is its row's largest logit and nothing else is read of the row (a batch of
+        such rows is one argmax)."""
+        return self.sampler.is_plain_greedy and self.options.logprobs is None
+
+    def accept(self, logits: Logits, token: int | None = None) -> StepResult:
+        """The next token, chosen from the logits after the last one (`token`: already chosen)."""
         stream = self._stream
         if stream is None:
             raise RuntimeModelError("this generation was cancelled")
-        adjusted = self.sampler.adjusted(logits)
-        token = self.sampler.choose(adjusted)
+        if token is None:
+            token = chooser().choose(logits, self.sampler)
+        else:
+            self.sampler.took(token)
         logprobs = [self._token_logprob(logits, token)] if self.options.logprobs is not None else None
         return self._advance([token], stream.decode(token), logprobs,
                              exhausted=token in self.runtime.eos_token_ids)
@@ -342,6 +348,8 @@ def decode_all(generations: Sequence[BatchedGeneration]) -> list[StepResult]:
     rows = [(g._live_slot(), g.completion_ids[-1]) for g in generations]
     try:
         logits = rows[0][0].decoder.decode(rows)
+        greedy = [n for n, g in enumerate(generations) if g.chooses_greedily]
+        tokens: dict[int, int] = dict(zip(greedy, chooser().greedy([logits[n] for n in greedy]), strict=True))
+        return [g.accept(row, tokens.get(n)) for n, (g, row) in enumerate(zip(generations, logits, strict=True))]
     except OgaError as e:
         raise RuntimeModelError(f"decode failed in onnxruntime: {e}") from e
-    return [g.accept(row) for g, row in zip(generations, logits, strict=True)]

@@ -416,7 +416,7 @@ class Generator(_Handle):
             raise OgaError("onnxruntime-genai returned no next token")
         return int(data[0])
 
-    def logits(self, add: Mapping[int, float] | None = None) -> Sequence[float]:
+    def logits(self, add: Mapping[int, float] | None = None) -> array.array[float]:
         """The first sequence's logits for the next token (after `append_tokens` or a step); this
         runs the model when the step has not yet, and `generate_next_token` then only samples.
         With `add` ({token id: delta}), the next token is sampled from the logits plus those
@@ -432,18 +432,16 @@ class Generator(_Handle):
             vocab = shape[-1] if shape else 0
             if vocab <= 0:
                 raise OgaError("onnxruntime-genai returned empty logits")
-            values: Sequence[float]
+            values = array.array("f")  # one copy of the bytes: a list of 49k floats costs 4 ms a token
             if kind == _FLOAT32:
-                floats = array.array("f")  # one copy of the bytes: a list of 49k floats costs 4 ms a token
-                floats.frombytes(ctypes.string_at(address, 4 * vocab))
-                values = floats
+                values.frombytes(ctypes.string_at(address, 4 * vocab))
                 if add:
                     buffer = (ctypes.c_float * vocab).from_address(address)
                     for token, delta in add.items():
                         if 0 <= token < vocab:
                             buffer[token] += delta
             elif kind == _FLOAT16:
-                values = struct.unpack(f"<{vocab}e", ctypes.string_at(address, 2 * vocab))
+                values.extend(struct.unpack(f"<{vocab}e", ctypes.string_at(address, 2 * vocab)))
                 for token, delta in (add or {}).items():
                     if 0 <= token < vocab:
                         struct.pack_into("<e", (ctypes.c_char * (2 * vocab)).from_address(address), 2 * token,

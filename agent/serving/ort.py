@@ -15,12 +15,13 @@ Threading: like `agent.serving.oga`, use a session from one thread at a time.
 
 from __future__ import annotations
 
+import array
 import ctypes
+import functools
+import mmap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from agent.serving import oga
 from agent.wire.errors import OgaError
@@ -37,7 +38,10 @@ _INDEX: dict[str, tuple[int, list[Any], Any]] = {
     "GetErrorMessage": (2, [_P], ctypes.c_char_p),
     "CreateEnv": (3, [ctypes.c_int, ctypes.c_char_p, _PP], _P),
     "CreateSession": (7, [_P, ctypes.c_char_p, _P, _PP], _P),
+    "CreateSessionFromArray": (8, [_P, ctypes.c_char_p, ctypes.c_size_t, _P, _PP], _P),
     "CreateSessionOptions": (10, [_PP], _P),
+    "DisableMemPattern": (17, [_P], _P),
+    "DisableCpuMemArena": (19, [_P], _P),
     "SetIntraOpNumThreads": (24, [_P, ctypes.c_int], _P),
     "CreateTensorWithDataAsOrtValue": (49, [_P, _P, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int64),
                                             ctypes.c_size_t, ctypes.c_int, _PP], _P),
@@ -57,8 +61,9 @@ _INDEX: dict[str, tuple[int, list[Any], Any]] = {
     "BindOutput": (137, [_P, ctypes.c_char_p, _P], _P),
     "AddRunConfigEntry": (165, [_P, ctypes.c_char_p, ctypes.c_char_p], _P),
 }
-# ONNXTensorElementDataType
-_ELEMENT_TYPES = {np.dtype(np.float32): 1, np.dtype(np.int32): 6, np.dtype(np.int64): 7, np.dtype(np.float16): 10}
+# ONNXTensorElementDataType, and each one's size in bytes
+FLOAT, INT64, DOUBLE = 1, 7, 11
+_ELEMENT_BYTES = {FLOAT: 4, INT64: 8, DOUBLE: 8}
 _LOG_WARNING = 2
 _OrtArenaAllocator, _OrtMemTypeDefault = 1, 0
 
@@ -81,7 +86,7 @@ class _Api:
             if not address:
                 raise OgaError(f"onnxruntime's C API has no {name}: reinstall onnxruntime")
             setattr(self, name, ctypes.CFUNCTYPE(restype, *argtypes)(address))
-        # Where every tensor here lives (numpy's memory); kept for the process's life.
+        # Where every tensor here lives (our own memory); kept for the process's life.
         self.cpu_memory = _P()
         self.check(self.CreateCpuMemoryInfo(_OrtArenaAllocator, _OrtMemTypeDefault, ctypes.byref(self.cpu_memory)),
                    "memory info")
@@ -96,28 +101,43 @@ class _Api:
             raise OgaError(f"onnxruntime: {what}: {message}")
 
 
-_api: _Api | None = None
-
-
+@functools.cache
 def api() -> _Api:
-    global _api
-    if _api is None:
-        _api = _Api()
-    return _api
+    return _Api()
+
+
+Memory = array.array | mmap.mmap | bytearray | ctypes.Array
+
+
+def address_of(memory: Memory) -> int:
+    """Where `memory`'s bytes start (valid while it lives and is not resized)."""
+    if isinstance(memory, array.array):
+        return memory.buffer_info()[0]
+    if isinstance(memory, ctypes.Array):
+        return ctypes.addressof(memory)
+    return ctypes.addressof(ctypes.c_char.from_buffer(memory))
 
 
 class Tensor:
-    """An onnxruntime value over a numpy array's memory (the array must outlive it: it is kept)."""
+    """An onnxruntime value over memory of ours: `shape` elements of `element_type` from `address`,
+    inside `owner` (kept: the memory must outlive the value)."""
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, owner: Memory, shape: Sequence[int], element_type: int, *, address: int | None = None) -> None:
         self.handle = _P()  # first: __del__ runs even when this constructor raises
-        if not array.flags.c_contiguous:
-            raise ValueError("an onnxruntime tensor needs a C-contiguous array")
         a = api()
-        self.array = array
-        shape = (ctypes.c_int64 * array.ndim)(*array.shape)
-        a.check(a.CreateTensorWithDataAsOrtValue(a.cpu_memory, array.ctypes.data, array.nbytes, shape, array.ndim,
-                                                 _ELEMENT_TYPES[array.dtype], ctypes.byref(self.handle)), "tensor")
+        self.owner = owner
+        nbytes = _ELEMENT_BYTES[element_type]
+        for n in shape:
+            nbytes *= n
+        base = address_of(owner)
+        start = base if address is None else address
+        with memoryview(owner) as view:
+            end = base + view.nbytes
+        if not base <= start <= start + nbytes <= end:
+            raise ValueError(f"a tensor of {nbytes} bytes does not fit its memory")
+        dims = (ctypes.c_int64 * len(shape))(*shape)
+        a.check(a.CreateTensorWithDataAsOrtValue(a.cpu_memory, start, nbytes, dims, len(shape), element_type,
+                                                 ctypes.byref(self.handle)), "tensor")
 
     def close(self) -> None:
         if self.handle:
@@ -161,7 +181,10 @@ class Session:
         OgaError: onnxruntime cannot load the graph.
     """
 
-    def __init__(self, model_path: Path, *, threads: int, config: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(self, model: Path | bytes, *, threads: int, config: Sequence[tuple[str, str]] = (),
+                 arena: bool = True) -> None:
+        """`model`: an ONNX file, or an ONNX model's bytes. `arena`: keep the memory of a run for the
+        next (off: each run's scratch is allocated and freed, no peak kept for the process's life)."""
         self.handle = _P()  # first: __del__ runs even when this constructor raises
         self._env = _P()
         self._shrink_options = _P()
@@ -171,10 +194,17 @@ class Session:
         a.check(a.CreateSessionOptions(ctypes.byref(options)), "session options")
         try:
             a.check(a.SetIntraOpNumThreads(options, threads), "threads")
+            if not arena:
+                a.check(a.DisableCpuMemArena(options), "arena")
+                a.check(a.DisableMemPattern(options), "memory pattern")
             for key, value in config:
                 a.check(a.AddSessionConfigEntry(options, key.encode(), value.encode()), f"session option {key}")
-            a.check(a.CreateSession(self._env, str(model_path).encode(), options, ctypes.byref(self.handle)),
-                    f"loading {model_path}")
+            if isinstance(model, bytes):
+                a.check(a.CreateSessionFromArray(self._env, model, len(model), options, ctypes.byref(self.handle)),
+                        "loading a graph built in memory")
+            else:
+                a.check(a.CreateSession(self._env, str(model).encode(), options, ctypes.byref(self.handle)),
+                        f"loading {model}")
         finally:
             a.ReleaseSessionOptions(options)
 

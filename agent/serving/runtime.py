@@ -332,7 +332,7 @@ class ModelRuntime:
         try:
             logits = decoder.prefill(slot, prompt_ids)
             for i, token in enumerate(token_ids):
-                leads.append(token_lead(logits.tolist(), token))
+                leads.append(token_lead(logits.values(), token))
                 if i + 1 < len(token_ids):
                     logits = decoder.decode_alone(slot, token)
         except OgaError as e:

@@ -1,6 +1,7 @@
-"""Per-token log-probabilities in the worker: `log_softmax_at` against the textbook
-formula (with the max shift, in floats), on the fast path and on both fallbacks; and
-token events that merge keep one log-probability per token, in order."""
+"""Per-token log-probabilities in the worker: `TokenChooser.log_softmax_at` (an onnxruntime graph
+in doubles) against the textbook formula (with the max shift, in Python floats), with logits
+that overflow or underflow `exp`; and token events that merge keep one log-probability per
+token, in order."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import random
 
 import pytest
 
-from agent.serving.sampling import MIN_LOGPROB, log_softmax_at
+from agent.serving.sampling import MIN_LOGPROB, Logits, chooser
 from agent.wire.worker import TokenEvent, TokenLogprob, TopLogprob
+
+
+def log_softmax_at(logits: list[float] | array.array[float], token: int,
+                   top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    return chooser().log_softmax_at(Logits.of(array.array("f", logits)), token, top_n)
 
 
 def _reference(logits: list[float]) -> list[float]:
