@@ -127,6 +127,8 @@ class Slot:
             self.group.release(self.index)
         self.length = 0
         self.in_use = False
+        if not any(slot.in_use for slot in self.group.slots):
+            self.group.logits.madvise(mmap.MADV_DONTNEED)  # an idle group holds no logits (1.5 MB for SmolLM2's)
 
 
 class StoredKv:
