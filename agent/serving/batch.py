@@ -15,6 +15,10 @@ as long as the run's row count is a multiple of what the kernels group rows by
 of block-32 INT4 weights, 2 for block 128, which computes a run's odd last row as a run of one
 row). Runs are padded with rows that write nowhere anyone reads.
 
+A prefill computes only the logits it reads: the decoder graph is edited when it loads
+(`onnx_proto.positions_from`) so that its head runs on the last positions only, as many as the
+kernels group with the last one, which keeps its numbers the graph's own.
+
 A group's buffers hold `room` tokens per slot; a group grows (copying its KV) when a
 request needs more, up to the model's context length. Groups are added when every slot is
 taken. The buffers are mapped memory whose pages are touched only where KV is written and
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.serving import ort
+from agent.serving.onnx_proto import positions_from
 from agent.serving.sampling import Logits
 from agent.wire.errors import OgaError
 
@@ -50,6 +55,12 @@ _RELEASE_BYTES = 1 << 20
 # The inputs and outputs a decoder graph may have to be run here (onnxruntime-genai's names for them).
 _RUNNABLE_INPUTS = {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
 _RUNNABLE_OUTPUTS = {"logits", "present_key_names", "present_value_names"}
+# A decoder graph file up to this size keeps its weights in an external data file: it is read whole
+# to be edited, and onnxruntime finds the weights through this session option.
+_EDITABLE_GRAPH_BYTES = 64 << 20
+_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+# The input the edit adds: the first sequence position whose logits a run computes.
+_LOGITS_FROM = "edgefleet_logits_from"
 # An attention mask's row is ones then zeros, as int64s: written a pattern at a time.
 _ONE, _ZERO = (1).to_bytes(8, "little"), bytes(8)
 
@@ -273,6 +284,25 @@ class _Group:
         self.buffers, self._addresses = [], []
 
 
+def _decoder_session(graph: DecoderGraph, threads: int, edit: bool) -> tuple[ort.Session, bool]:
+    """The decoder graph's session, and whether its head reads the positions from `_LOGITS_FROM` only:
+    edited so where the graph allows it (`onnx_proto.positions_from`): a prefill of n tokens then
+    computes the rows of logits it reads, not n (the head's share of a prefill, and n rows of memory)."""
+    try:
+        if not edit:
+            reason = "asked to run the graph as it is"
+        elif graph.path.stat().st_size <= _EDITABLE_GRAPH_BYTES:
+            edited = positions_from(graph.path.read_bytes(), graph.logits, _LOGITS_FROM)
+            config = [(_EXTERNAL_DATA_FOLDER, str(graph.path.parent))]
+            return ort.Session(edited, threads=threads, config=config), True
+        else:
+            reason = "its graph file holds its weights"
+    except (OSError, ValueError, OgaError) as e:
+        reason = str(e)
+    log.info("event=prefill_logits_all_positions graph=%s reason=%r", graph.path, reason)
+    return ort.Session(graph.path, threads=threads), False
+
+
 class BatchDecoder:
     """The decoder graph in an onnxruntime session, with its slots.
 
@@ -280,11 +310,14 @@ class BatchDecoder:
         OgaError: onnxruntime cannot load or run the graph (the probe runs it).
     """
 
-    def __init__(self, graph: DecoderGraph, *, threads: int) -> None:
+    def __init__(self, graph: DecoderGraph, *, threads: int, edit_head: bool = True) -> None:
+        """`edit_head`: run the graph's head on the logits a run reads only (see `_decoder_session`)."""
         self.graph = graph
-        self.session = ort.Session(graph.path, threads=threads)
+        self.session, self.selects_positions = _decoder_session(graph, threads, edit_head)
         self.groups: list[_Group] = []
         self._placeholder = ort.Tensor(array.array("f", [0.0]), (1, 1, 1), ort.FLOAT)
+        self._prefill_logits = _pages(GROUP_ROWS * graph.vocab_size * 4)  # a prefill's last rows (`_run`)
+        self.row_multiple = 0  # unknown until the probe: prefills compute every position's logits
         try:
             multiple = self._probe_row_multiple()
         except Exception:
@@ -294,7 +327,7 @@ class BatchDecoder:
             self.close()
             raise OgaError("this model's kernels compute a row otherwise beside other rows: it cannot be "
                            "batched without changing answers")
-        self.row_multiple = multiple  # every run's row count is a multiple of it
+        self.row_multiple = multiple  # every decode run's row count is a multiple of it
         log.info("event=batch_decoder_ready graph=%s row_multiple=%d", graph.path, multiple)
 
     @property
@@ -327,31 +360,41 @@ class BatchDecoder:
 
     def _run(self, group: _Group, first: int, ids: Sequence[Sequence[int]], lengths: Sequence[int]) -> Logits:
         """One run over slots first..first+len(ids)-1: row r appends ids[r] to its slot, whose KV then
-        holds lengths[r] tokens. The logits, a row per new token of each row: a decode's are the
-        group's (read them before its next run), a prefill's its own (given back when dropped)."""
+        holds lengths[r] tokens. The logits, per row one for its last new token (or one per new token
+        where the graph computes them all), until the next run: a decode's are the group's, a
+        prefill's the decoder's (or, all of them, its own, given back when dropped)."""
         rows, new = len(ids), len(ids[0])
         width = max(lengths)
         self.room_for(group, width)
         flat_ids = array.array("q", [token for row in ids for token in row])
         mask = array.array("q", b"".join(_ONE * n + _ZERO * (width - n) for n in lengths))
         vocab = self.graph.vocab_size
-        logits = group.logits if new == 1 else _pages(rows * new * vocab * 4)
+        # The head computes the last position's rows as the kernels group them (in runs of
+        # `row_multiple` from the first), so they are the numbers of a graph that computes them all.
+        start = (new - 1) // self.row_multiple * self.row_multiple if self.selects_positions and self.row_multiple \
+            else 0
+        positions = new - start
+        logits = group.logits if new == 1 else self._prefill_logits if positions <= GROUP_ROWS else \
+            _pages(rows * positions * vocab * 4)
         binding = group.binding(first, rows)
         binding.bind(self.graph.input_ids, ort.Tensor(flat_ids, (rows, new), ort.INT64))
         binding.bind(self.graph.attention_mask, ort.Tensor(mask, (rows, width), ort.INT64))
-        binding.bind(self.graph.logits, ort.Tensor(logits, (rows, new, vocab), ort.FLOAT), output=True)
+        if self.selects_positions:
+            binding.bind(_LOGITS_FROM, ort.Tensor(array.array("q", [start]), (1,), ort.INT64))
+        binding.bind(self.graph.logits, ort.Tensor(logits, (rows, positions, vocab), ort.FLOAT), output=True)
         self.session.run(binding, shrink_arena=new > 1)
-        if new > 1:  # the binding lets go of a prefill's logits (the caller holds them while it needs them)
+        if positions > GROUP_ROWS:  # the binding lets go of a prefill's own logits (the caller holds them)
             binding.bind(self.graph.logits, self._placeholder, output=True)
-        return Logits(logits, ort.address_of(logits), rows * new, vocab)
+        return Logits(logits, ort.address_of(logits), rows * positions, vocab)
 
     def prefill(self, slot: Slot, token_ids: Sequence[int]) -> Logits:
-        """Append `token_ids` to the slot's KV in one batch; the logits after its last token."""
+        """Append `token_ids` to the slot's KV in one batch; the logits after its last token (until
+        the next prefill)."""
         if not token_ids:
             raise ValueError("nothing to prefill")
         logits = self._run(slot.group, slot.index, [list(token_ids)], [slot.length + len(token_ids)])
         slot.length += len(token_ids)
-        return logits.row(len(token_ids) - 1)
+        return logits.row(logits.rows - 1)
 
     def decode(self, rows: Sequence[tuple[Slot, int]]) -> list[Logits]:
         """Append one token to each slot (a row each, in as few runs as their groups allow); the

@@ -92,3 +92,106 @@ def model(name: str, nodes: Sequence[Node], inputs: Sequence[Value], outputs: Se
     graph = (b"".join(_bytes(1, n.encode()) for n in nodes) + _bytes(2, name)
              + b"".join(_bytes(11, v.encode()) for v in inputs) + b"".join(_bytes(12, v.encode()) for v in outputs))
     return _int(1, IR_VERSION) + _bytes(2, "edgefleet") + _bytes(7, graph) + _bytes(8, _int(2, OPSET))
+
+
+# -- reading and editing a model we did not write -------------------------------------------------
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("a varint runs past the end")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+@dataclass(frozen=True)
+class Field:
+    number: int
+    raw: bytes  # the whole field, key included, as it was written
+    value: int | bytes  # a varint's value, or a length-delimited field's bytes (fixed-width: raw bytes)
+
+
+def fields(data: bytes) -> list[Field]:
+    """The top-level fields of one protobuf message, in order.
+
+    Raises:
+        ValueError: `data` is not a protobuf message.
+    """
+    out: list[Field] = []
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        value: int | bytes
+        if wire_type == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire_type == 2:
+            length, pos = _read_varint(data, pos)
+            value, pos = data[pos:pos + length], pos + length
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            value, pos = data[pos:pos + width], pos + width
+        else:
+            raise ValueError(f"wire type {wire_type} is not one ONNX uses")
+        if pos > len(data):
+            raise ValueError("a field runs past the end")
+        out.append(Field(number, data[start:pos], value))
+    return out
+
+
+def _strings(message: bytes, number: int) -> list[str]:
+    return [f.value.decode() for f in fields(message) if f.number == number and isinstance(f.value, bytes)]
+
+
+def _graph(model_bytes: bytes) -> tuple[list[Field], int]:
+    """The model's fields, and the index of its graph among them."""
+    top = fields(model_bytes)
+    graphs = [i for i, f in enumerate(top) if f.number == 7]
+    if len(graphs) != 1:
+        raise ValueError("the model has no graph")
+    return top, graphs[0]
+
+
+def positions_from(model_bytes: bytes, output: str, start: str) -> bytes:
+    """The model with `output` computed only for the sequence positions from a new input, `start`
+    (int64, shape [1]): the matrix product that makes it (a language model's head) reads
+    `[:, start:, :]` of its input. A prefill then computes the rows of logits it reads, not one per
+    prompt token.
+
+    Raises:
+        ValueError: `output` is not made by a MatMul or MatMulNBits (the model stays as it is).
+    """
+    top, at = _graph(model_bytes)
+    graph = top[at].value
+    if not isinstance(graph, bytes):
+        raise ValueError("the model's graph is not a message")
+    parts: list[bytes] = []
+    found = False
+    for f in fields(graph):
+        if f.number == 1 and isinstance(f.value, bytes) and output in _strings(f.value, 2):
+            op = _strings(f.value, 4)
+            if op not in (["MatMul"], ["MatMulNBits"]):
+                raise ValueError(f"{output} is made by {op}, not a matrix product")
+            node = fields(f.value)
+            first_input = next(i for i, n in enumerate(node) if n.number == 1)
+            source = _strings(f.value, 1)[0]
+            sliced = f"{source}/from_{start}"
+            parts += [_bytes(1, n.encode()) for n in (
+                Node("Constant", [], [f"{sliced}/ends"], {"value_ints": [(1 << 63) - 1]}),
+                Node("Constant", [], [f"{sliced}/axes"], {"value_ints": [1]}),
+                Node("Slice", [source, start, f"{sliced}/ends", f"{sliced}/axes"], [sliced]))]
+            node[first_input] = Field(1, _bytes(1, sliced), sliced.encode())
+            parts.append(_bytes(1, b"".join(n.raw for n in node)))
+            found = True
+        else:
+            parts.append(f.raw)
+    if not found:
+        raise ValueError(f"no node makes {output}")
+    parts.append(_bytes(11, Value(start, INT64, [1]).encode()))
+    top[at] = Field(7, _bytes(7, b"".join(parts)), b"")
+    return b"".join(f.raw for f in top)

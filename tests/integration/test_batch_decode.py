@@ -2,17 +2,19 @@
 requests decode in one run per group of slots, and every answer is the one the request gets
 alone, whatever else shares its runs, however many groups there are, and when a group grows
 for a long prompt; on block 32, whose kernels compute a row alike in any run, it is also
-onnxruntime-genai's own greedy answer; the prefix cache's slots answer as fresh ones."""
+onnxruntime-genai's own greedy answer; the prefix cache's slots answer as fresh ones; the edited
+head computes a prefill's logits as the graph as built does, without a row per prompt token."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import ctypes
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
 import pytest
 
-from agent.serving.batch import GROUP_ROWS, INITIAL_SLOT_TOKENS
+from agent.serving.batch import GROUP_ROWS, INITIAL_SLOT_TOKENS, BatchDecoder
 from agent.serving.generation import BatchedGeneration, decode_all
 from agent.serving.prefix_cache import PrefixCache
 from agent.serving.runtime import ModelRuntime
@@ -90,6 +92,45 @@ def test_alone_on_block_32_it_is_onnxruntime_genais_greedy_answer(smollm2_int4_r
             assert _serve(rt, [prompt]) == [generator_answer]
     finally:
         rt.close()
+
+
+def _peak_rss_growth(action: Callable[[], object]) -> int:
+    """How far the process's peak resident memory rose above where it stood while `action` ran."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    before = psutil.Process().memory_info().rss
+    action()
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024 - before
+
+
+def test_the_edited_head_computes_the_logits_a_prefill_reads_alike_and_only_those(runtime: ModelRuntime) -> None:
+    """The decoder graph is edited so that its head computes only the positions whose logits a run
+    reads: a prefill's last token's logits are bit for bit the unedited graph's (at prompt lengths
+    of either parity: block 128 computes rows in pairs), and its memory holds no row per prompt token."""
+    decoder = runtime.decoder
+    assert decoder is not None and decoder.selects_positions
+    plain = BatchDecoder(decoder.graph, threads=2, edit_head=False)
+    try:
+        assert not plain.selects_positions and plain.row_multiple == decoder.row_multiple
+        prompt = _prompt(runtime, 4, words=70)
+
+        def last_logits(d: BatchDecoder, n: int) -> bytes:
+            slot = d.free_slot() or d.add_slots()
+            try:
+                logits = d.prefill(slot, prompt[:n])
+                return ctypes.string_at(logits.address, 4 * logits.vocab)
+            finally:
+                slot.close()
+
+        for n in (len(prompt), len(prompt) - 1, 37, 2, 1):
+            assert last_logits(decoder, n) == last_logits(plain, n), n
+        every_row = len(prompt) * decoder.graph.vocab_size * 4
+        kv = len(prompt) * decoder.graph.kv_bytes_per_token  # written by both (the slot gave it back before)
+        assert every_row > 80 << 20
+        assert _peak_rss_growth(lambda: last_logits(plain, len(prompt))) > every_row
+        assert _peak_rss_growth(lambda: last_logits(decoder, len(prompt))) < kv + every_row / 4
+    finally:
+        plain.close()
 
 
 def test_a_kept_slot_answers_a_follow_up_as_a_fresh_slot_would(runtime: ModelRuntime) -> None:
