@@ -201,7 +201,7 @@ class Session:
                 a.check(a.AddSessionConfigEntry(options, key.encode(), value.encode()), f"session option {key}")
             if isinstance(model, bytes):
                 a.check(a.CreateSessionFromArray(self._env, model, len(model), options, ctypes.byref(self.handle)),
-                        "loading a graph built in memory")
+                        "loading a graph from memory")
             else:
                 a.check(a.CreateSession(self._env, str(model).encode(), options, ctypes.byref(self.handle)),
                         f"loading {model}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.serving.batch import GROUP_ROWS, INITIAL_SLOT_TOKENS, BatchDecoder
+from agent.serving.batch import GROUP_ROWS, INITIAL_SLOT_TOKENS, BatchDecoder, Slot, StoredKv
 from agent.serving.generation import BatchedGeneration, decode_all
 from agent.serving.prefix_cache import PrefixCache
 from agent.serving.runtime import ModelRuntime
@@ -178,5 +178,40 @@ def test_a_closed_slot_gives_its_kv_memory_back(smollm2_int4_raw: Path) -> None:
         slot.close()
         released = process.memory_info().rss
         assert holding - released > 0.9 * kv_bytes
+    finally:
+        rt.close()
+
+
+def test_a_kept_copys_pages_serve_the_next_copy_and_go_back_when_idle(smollm2_int4_raw: Path) -> None:
+    """A finished slot's copy (`StoredKv`) gives its pages to the next copy (no fresh pages to fault in
+    between two clients' tokens) and, once the worker is idle (`trim`), back to the system."""
+    rt = ModelRuntime(smollm2_int4_raw, intra_op_num_threads=2, batch=True)
+    try:
+        decoder = rt.decoder
+        assert decoder is not None
+        prompt = _prompt(rt, 3, words=150)
+
+        def prefilled(tokens: list[int]) -> Slot:
+            slot = decoder.free_slot() or decoder.add_slots()
+            for start in range(0, len(tokens), 512):
+                decoder.prefill(slot, tokens[start:start + 512])
+            return slot
+
+        slot = prefilled(prompt)
+        kept = StoredKv(decoder, slot)
+        slot.close()
+        kv_bytes = kept.length * decoder.graph.kv_bytes_per_token
+        assert kv_bytes > 20 << 20
+        kept.close()  # its pages wait for the next copy
+        shorter = prefilled(prompt[:len(prompt) * 3 // 4])
+        process = psutil.Process()
+        before = process.memory_info().rss
+        next_copy = StoredKv(decoder, shorter)
+        assert process.memory_info().rss - before < 0.1 * kv_bytes  # written into pages already there
+        shorter.close()
+        next_copy.close()
+        holding = process.memory_info().rss
+        decoder.trim()
+        assert holding - process.memory_info().rss > 0.9 * kv_bytes
     finally:
         rt.close()

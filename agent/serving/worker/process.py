@@ -222,8 +222,11 @@ class _Worker:
         while True:
             # Idle: block for work, unless kept KV is to be settled. Busy: take what arrived since the last round.
             pending: list[Command] = []
+            idle = not self.active and not self.cache.has_unsettled
+            if idle and self.runtime.decoder is not None:
+                self.runtime.decoder.trim()
             try:
-                pending.append(self.commands.get(block=not self.active and not self.cache.has_unsettled))
+                pending.append(self.commands.get(block=idle))
                 while True:
                     pending.append(self.commands.get_nowait())
             except queue.Empty:
