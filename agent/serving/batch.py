@@ -16,7 +16,7 @@ of block-32 INT4 weights, 2 for block 128, which computes a run's odd last row a
 row). Runs are padded with rows that write nowhere anyone reads.
 
 A prefill computes only the logits it reads: the decoder graph is edited when it loads
-(`onnx_proto.positions_from`) so that its head runs on the last positions only, as many as the
+(`decoder_graph.decoder_session`) so that its head runs on the last positions only, as many as the
 kernels group with the last one, which keeps its numbers the graph's own.
 
 A group's buffers hold `room` tokens per slot; a group grows (copying its KV) when a
@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import array
 import ctypes
-import json
 import logging
 import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 from agent.serving import ort
-from agent.serving.onnx_proto import positions_from
+from agent.serving.decoder_graph import LOGITS_FROM, DecoderGraph, decoder_session
 from agent.serving.sampling import Logits
 from agent.wire.errors import OgaError
 
@@ -55,15 +52,6 @@ _POOL_BYTES = 64 << 20
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in with the mapping, at once
 # A closed slot that held this much KV gives its pages back (below, the system calls cost more).
 _RELEASE_BYTES = 1 << 20
-# The inputs and outputs a decoder graph may have to be run here (onnxruntime-genai's names for them).
-_RUNNABLE_INPUTS = {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
-_RUNNABLE_OUTPUTS = {"logits", "present_key_names", "present_value_names"}
-# A decoder graph file up to this size keeps its weights in an external data file: it is read whole
-# to be edited, and onnxruntime finds the weights through this session option.
-_EDITABLE_GRAPH_BYTES = 64 << 20
-_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
-# The input the edit adds: the first sequence position whose logits a run computes.
-_LOGITS_FROM = "edgefleet_logits_from"
 # An attention mask's row is ones then zeros, as int64s: written a pattern at a time.
 _ONE, _ZERO = (1).to_bytes(8, "little"), bytes(8)
 
@@ -72,57 +60,6 @@ def _pages(nbytes: int) -> mmap.mmap:
     """Memory of its own, not malloc's: its pages stay untouched until written, and go back to the
     system when released (`MADV_DONTNEED`: private anonymous pages read as zeros again) or dropped."""
     return mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE)
-
-
-@dataclass(frozen=True)
-class DecoderGraph:
-    """What `genai_config.json` says of the decoder graph."""
-
-    path: Path
-    layers: int
-    kv_heads: int
-    head_size: int
-    vocab_size: int
-    context_length: int
-    input_ids: str
-    attention_mask: str
-    past_key: str  # with %d for the layer
-    past_value: str
-    logits: str
-    present_key: str
-    present_value: str
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Keys and values of every layer, float32 (a CPU graph's)."""
-        return 2 * self.layers * self.kv_heads * self.head_size * 4
-
-    def kv_names(self, layer: int) -> tuple[tuple[str, str], tuple[str, str]]:
-        """(past, present) names of the layer's keys, then of its values."""
-        return ((self.past_key % layer, self.present_key % layer),
-                (self.past_value % layer, self.present_value % layer))
-
-
-def read_decoder_graph(model_dir: Path) -> DecoderGraph | str:
-    """The decoder graph of a model dir, or why this module cannot run it (then onnxruntime-genai's
-    generators serve the model, one request at a time)."""
-    try:
-        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
-        decoder = model["decoder"]
-        inputs, outputs = dict(decoder["inputs"]), dict(decoder["outputs"])
-        if any(decoder.get("session_options", {}).get("provider_options") or []):
-            return "its graph is built for a GPU"
-        if set(inputs) - _RUNNABLE_INPUTS or set(outputs) - _RUNNABLE_OUTPUTS:
-            return f"its decoder takes {sorted(inputs)} and gives {sorted(outputs)}"
-        return DecoderGraph(
-            path=model_dir / decoder["filename"], layers=int(decoder["num_hidden_layers"]),
-            kv_heads=int(decoder["num_key_value_heads"]), head_size=int(decoder["head_size"]),
-            vocab_size=int(model["vocab_size"]), context_length=int(model["context_length"]),
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            past_key=inputs["past_key_names"], past_value=inputs["past_value_names"], logits=outputs["logits"],
-            present_key=outputs["present_key_names"], present_value=outputs["present_value_names"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"its genai_config.json does not describe a decoder ({e})"
 
 
 class Slot:
@@ -318,25 +255,6 @@ class _Group:
         self.buffers, self._addresses = [], []
 
 
-def _decoder_session(graph: DecoderGraph, threads: int, edit: bool) -> tuple[ort.Session, bool]:
-    """The decoder graph's session, and whether its head reads the positions from `_LOGITS_FROM` only:
-    edited so where the graph allows it (`onnx_proto.positions_from`): a prefill of n tokens then
-    computes the rows of logits it reads, not n (the head's share of a prefill, and n rows of memory)."""
-    try:
-        if not edit:
-            reason = "asked to run the graph as it is"
-        elif graph.path.stat().st_size <= _EDITABLE_GRAPH_BYTES:
-            edited = positions_from(graph.path.read_bytes(), graph.logits, _LOGITS_FROM)
-            config = [(_EXTERNAL_DATA_FOLDER, str(graph.path.parent))]
-            return ort.Session(edited, threads=threads, config=config), True
-        else:
-            reason = "its graph file holds its weights"
-    except (OSError, ValueError, OgaError) as e:
-        reason = str(e)
-    log.info("event=prefill_logits_all_positions graph=%s reason=%r", graph.path, reason)
-    return ort.Session(graph.path, threads=threads), False
-
-
 class BatchDecoder:
     """The decoder graph in an onnxruntime session, with its slots.
 
@@ -345,9 +263,9 @@ class BatchDecoder:
     """
 
     def __init__(self, graph: DecoderGraph, *, threads: int, edit_head: bool = True) -> None:
-        """`edit_head`: run the graph's head on the logits a run reads only (see `_decoder_session`)."""
+        """`edit_head`: run the graph's head on the logits a run reads only (see `decoder_graph.decoder_session`)."""
         self.graph = graph
-        self.session, self.selects_positions = _decoder_session(graph, threads, edit_head)
+        self.session, self.selects_positions = decoder_session(graph, threads, edit_head)
         self.groups: list[_Group] = []
         self._placeholder = ort.Tensor(array.array("f", [0.0]), (1, 1, 1), ort.FLOAT)
         self._prefill_logits = _pages(GROUP_ROWS * graph.vocab_size * 4)  # a prefill's last rows (`_run`)
@@ -415,7 +333,7 @@ class BatchDecoder:
         binding.bind(self.graph.input_ids, ort.Tensor(flat_ids, (rows, new), ort.INT64))
         binding.bind(self.graph.attention_mask, ort.Tensor(mask, (rows, width), ort.INT64))
         if self.selects_positions:
-            binding.bind(_LOGITS_FROM, ort.Tensor(array.array("q", [start]), (1,), ort.INT64))
+            binding.bind(LOGITS_FROM, ort.Tensor(array.array("q", [start]), (1,), ort.INT64))
         binding.bind(self.graph.logits, ort.Tensor(logits, (rows, positions, vocab), ort.FLOAT), output=True)
         self.session.run(binding, shrink_arena=new > 1)
         if positions > GROUP_ROWS:  # the binding lets go of a prefill's own logits (the caller holds them)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.serving import oga
-from agent.serving.batch import BatchDecoder, StoredKv, read_decoder_graph
+from agent.serving.batch import BatchDecoder, StoredKv
+from agent.serving.decoder_graph import read_decoder_graph
 from agent.serving.generation import BatchedGeneration, OgaGeneration, StepResult, decode_all
 from agent.serving.prefix_cache import PrefixCache
 from agent.wire import toolcalls
