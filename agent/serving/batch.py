@@ -56,10 +56,11 @@ _RELEASE_BYTES = 1 << 20
 _ONE, _ZERO = (1).to_bytes(8, "little"), bytes(8)
 
 
-def _pages(nbytes: int) -> mmap.mmap:
-    """Memory of its own, not malloc's: its pages stay untouched until written, and go back to the
-    system when released (`MADV_DONTNEED`: private anonymous pages read as zeros again) or dropped."""
-    return mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE)
+def _pages(nbytes: int, *, populate: bool = False) -> mmap.mmap:
+    """Memory of its own, not malloc's: its pages stay untouched until written (`populate`: faulted
+    in at once, for memory about to be written whole), and go back to the system when released
+    (`MADV_DONTNEED`: private anonymous pages read as zeros again) or dropped."""
+    return mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | (_MAP_POPULATE if populate else 0))
 
 
 class Slot:
@@ -99,7 +100,7 @@ class _PagePool:
             pages = min(fits, key=len)
             self._free.remove(pages)
             return pages
-        return mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | _MAP_POPULATE)
+        return _pages(nbytes, populate=True)
 
     def give(self, pages: mmap.mmap) -> None:
         self._free.append(pages)
@@ -196,7 +197,10 @@ class _Group:
 
     def head_address(self, buffer: int, slot: int, head: int) -> int:
         """Where a slot's KV of one head starts in one buffer (its tokens follow, `head_size` floats each)."""
-        return self._addresses[buffer] + ((slot * self.graph.kv_heads + head) * self.room) * self.graph.head_size * 4
+        return self._addresses[buffer] + self._head_offset(slot, head, self.room)
+
+    def _head_offset(self, slot: int, head: int, room: int) -> int:
+        return (slot * self.graph.kv_heads + head) * room * self.graph.head_size * 4
 
     def grow(self, room: int) -> None:
         """Make every slot's room at least `room` tokens, keeping their KV."""
@@ -210,8 +214,8 @@ class _Group:
             new = ort.address_of(pages)
             for slot in self.slots:  # only the valid KV: a copied zero page would be resident
                 for head in range(heads if slot.length else 0):
-                    ctypes.memmove(new + (slot.index * heads + head) * room * head_size * 4,
-                                   old_addresses[i] + (slot.index * heads + head) * old_room * head_size * 4,
+                    ctypes.memmove(new + self._head_offset(slot.index, head, room),
+                                   old_addresses[i] + self._head_offset(slot.index, head, old_room),
                                    slot.length * head_size * 4)
             self.buffers.append(pages)
             self._addresses.append(new)

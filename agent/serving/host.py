@@ -348,8 +348,7 @@ class ModelHost:
         """New slot and queue sizes, at once: requests already admitted run on; waiters recheck."""
         self.parallel, self.queue_size = parallel, queue_size
         log.info("event=serving_limits parallel=%d queue_size=%d", parallel, queue_size)
-        async with self._slot_freed:
-            self._slot_freed.notify_all()
+        await self._notify_slot_freed()
 
     async def stop_serving(self, message: str) -> None:
         """The agent is stopping and its drain ran out: open and queued requests end with a 503
@@ -357,8 +356,7 @@ class ModelHost:
         self._stopped = message
         if self._current is not None:
             self._current.end_open_requests("agent_stopping", message)
-        async with self._slot_freed:
-            self._slot_freed.notify_all()
+        await self._notify_slot_freed()
 
     async def _acquire_slot(self) -> WorkerClient:
         if self._stopped is not None:
